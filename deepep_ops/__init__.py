@@ -1,0 +1,29 @@
+"""DeepEP v2 dispatch/combine as ``torch.library`` ops that ``torch.compile`` sees through.
+
+``import deepep_ops`` registers ``torch.ops.deepep.{dispatch, dispatch_exact,
+combine}`` and their fake kernels. ``deep_ep`` is optional and imported lazily.
+"""
+
+from deepep_ops import ops as _ops  # noqa: F401  (registers the ops)
+import fake_impls as _fake_impls  # noqa: F401  (registers the fake kernels)
+
+from deepep_ops.api import combine, dispatch, dispatch_exact
+from deepep_ops.bucket import pow2_bucket
+from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
+from deepep_ops.protocol import ElasticBufferBackend
+from deepep_ops.reference import ReferenceElasticBuffer
+
+__all__ = [
+    "DispatchHandle",
+    "DispatchResult",
+    "EPBuffer",
+    "ElasticBufferBackend",
+    "ExactDispatchResult",
+    "ReferenceElasticBuffer",
+    "as_ep_buffer",
+    "combine",
+    "dispatch",
+    "dispatch_exact",
+    "pow2_bucket",
+]

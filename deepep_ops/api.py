@@ -1,0 +1,126 @@
+"""Python entry points over the ``deepep::`` ops; traceable by Dynamo.
+
+They pack the ops' flat outputs into :class:`DispatchResult` /
+:class:`ExactDispatchResult` and take the handle back as one value.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from deepep_ops.buffer import EPBuffer
+from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
+from deepep_ops.layout import decode_num_expanded_tokens
+
+IntLike = Union[int, torch.SymInt]
+
+
+def dispatch(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    buffer: EPBuffer,
+    *,
+    num_experts: int,
+    num_max_tokens_per_rank: IntLike,
+    expert_alignment: int = 1,
+    x_scales: Optional[torch.Tensor] = None,
+) -> DispatchResult:
+    """Decode-mode dispatch (no expand, no CPU sync, CUDA-graph safe).
+
+    Args:
+        x: [T, H] bf16, or float8_e4m3fn with ``x_scales``.
+        topk_idx: [T, K] int64 global expert ids, −1 for an empty slot.
+        topk_weights: [T, K] float32.
+        buffer: the :class:`EPBuffer`.
+        num_experts: E, a multiple of the EP group size.
+        num_max_tokens_per_rank: M, the same on every rank, T <= M <= capacity
+            (see :func:`deepep_ops.pow2_bucket`).
+        expert_alignment: A.
+        x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
+    """
+    out = torch.ops.deepep.dispatch(
+        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+    )
+    recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
+    handle = DispatchHandle(
+        topk_idx,
+        *out[4:],
+        num_experts=num_experts,
+        num_max_tokens_per_rank=num_max_tokens_per_rank,
+        expert_alignment=expert_alignment,
+        do_expand=False,
+        # out[4] is the per-rank psum, so its length is R.
+        num_expanded_tokens=decode_num_expanded_tokens(
+            out[4].shape[0], num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
+        ),
+    )
+    return DispatchResult(
+        recv_x, None if x_scales is None else recv_x_scales, recv_topk_idx, recv_topk_weights, handle
+    )
+
+
+def dispatch_exact(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    buffer: EPBuffer,
+    *,
+    num_experts: int,
+    num_max_tokens_per_rank: IntLike,
+    expert_alignment: int = 1,
+    x_scales: Optional[torch.Tensor] = None,
+) -> ExactDispatchResult:
+    """Prefill-mode dispatch (expand + CPU sync): exact, data-dependent sizes.
+
+    Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
+    the buffer capacity. Not CUDA-graph capturable.
+    """
+    out = torch.ops.deepep.dispatch_exact(
+        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+    )
+    recv_x, recv_x_scales, recv_topk_weights, counts = out[:4]
+    handle = DispatchHandle(
+        topk_idx,
+        *out[4:],
+        num_experts=num_experts,
+        num_max_tokens_per_rank=num_max_tokens_per_rank,
+        expert_alignment=expert_alignment,
+        do_expand=True,
+        num_expanded_tokens=recv_x.shape[0],
+    )
+    return ExactDispatchResult(
+        recv_x, None if x_scales is None else recv_x_scales, recv_topk_weights, counts, handle
+    )
+
+
+def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.Tensor:
+    """Send expert outputs back and reduce them per token (spec §4, unweighted).
+
+    Args:
+        x: bf16 expert outputs with the rows of ``recv_x``: [R·M, H] after
+            :func:`dispatch` (each row already weighted and reduced over this
+            rank's experts), [X, H] after :func:`dispatch_exact` (one row per
+            (token, expert); rows of one token are summed here).
+        handle: the dispatch's handle.
+
+    Returns:
+        [T, H] bf16.
+    """
+    return torch.ops.deepep.combine(
+        x,
+        handle.topk_idx,
+        handle.psum_num_recv_tokens_per_scaleup_rank,
+        handle.psum_num_recv_tokens_per_expert,
+        handle.num_unaligned_recv_tokens_per_expert,
+        handle.recv_src_metadata,
+        handle.dst_buffer_slot_idx,
+        buffer,
+        handle.num_experts,
+        handle.num_max_tokens_per_rank,
+        handle.expert_alignment,
+        handle.do_expand,
+        handle.num_expanded_tokens,
+    )

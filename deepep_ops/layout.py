@@ -1,0 +1,67 @@
+"""Shape formulas of DeepEP v2's direct-mode dispatch (spec §2, §3).
+
+One place for every size the fake kernels, the reference buffer and the op
+layer agree on. Each function accepts Python ints or SymInts.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+IntLike = Union[int, torch.SymInt]
+
+#: DeepEP's JIT limits (spec §1, `layout.cuh`).
+MAX_TOPK = 32
+MAX_EXPERTS = 2048
+MAX_LOCAL_EXPERTS = 256
+MAX_RANKS = 1024
+#: `recv_src_metadata` holds src_rank*M + t in int32.
+INT32_MAX = 2**31 - 1
+#: The combine kernels need H % 256 == 0 (static_assert in combine.cuh).
+COMBINE_HIDDEN_ALIGNMENT = 256
+#: Token rows must be a multiple of 16 bytes for dispatch (TMA) and 32 for fp8.
+DISPATCH_HIDDEN_BYTES_ALIGNMENT = {torch.bfloat16: 16, torch.float8_e4m3fn: 32}
+
+
+def align(value: IntLike, alignment: int) -> IntLike:
+    """Round ``value`` up to a multiple of ``alignment``."""
+    return (value + alignment - 1) // alignment * alignment
+
+
+def num_local_experts(num_experts: int, num_ranks: int) -> int:
+    """EL = E / R."""
+    return num_experts // num_ranks
+
+
+def decode_num_recv_tokens(num_ranks: int, num_max_tokens_per_rank: IntLike) -> IntLike:
+    """Rows of every non-expand receive tensor without CPU sync: R·M."""
+    return num_ranks * num_max_tokens_per_rank
+
+
+def decode_num_expanded_tokens(
+    num_ranks: int,
+    num_max_tokens_per_rank: IntLike,
+    num_topk: int,
+    num_experts: int,
+    expert_alignment: int,
+) -> IntLike:
+    """Worst-case expanded rows without CPU sync: align(R·M·min(K, EL) + (A−1)·EL, A)."""
+    local = num_local_experts(num_experts, num_ranks)
+    worst = num_ranks * num_max_tokens_per_rank * min(num_topk, local)
+    return align(worst + (expert_alignment - 1) * local, expert_alignment)
+
+
+def recv_src_metadata_cols(num_topk: int) -> int:
+    """``recv_src_metadata`` is [N, K+2]: global token id, rank·K + kmax, K expand slots."""
+    return num_topk + 2
+
+
+def no_scales(like: torch.Tensor) -> torch.Tensor:
+    """What ``recv_x_scales`` holds when ``x_scales`` is None: an empty [0] float32 tensor.
+
+    Custom ops cannot return ``Optional[Tensor]``; the Python wrappers turn this
+    back into ``None``.
+    """
+    return torch.empty((0,), dtype=torch.float32, device=like.device)

@@ -1,0 +1,475 @@
+"""A pure PyTorch + ``torch.distributed`` stand-in for ``deep_ep.ElasticBuffer``.
+
+It implements the part of DeepEP v2's API that deepep-ops calls (``dispatch``,
+``combine``, ``get_theoretical_num_sms``) with the same arguments, return values
+and handle fields, and reproduces direct-mode layout (spec §2–§4) in DeepEP's
+deterministic order: rows grouped by source rank, then ascending source token.
+
+Communication is one fixed-size ``all_to_all_single`` per call of ``[R, M, row
+bytes]`` (each rank reserves M slots per source, as DeepEP's buffer does), plus
+one of ``[R, 2]`` counts for dispatch. Without CPU sync nothing reads device
+data on the host, so the decode path can be captured in a CUDA graph (NCCL) and
+runs on CPU over gloo; world size 1 needs no process group at all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from deepep_ops.layout import (
+    align,
+    decode_num_expanded_tokens,
+    decode_num_recv_tokens,
+    recv_src_metadata_cols,
+)
+
+TensorOrPair = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class EPHandle:
+    """Same constructor and fields as ``deep_ep.buffers.elastic.EPHandle``."""
+
+    def __init__(
+        self,
+        do_expand: bool,
+        num_experts: int,
+        expert_alignment: int,
+        num_max_tokens_per_rank: int,
+        num_sms: int,
+        topk_idx: torch.Tensor,
+        num_recv_tokens: int,
+        num_expanded_tokens: int,
+        num_recv_tokens_per_expert_list: list,
+        psum_num_recv_tokens_per_scaleup_rank: torch.Tensor,
+        psum_num_recv_tokens_per_expert: torch.Tensor,
+        num_unaligned_recv_tokens_per_expert: torch.Tensor,
+        recv_src_metadata: torch.Tensor,
+        dst_buffer_slot_idx: torch.Tensor,
+        token_metadata_at_forward: Optional[torch.Tensor],
+        channel_linked_list: Optional[torch.Tensor],
+    ) -> None:
+        assert topk_idx is not None
+        self.do_expand = do_expand
+        self.num_experts = num_experts
+        self.expert_alignment = expert_alignment
+        self.num_max_tokens_per_rank = num_max_tokens_per_rank
+        self.num_sms = num_sms
+        self.topk_idx = topk_idx
+        self.num_recv_tokens = num_recv_tokens
+        self.num_expanded_tokens = num_expanded_tokens
+        self.num_recv_tokens_per_expert_list = num_recv_tokens_per_expert_list
+        self.psum_num_recv_tokens_per_scaleup_rank = psum_num_recv_tokens_per_scaleup_rank
+        self.psum_num_recv_tokens_per_expert = psum_num_recv_tokens_per_expert
+        self.num_unaligned_recv_tokens_per_expert = num_unaligned_recv_tokens_per_expert
+        self.recv_src_metadata = recv_src_metadata
+        self.dst_buffer_slot_idx = dst_buffer_slot_idx
+        self.token_metadata_at_forward = token_metadata_at_forward
+        self.channel_linked_list = channel_linked_list
+        self.cached_recv_src_metadata_before_sort = None
+
+
+class _NoEvent:
+    """Stands in for DeepEP's ``EventOverlap``: the reference is synchronous."""
+
+    def current_stream_wait(self) -> None:
+        pass
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """View a 2-D tensor's rows as raw bytes: [n, c] dtype -> [n, c * itemsize] uint8."""
+    t = t.contiguous()
+    return t.view(torch.uint8).reshape(t.shape[0], -1)
+
+
+def _from_bytes(b: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:
+    """Inverse of :func:`_as_bytes` for one column block, in storage of its own
+    (ops' outputs must not alias each other, even when a slice happens to be contiguous)."""
+    return b.clone(memory_format=torch.contiguous_format).view(dtype).reshape(b.shape[0], cols)
+
+
+def _scatter_rows(rows: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor, num_out: int) -> torch.Tensor:
+    """out[dest[i]] = rows[i] where valid[i]; other rows of out are zero.
+
+    Invalid rows go to a dump row past the end, so no index set is data-dependent
+    in size (no nonzero, no host sync).
+    """
+    out = rows.new_zeros((num_out + 1,) + tuple(rows.shape[1:]))
+    dump = torch.full_like(dest, num_out)
+    out.index_copy_(0, torch.where(valid, dest, dump), rows)
+    return out[:num_out]
+
+
+def _last_lane_per_rank(rank_of_lane: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[T, K] bool: lane k is valid and no later lane of the row goes to the same rank.
+
+    DeepEP keeps the highest lane per destination rank (``get_master_lane_idx``).
+    """
+    num_topk = rank_of_lane.shape[1]
+    same = rank_of_lane.unsqueeze(2) == rank_of_lane.unsqueeze(1)  # [T, K, K'] same rank
+    later = torch.ones(num_topk, num_topk, dtype=torch.bool, device=rank_of_lane.device).triu(1)
+    dup_later = (same & later & valid.unsqueeze(1)).any(dim=2)
+    return valid & ~dup_later
+
+
+class ReferenceElasticBuffer:
+    """Direct-mode DeepEP v2 ``ElasticBuffer`` in PyTorch, for CPU (gloo) and GPU (NCCL).
+
+    Args:
+        group: the process group, or ``None`` for world size 1 without
+            ``torch.distributed``.
+        num_max_tokens_per_rank: default and largest M (the buffer capacity).
+        hidden, num_topk, use_fp8_dispatch: kept for API parity with DeepEP
+            (there they size the buffer).
+        allow_multiple_reduction: as DeepEP's flag (spec §4, expand combine).
+    """
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup] = None,
+        num_bytes: Optional[int] = None,
+        num_cpu_bytes: int = 0,
+        num_max_tokens_per_rank: int = 0,
+        hidden: int = 0,
+        num_topk: int = 0,
+        use_fp8_dispatch: bool = False,
+        deterministic: bool = True,
+        allow_hybrid_mode: bool = True,
+        allow_multiple_reduction: bool = True,
+        explicitly_destroy: bool = False,
+        **_unused_deep_ep_options,
+    ) -> None:
+        if group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "ReferenceElasticBuffer: group=None means world size 1, but torch.distributed is "
+                f"initialised with world size {dist.get_world_size()}; pass the EP process group"
+            )
+        self.group = group
+        self.rank_idx = group.rank() if group is not None else 0
+        self.num_ranks = group.size() if group is not None else 1
+        self.num_max_tokens_per_rank = num_max_tokens_per_rank
+        self.hidden = hidden
+        self.num_topk = num_topk
+        self.use_fp8_dispatch = use_fp8_dispatch
+        # Our order is DeepEP's deterministic order whatever the flag says.
+        self.deterministic = True
+        self.allow_hybrid_mode = allow_hybrid_mode
+        self.allow_multiple_reduction = allow_multiple_reduction
+        self.explicitly_destroy = explicitly_destroy
+        self.num_scaleout_ranks = 1
+        self.num_scaleup_ranks = self.num_ranks
+
+    def destroy(self) -> None:
+        """DeepEP API parity; the reference holds no native resources."""
+
+    def get_theoretical_num_sms(self, num_experts: int, num_topk: int) -> int:
+        """DeepEP API parity; the reference uses no SMs, so any fixed value will do."""
+        return 1
+
+    # ------------------------------------------------------------------ comm
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Equal-split all-to-all over dim 0 (one block per rank)."""
+        if self.num_ranks == 1:
+            return send.clone()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv
+
+    # -------------------------------------------------------------- dispatch
+    def dispatch(
+        self,
+        x: TensorOrPair,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        num_experts: Optional[int] = None,
+        num_max_tokens_per_rank: Optional[int] = None,
+        expert_alignment: Optional[int] = None,
+        num_sms: int = 0,
+        num_qps: int = 0,
+        previous_event=None,
+        previous_event_before_epilogue=None,
+        async_with_compute_stream: bool = False,
+        allocate_on_comm_stream: bool = False,
+        handle: Optional[EPHandle] = None,
+        do_handle_copy: bool = True,
+        do_cpu_sync: Optional[bool] = None,
+        do_expand: bool = False,
+        do_zero_padding: bool = False,
+        use_tma_aligned_col_major_sf: bool = False,
+    ):
+        """DeepEP's ``ElasticBuffer.dispatch`` (direct mode, no cached handle).
+
+        Returns ``(recv_x | (recv_x, recv_sf), recv_topk_idx, recv_topk_weights,
+        handle, event)`` with the shapes of spec §2.
+        """
+        if handle is not None:
+            raise NotImplementedError("ReferenceElasticBuffer: cached-handle dispatch is not implemented")
+        if topk_idx is None or num_experts is None:
+            raise ValueError("ReferenceElasticBuffer.dispatch needs topk_idx and num_experts")
+        if do_zero_padding and not do_expand:
+            raise RuntimeError("Assertion exception: do_zero_padding requires do_expand")
+        x, sf = x if isinstance(x, tuple) else (x, None)
+        M = self.num_max_tokens_per_rank if num_max_tokens_per_rank is None else num_max_tokens_per_rank
+        A = 1 if expert_alignment is None else expert_alignment
+        do_cpu_sync = True if do_cpu_sync is None else do_cpu_sync
+        R, rank = self.num_ranks, self.rank_idx
+        T, H = x.shape
+        K = topk_idx.shape[1]
+        E = num_experts
+        EL = E // R
+        if not (0 < M and T <= M):
+            raise RuntimeError(f"Assertion exception: num_tokens <= num_max_tokens_per_rank ({T} > {M})")
+        device = x.device
+
+        # ---- sender: which tokens go to which rank, and their slot there
+        valid_lane = topk_idx >= 0
+        rank_of_lane = torch.where(valid_lane, topk_idx // EL, torch.full_like(topk_idx, -1))
+        ranks = torch.arange(R, device=device)
+        to_rank = (rank_of_lane.unsqueeze(2) == ranks).any(dim=1)  # [T, R]
+        slot = torch.cumsum(to_rank.to(torch.int64), dim=0) - 1  # [T, R] slot at each destination
+        send_counts = to_rank.sum(dim=0)  # [R]
+
+        last_lane = _last_lane_per_rank(rank_of_lane, valid_lane)  # [T, K]
+        slot_of_lane = slot.gather(1, rank_of_lane.clamp(min=0))
+        dst_buffer_slot_idx = torch.where(last_lane, rank * M + slot_of_lane, -1).to(torch.int32)
+
+        # Payload row: x | sf | [t, topk_idx...] int64 | weights f32.
+        token_ids = torch.arange(T, device=device, dtype=torch.int64).unsqueeze(1)
+        parts = [_as_bytes(x)]
+        P = 0
+        if sf is not None:
+            P = sf.shape[1]
+            parts.append(_as_bytes(sf))
+        parts.append(_as_bytes(torch.cat([token_ids, topk_idx.to(torch.int64)], dim=1)))
+        has_weights = topk_weights is not None
+        if has_weights:
+            parts.append(_as_bytes(topk_weights.to(torch.float32)))
+        payload = torch.cat(parts, dim=1)  # [T, B]
+        B = payload.shape[1]
+        send = payload.new_zeros(R, M + 1, B)
+        for d in range(R):
+            dest = torch.where(to_rank[:, d], slot[:, d], M)
+            send[d].index_copy_(0, dest, payload)
+        recv = self._all_to_all(send[:, :M].contiguous())  # [R(src), M, B]
+        recv_counts = self._all_to_all(send_counts.to(torch.int64))  # [R(src)]
+
+        # ---- receiver: compact rows to [0, N), grouped by source rank
+        psum_rank = torch.cumsum(recv_counts, 0)
+        offsets = psum_rank - recv_counts
+        j = torch.arange(M, device=device)
+        row_valid = (j.unsqueeze(0) < recv_counts.unsqueeze(1)).reshape(-1)
+        row_dest = (offsets.unsqueeze(1) + j.unsqueeze(0)).reshape(-1)
+        worst_rows = decode_num_recv_tokens(R, M)
+        rows = _scatter_rows(recv.reshape(R * M, B), row_dest, row_valid, worst_rows)  # [R*M, B]
+
+        col = 0
+        recv_x = _from_bytes(rows[:, col : col + H * x.element_size()], x.dtype, H)
+        col += H * x.element_size()
+        recv_sf = None
+        if sf is not None:
+            recv_sf = _from_bytes(rows[:, col : col + P * sf.element_size()], sf.dtype, P)
+            col += P * sf.element_size()
+        ids = _from_bytes(rows[:, col : col + (K + 1) * 8], torch.int64, K + 1)
+        col += (K + 1) * 8
+        recv_weights = _from_bytes(rows[:, col : col + K * 4], torch.float32, K) if has_weights else None
+
+        src_rank = torch.repeat_interleave(ranks, M).to(device)
+        src_rank = _scatter_rows(src_rank, row_dest, row_valid, worst_rows)
+        src_token = ids[:, 0]
+        recv_global_idx = ids[:, 1:]
+        num_valid = psum_rank[-1]
+        is_valid_row = torch.arange(worst_rows, device=device) < num_valid
+        local_lane = (recv_global_idx >= rank * EL) & (recv_global_idx < (rank + 1) * EL) & is_valid_row.unsqueeze(1)
+        recv_local_idx = torch.where(local_lane, recv_global_idx - rank * EL, -1)
+        kmax = _last_lane_per_rank(torch.where(local_lane, 0, -1), local_lane).to(torch.int64).argmax(dim=1)
+
+        # Per-local-expert counts and expand slots.
+        experts = torch.arange(EL, device=device)
+        hits = (recv_local_idx.unsqueeze(2) == experts).any(dim=1)  # [rows, EL]
+        unaligned = hits.sum(dim=0)  # c_e
+        aligned = align(unaligned, A)
+        exp_start = torch.cumsum(aligned, 0) - aligned  # S_e
+
+        metadata = torch.full((worst_rows, recv_src_metadata_cols(K)), -1, dtype=torch.int32, device=device)
+        metadata[:, 0] = (src_rank * M + src_token).to(torch.int32)
+        metadata[:, 1] = (src_rank * K + kmax).to(torch.int32)
+        metadata[~is_valid_row, :2] = 0
+
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            stats += unaligned.to(stats.dtype)
+
+        if do_cpu_sync:
+            num_recv_tokens = int(num_valid)
+        else:
+            num_recv_tokens = worst_rows
+        psum_rank_i32 = psum_rank.to(torch.int32)
+        unaligned_i32 = unaligned.to(torch.int32)
+
+        if not do_expand:
+            # Inclusive prefix sum of aligned counts, a view at offset 1 as in DeepEP.
+            psum_expert = torch.zeros(EL + 1, dtype=torch.int32, device=device)
+            psum_expert[1:] = torch.cumsum(aligned, 0)
+            psum_expert = psum_expert[1:]
+            n = num_recv_tokens
+            recv_x_out = recv_x[:n]
+            recv_sf_out = None if recv_sf is None else recv_sf[:n]
+            # Padding rows hold 0, not -1, as on real DeepEP (spec §8): consumers must
+            # mask rows >= psum[-1] themselves.
+            recv_topk_idx = torch.where(is_valid_row.unsqueeze(1), recv_local_idx, 0)[:n].to(topk_idx.dtype)
+            recv_topk_weights = None if recv_weights is None else recv_weights[:n]
+            metadata = metadata[:n]
+            num_expanded = (
+                int(aligned.sum())
+                if do_cpu_sync
+                else decode_num_expanded_tokens(R, M, K, E, A)
+            )
+        else:
+            pos_in_expert = torch.cumsum(hits.to(torch.int64), dim=0) - 1  # [rows, EL]
+            lane_expert = recv_local_idx.clamp(min=0)
+            lane_slot = exp_start[lane_expert] + pos_in_expert.gather(1, lane_expert)
+            lane_slot = torch.where(local_lane, lane_slot, -1)
+            metadata[:, 2:] = lane_slot.to(torch.int32)
+            num_expanded = (
+                int(aligned.sum())
+                if do_cpu_sync
+                else decode_num_expanded_tokens(R, M, K, E, A)
+            )
+            flat_valid = local_lane.reshape(-1)
+            flat_slot = lane_slot.reshape(-1)
+            recv_x_out = _scatter_rows(recv_x.repeat_interleave(K, 0), flat_slot, flat_valid, num_expanded)
+            recv_sf_out = (
+                None
+                if recv_sf is None
+                else _scatter_rows(recv_sf.repeat_interleave(K, 0), flat_slot, flat_valid, num_expanded)
+            )
+            recv_topk_idx = None
+            recv_topk_weights = (
+                None
+                if recv_weights is None
+                else _scatter_rows(recv_weights.reshape(-1), flat_slot, flat_valid, num_expanded)
+            )
+            # Expand psum: exclusive aligned start plus the real count (S_e + c_e).
+            psum_expert = (exp_start + unaligned).to(torch.int32)
+            metadata = metadata[:num_recv_tokens]
+            # Rows past the last expert's aligned end and (here) the padding gaps are zero,
+            # which is what do_zero_padding promises; DeepEP leaves them unspecified otherwise.
+
+        per_expert_list = aligned.tolist() if do_cpu_sync else []
+        handle = EPHandle(
+            do_expand,
+            E,
+            A,
+            M,
+            self.get_theoretical_num_sms(E, K) if num_sms == 0 else num_sms,
+            topk_idx.clone() if do_handle_copy else topk_idx,
+            num_recv_tokens,
+            num_expanded,
+            per_expert_list,
+            psum_rank_i32,
+            psum_expert,
+            unaligned_i32,
+            metadata,
+            dst_buffer_slot_idx,
+            None,
+            None,
+        )
+        recv_x_ret = recv_x_out if recv_sf_out is None else (recv_x_out, recv_sf_out)
+        return recv_x_ret, recv_topk_idx, recv_topk_weights, handle, _NoEvent()
+
+    # --------------------------------------------------------------- combine
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: EPHandle,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+        num_sms: int = 0,
+        num_qps: int = 0,
+        previous_event=None,
+        previous_event_before_epilogue=None,
+        async_with_compute_stream: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """DeepEP's ``ElasticBuffer.combine`` (direct mode), reductions as spec §4.
+
+        Reads only the handle fields DeepEP's combine reads: ``recv_src_metadata``,
+        ``topk_idx``, ``psum_num_recv_tokens_per_scaleup_rank``, ``num_experts``,
+        ``num_max_tokens_per_rank`` and ``do_expand``.
+
+        Returns ``(combined_x [T, H] bf16, combined_topk_weights [T, K] f32 or None, event)``.
+        """
+        if x.dtype != torch.bfloat16:
+            raise RuntimeError(f"Assertion exception: combine x must be bfloat16, got {x.dtype}")
+        R, rank = self.num_ranks, self.rank_idx
+        M = handle.num_max_tokens_per_rank
+        E = handle.num_experts
+        EL = E // R
+        metadata = handle.recv_src_metadata
+        topk_idx = handle.topk_idx
+        T, K = topk_idx.shape
+        H = x.shape[1]
+        device = x.device
+        multi_reduction = self.allow_multiple_reduction or not handle.do_expand
+        if handle.do_expand and not self.allow_multiple_reduction and topk_weights is not None:
+            raise RuntimeError("Assertion exception: expand combine without multiple reduction takes no topk_weights")
+
+        n_rows = metadata.shape[0]
+        row_valid = torch.arange(n_rows, device=device) < handle.psum_num_recv_tokens_per_scaleup_rank[-1]
+        gid = metadata[:, 0].to(torch.int64)
+        # Rows go back to (source rank, source token) = divmod(global id, M).
+        back_dest = gid  # == src_rank * M + t, a flat index into [R, M]
+
+        slots = metadata[:, 2:].to(torch.int64)
+        local_lane = (slots >= 0) & row_valid.unsqueeze(1) if handle.do_expand else None
+        if not handle.do_expand:
+            contrib = x[:n_rows].unsqueeze(1)  # [rows, 1, H]
+        else:
+            gathered = x[slots.clamp(min=0)].float() * local_lane.unsqueeze(2)  # [rows, K, H]
+            if multi_reduction:
+                acc = torch.zeros(n_rows, H, dtype=torch.float32, device=device)
+                for k in range(K):  # lane order, fp32, one rounding
+                    acc += gathered[:, k]
+                contrib = acc.to(torch.bfloat16).unsqueeze(1)
+            else:
+                contrib = gathered.to(torch.bfloat16)  # every lane's row, reduced at the source
+
+        parts = [_as_bytes(contrib.reshape(n_rows, -1))]
+        if topk_weights is not None:
+            if handle.do_expand:
+                w = torch.where(local_lane, topk_weights[slots.clamp(min=0)], 0.0)
+            else:
+                w = topk_weights
+            parts.append(_as_bytes(w.to(torch.float32)))
+        payload = torch.cat(parts, dim=1)
+        B = payload.shape[1]
+        send = _scatter_rows(payload, back_dest, row_valid, R * M).reshape(R, M, B)
+        recv = self._all_to_all(send)  # [R(dst), M, B]: what rank d sends back for my token t
+
+        lanes_per_row = contrib.shape[1]
+        back = _from_bytes(recv.reshape(R * M, B)[:, : lanes_per_row * H * 2], torch.bfloat16, lanes_per_row * H)
+        back = back.reshape(R, M, lanes_per_row, H)[:, :T].float()
+
+        valid_lane = topk_idx >= 0
+        rank_of_lane = torch.where(valid_lane, topk_idx // EL, torch.full_like(topk_idx, -1)).to(torch.int64)
+        t_idx = torch.arange(T, device=device)
+        acc = torch.zeros(T, H, dtype=torch.float32, device=device)
+        for b in ([] if bias is None else ([bias] if isinstance(bias, torch.Tensor) else list(bias))):
+            acc += b.float()
+        reduce_lane = _last_lane_per_rank(rank_of_lane, valid_lane) if multi_reduction else valid_lane
+        for k in range(K):
+            lane_row = 0 if multi_reduction else k
+            term = back[rank_of_lane[:, k].clamp(min=0), t_idx, lane_row]
+            acc += torch.where(reduce_lane[:, k].unsqueeze(1), term, 0.0)
+        combined_x = acc.to(torch.bfloat16)
+
+        combined_topk_weights = None
+        if topk_weights is not None:
+            w_back = _from_bytes(recv.reshape(R * M, B)[:, lanes_per_row * H * 2 :], torch.float32, K)
+            w_back = w_back.reshape(R, M, K)[:, :T]
+            picked = w_back[rank_of_lane.clamp(min=0), t_idx.unsqueeze(1), torch.arange(K, device=device)]
+            combined_topk_weights = torch.where(valid_lane, picked, 0.0)
+        return combined_x, combined_topk_weights, _NoEvent()

@@ -1,0 +1,50 @@
+"""The ``deepep::`` op schemas, each written once.
+
+A dispatch handle travels through graphs as the five tensors of
+``HANDLE_TENSORS`` plus static ints; the real kernels rebuild DeepEP's
+``EPHandle`` from them (see :mod:`deepep_ops.handle`).
+"""
+
+from deepep_ops.buffer import EP_BUFFER_TYPE
+
+NAMESPACE = "deepep"
+
+#: Handle tensors in the order every schema lists them (all int32).
+HANDLE_TENSORS = (
+    "psum_num_recv_tokens_per_scaleup_rank",
+    "psum_num_recv_tokens_per_expert",
+    "num_unaligned_recv_tokens_per_expert",
+    "recv_src_metadata",
+    "dst_buffer_slot_idx",
+)
+
+_HANDLE_RETURNS = ", ".join(f"Tensor {name}" for name in HANDLE_TENSORS)
+_HANDLE_ARGS = ", ".join(f"Tensor {name}" for name in HANDLE_TENSORS)
+
+_DISPATCH_ARGS = (
+    "Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor topk_weights, "
+    f"{EP_BUFFER_TYPE} buffer, int num_experts, SymInt num_max_tokens_per_rank, "
+    "int expert_alignment=1"
+)
+
+#: Decode mode: no expand, no CPU sync; every size is a function of R·M.
+DISPATCH = (
+    f"dispatch({_DISPATCH_ARGS}) -> (Tensor recv_x, Tensor recv_x_scales, "
+    f"Tensor recv_topk_idx, Tensor recv_topk_weights, {_HANDLE_RETURNS})"
+)
+
+#: Prefill mode: expand + CPU sync; exact, data-dependent sizes.
+DISPATCH_EXACT = (
+    f"dispatch_exact({_DISPATCH_ARGS}) -> (Tensor recv_x, Tensor recv_x_scales, "
+    f"Tensor recv_topk_weights, Tensor num_recv_tokens_per_expert, {_HANDLE_RETURNS})"
+)
+
+_COMBINE_ARGS = (
+    f"Tensor x, Tensor topk_idx, {_HANDLE_ARGS}, {EP_BUFFER_TYPE} buffer, int num_experts, "
+    "SymInt num_max_tokens_per_rank, int expert_alignment, bool do_expand, "
+    "SymInt num_expanded_tokens"
+)
+
+#: Expert outputs + handle -> [T, H] bf16.
+COMBINE = f"combine({_COMBINE_ARGS}) -> Tensor"
+

@@ -19,14 +19,19 @@ from deepep_ops.layout import (
 )
 
 
-def _handle_outputs(x, topk_idx, num_ranks, num_local, num_rows):
+def _handle_outputs(x, topk_idx, num_ranks, num_local, num_rows, psum_expert_offset=0):
     """psum per rank [R], psum per expert [EL], unaligned counts [EL],
-    recv_src_metadata [rows, K+2], dst_buffer_slot_idx [T, K]; all int32."""
+    recv_src_metadata [rows, K+2], dst_buffer_slot_idx [T, K]; all int32.
+
+    ``psum_expert_offset=1`` (decode mode): DeepEP returns the per-expert psum as
+    a view at storage offset 1 of an [EL+1] buffer (spec §3), and so does the reference.
+    """
     T, K = topk_idx.shape
     i32 = torch.int32
+    psum_expert = x.new_empty((num_local + psum_expert_offset,), dtype=i32)[psum_expert_offset:]
     return (
         x.new_empty((num_ranks,), dtype=i32),
-        x.new_empty((num_local,), dtype=i32),
+        psum_expert,
         x.new_empty((num_local,), dtype=i32),
         x.new_empty((num_rows, recv_src_metadata_cols(K)), dtype=i32),
         x.new_empty((T, K), dtype=i32),
@@ -50,7 +55,7 @@ def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_
         _recv_scales(x, x_scales, rows),
         topk_idx.new_empty((rows, K)),
         topk_weights.new_empty((rows, K)),
-    ) + _handle_outputs(x, topk_idx, num_ranks, num_local_experts(num_experts, num_ranks), rows)
+    ) + _handle_outputs(x, topk_idx, num_ranks, num_local_experts(num_experts, num_ranks), rows, psum_expert_offset=1)
 
 
 @torch.library.register_fake("deepep::dispatch_exact")

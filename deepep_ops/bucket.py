@@ -36,3 +36,57 @@ def pow2_bucket(n: int, capacity: int) -> int:
             "(num_max_tokens_per_rank the buffer was built with)"
         )
     return min(1 << max(n - 1, 0).bit_length(), capacity)
+
+
+# ---------------------------------------------------------------------------
+# The bucket inside a compiled graph.
+#
+# vLLM compiles once with a symbolic token count and drops Dynamo's guards, so
+# M must be derived from that SymInt in the graph. Measured on torch 2.13
+# (shared/torch_compile_notes.md): bit_length recompiles on every n, a Python
+# loop gives one graph per bucket, log2/ceil recompiles on every n once the
+# FX/AOT cache is warm, bit smearing takes 200 s to compile, sym_ite never
+# finishes. What works is to compute the bucket on the host at run time: the
+# ``deepep::token_bucket`` op returns it as an unbacked SymInt. No guard is ever
+# installed on it (so no recompiles, cold or warm cache), compile cost is one
+# tiny node, and the DP-global maximum can be read on the host without a device
+# sync. Under CUDA graphs, Inductor runs this host-only node outside the graph
+# partition (it binds an unbacked symbol); it launches no kernel.
+# ---------------------------------------------------------------------------
+
+from typing import Callable, Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+_dp_num_tokens_provider: Optional[Callable[[int], int]] = None
+
+
+def set_dp_num_tokens_provider(provider: Optional[Callable[[int], int]]) -> None:
+    """Install ``provider(local_num_tokens) -> tokens to bucket`` for :func:`token_bucket`.
+
+    With a DP group, the bucket must be the same on every rank, so it has to come
+    from the DP-global maximum (vLLM: ``max(dp_metadata.num_tokens_across_dp_cpu)``
+    divided by ``sp_size``). The provider runs on the host at run time. ``None``
+    restores the default: the local token count, correct when every EP rank
+    holds the same number of tokens.
+    """
+    global _dp_num_tokens_provider
+    _dp_num_tokens_provider = provider
+
+
+def _token_bucket_impl(num_tokens: int, capacity: int) -> int:
+    n = num_tokens if _dp_num_tokens_provider is None else _dp_num_tokens_provider(num_tokens)
+    return pow2_bucket(n, capacity)
+
+
+def token_bucket(tokens: "torch.Tensor", capacity: int):
+    """``pow2_bucket`` of the (DP-global) token count, usable in a compiled graph.
+
+    Args:
+        tokens: [T, ...]; only ``tokens.shape[0]`` is read (it also tells
+            Inductor the device).
+        capacity: the buffer's ``num_max_tokens_per_rank``.
+
+    Eager: returns an int. Compiled: an unbacked SymInt in [1, capacity].
+    """
+    return torch.ops.deepep.token_bucket(tokens, capacity)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from deepep_ops import schemas
+from deepep_ops.bucket import _token_bucket_impl
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.layout import no_scales
 from deepep_ops.validation import check_combine, check_dispatch
@@ -22,6 +23,7 @@ lib.define(schemas.DISPATCH)
 # Host sync + data-dependent sizes: CUDA-graph capture must leave it out.
 lib.define(schemas.DISPATCH_EXACT, tags=(torch.Tag.cudagraph_unsafe,))
 lib.define(schemas.COMBINE)
+lib.define(schemas.TOKEN_BUCKET)
 
 
 def _handle_tensors(handle) -> tuple:
@@ -147,3 +149,8 @@ def combine_impl(x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_me
         dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
         num_expanded_tokens,
     )
+
+
+@torch.library.impl(lib, "token_bucket", "CompositeExplicitAutograd")
+def token_bucket_impl(tokens, capacity):
+    return _token_bucket_impl(tokens.shape[0], capacity)

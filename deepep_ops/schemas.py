@@ -48,3 +48,8 @@ _COMBINE_ARGS = (
 #: Expert outputs + handle -> [T, H] bf16.
 COMBINE = f"combine({_COMBINE_ARGS}) -> Tensor"
 
+
+#: pow2_bucket(max DP tokens, capacity) computed on the host at run time from
+#: tokens.shape[0] (never its data) and
+#: returned as an unbacked SymInt (see deepep_ops.bucket.token_bucket).
+TOKEN_BUCKET = "token_bucket(Tensor tokens, int capacity) -> SymInt"

@@ -3,4 +3,4 @@
 Importing this package registers them; ``import deepep_ops`` does so.
 """
 
-from fake_impls import combine, dispatch  # noqa: F401  (registration side effects)
+from fake_impls import bucket, combine, dispatch  # noqa: F401  (registration side effects)

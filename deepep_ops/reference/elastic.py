@@ -96,6 +96,9 @@ def _scatter_rows(rows: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor, n
     Invalid rows go to a dump row past the end, so no index set is data-dependent
     in size (no nonzero, no host sync).
     """
+    if rows.dtype.itemsize == 1 and rows.dtype != torch.uint8:
+        # index_copy_ has no float8 kernel on CPU: move the bytes instead.
+        return _scatter_rows(rows.view(torch.uint8), dest, valid, num_out).view(rows.dtype)
     out = rows.new_zeros((num_out + 1,) + tuple(rows.shape[1:]))
     dump = torch.full_like(dest, num_out)
     out.index_copy_(0, torch.where(valid, dest, dump), rows)

@@ -1,0 +1,113 @@
+"""A small expert-parallel MoE layer over :class:`DeepEPPrepareFinalize`.
+
+Torch-native throughout (router, gated-MLP experts, weighting), so the whole
+layer compiles with ``fullgraph=True``. Used by the demo, the benchmarks and
+the compile tests; :func:`dense_moe` is the single-process answer it must give.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, dequantize_block_fp8
+
+IntLike = Union[int, torch.SymInt]
+
+
+class MoEWeights(NamedTuple):
+    """All experts' weights, float32: router [H, E], gate/up [E, H, I], down [E, I, H]."""
+
+    router: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+def make_moe_weights(num_experts: int, hidden: int, intermediate: int, seed: int = 0) -> MoEWeights:
+    """Deterministic weights, identical on every rank for the same arguments."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, fan_in: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) / fan_in**0.5
+
+    return MoEWeights(
+        rand(hidden, num_experts, fan_in=hidden),
+        rand(num_experts, hidden, intermediate, fan_in=hidden),
+        rand(num_experts, hidden, intermediate, fan_in=hidden),
+        rand(num_experts, intermediate, hidden, fan_in=intermediate),
+    )
+
+
+def route(x: torch.Tensor, router: torch.Tensor, num_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing: ([T, K] float32 renormalized weights, [T, K] int64 ids)."""
+    probs = torch.softmax(x.float() @ router, dim=-1)
+    weights, ids = torch.topk(probs, num_topk, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def expert_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated MLP in float32: [n, H] → [n, H]."""
+    return (torch.nn.functional.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def dense_moe(x: torch.Tensor, weights: MoEWeights, num_topk: int) -> torch.Tensor:
+    """The whole MoE on one process in float32: Σ_k w[t,k]·expert_{id[t,k]}(x[t]), as bf16."""
+    topk_w, topk_ids = route(x, weights.router, num_topk)
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for e in range(weights.router.shape[1]):
+        w_e = torch.where(topk_ids == e, topk_w, 0.0).sum(dim=1, keepdim=True)
+        out += w_e * expert_mlp(xf, weights.w_gate[e], weights.w_up[e], weights.w_down[e])
+    return out.to(torch.bfloat16)
+
+
+class LocalExperts(torch.nn.Module):
+    """This rank's experts, applied to every received row (static shapes, no sorting).
+
+    Output is [rows, k, H] bf16 with zeros where ``topk_ids`` is not one of ours.
+    """
+
+    def __init__(self, weights: MoEWeights, first_expert: int, num_local: int) -> None:
+        super().__init__()
+        sl = slice(first_expert, first_expert + num_local)
+        self.w_gate = torch.nn.Parameter(weights.w_gate[sl].clone(), requires_grad=False)
+        self.w_up = torch.nn.Parameter(weights.w_up[sl].clone(), requires_grad=False)
+        self.w_down = torch.nn.Parameter(weights.w_down[sl].clone(), requires_grad=False)
+        self.num_local = num_local
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_scale: Optional[torch.Tensor],
+        topk_ids: torch.Tensor,
+        rank_expert_offset: torch.Tensor,
+    ) -> torch.Tensor:
+        xf = x.float() if x_scale is None else dequantize_block_fp8(x, x_scale, torch.float32)
+        local_ids = topk_ids - rank_expert_offset
+        out = xf.new_zeros(topk_ids.shape + (xf.shape[1],))
+        for j in range(self.num_local):
+            y = expert_mlp(xf, self.w_gate[j], self.w_up[j], self.w_down[j])
+            out = out + (local_ids == j).unsqueeze(-1) * y.unsqueeze(1)
+        return out.to(torch.bfloat16)
+
+
+class MoELayer(torch.nn.Module):
+    """router → prepare (dispatch) → local experts → finalize (combine)."""
+
+    def __init__(self, weights: MoEWeights, prepare_finalize: DeepEPPrepareFinalize) -> None:
+        super().__init__()
+        pf = prepare_finalize
+        self.pf = pf
+        self.register_buffer("router", weights.router.clone())
+        self.experts = LocalExperts(weights, pf.buffer.rank * pf.num_local_experts, pf.num_local_experts)
+
+    def forward(self, x: torch.Tensor, num_max_tokens_per_rank: Optional[IntLike] = None) -> torch.Tensor:
+        """x [T, H] bf16 → [T, H] bf16. ``num_max_tokens_per_rank``: see ``prepare``."""
+        topk_weights, topk_ids = route(x, self.router, self.pf.num_topk)
+        p = self.pf.prepare(x, topk_weights, topk_ids, num_max_tokens_per_rank=num_max_tokens_per_rank)
+        y = self.experts(p.expert_x, p.expert_x_scale, p.topk_ids, self.pf.rank_expert_offset)
+        out = torch.empty_like(x)
+        self.pf.finalize(out, y, p.topk_weights, p.topk_ids, p.handle)
+        return out

@@ -1,0 +1,237 @@
+"""MoE prepare/finalize over the ``deepep::`` ops, with the semantics of vLLM's
+``DeepEPV2PrepareAndFinalize``, written so that ``torch.compile(fullgraph=True)``
+sees all of it.
+
+Everything around dispatch and combine is plain torch, so Inductor fuses it:
+block-fp8 quantization before dispatch, the local→global expert-id rewrite
+(a hand-written Triton kernel in vLLM), and the top-k weight-and-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from deepep_ops.api import combine, dispatch, dispatch_exact
+from deepep_ops.bucket import token_bucket
+from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.handle import DispatchHandle
+
+IntLike = Union[int, torch.SymInt]
+
+#: Block-fp8 activation quantization: per-token groups of this many channels.
+FP8_BLOCK = 128
+_FP8_DTYPE = torch.float8_e4m3fn
+
+
+def quantize_block_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group (1×128) e4m3 quantization.
+
+    Args:
+        x: [T, H] with H % 128 == 0.
+    Returns:
+        (q [T, H] float8_e4m3fn, scales [T, H/128] float32) with x ≈ q * scale.
+    """
+    # Constants stay local: Dynamo lifts module-level Python floats to symbolic
+    # inputs under dynamic=True, which restarts tracing (a second compile).
+    fp8_max = torch.finfo(_FP8_DTYPE).max
+    T, H = x.shape
+    groups = x.float().view(T, H // FP8_BLOCK, FP8_BLOCK)
+    scales = groups.abs().amax(dim=-1).clamp(min=1e-10) / fp8_max
+    q = (groups / scales.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(_FP8_DTYPE)
+    return q.view(T, H), scales
+
+
+def dequantize_block_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of :func:`quantize_block_fp8`: [T, H] fp8 + [T, H/128] → [T, H] ``dtype``."""
+    T, H = q.shape
+    groups = q.float().view(T, H // FP8_BLOCK, FP8_BLOCK) * scales.unsqueeze(-1)
+    return groups.view(T, H).to(dtype)
+
+
+class PreparedTokens(NamedTuple):
+    """What the experts receive (vLLM's ``PrepareResultType`` plus the handle).
+
+    Decode (rows = R·M): ``topk_ids`` [rows, K] global expert ids, −1 for other
+    ranks' experts, empty slots and every padding row; ``topk_weights`` [rows, K].
+    Prefill (rows = X): one row per (token, local expert), ``topk_ids`` and
+    ``topk_weights`` [X, 1]; ``expert_num_tokens`` [EL] int32 (aligned counts).
+    """
+
+    expert_x: torch.Tensor
+    expert_x_scale: Optional[torch.Tensor]
+    expert_num_tokens: Optional[torch.Tensor]
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: DispatchHandle
+
+
+class DeepEPPrepareFinalize:
+    """Prepare (quantize + dispatch + receiver) and finalize (weight-and-reduce + combine).
+
+    Args:
+        buffer: the EP buffer (an :class:`EPBuffer` or a backend to wrap).
+        num_experts: E, global.
+        num_topk: K.
+        decode: True for the graph-safe path (no expand, no CPU sync, R·M rows,
+            CUDA-graph capturable); False for prefill (expand + CPU sync, exact rows).
+        use_fp8_dispatch: quantize to block fp8 (1×128, e4m3, float32 scales)
+            before dispatch; otherwise dispatch bf16.
+        expert_alignment: A, rows per local expert rounded up to it (prefill).
+        device: where the tokens live.
+    """
+
+    def __init__(
+        self,
+        buffer: EPBuffer,
+        num_experts: int,
+        num_topk: int,
+        *,
+        decode: bool,
+        use_fp8_dispatch: bool = False,
+        expert_alignment: int = 1,
+        device: Union[torch.device, str] = "cpu",
+    ) -> None:
+        self.buffer = as_ep_buffer(buffer)
+        self.num_experts = num_experts
+        self.num_topk = num_topk
+        self.decode = decode
+        self.use_fp8_dispatch = use_fp8_dispatch
+        self.expert_alignment = expert_alignment
+        self.num_local_experts = num_experts // self.buffer.num_ranks
+        self.capacity = self.buffer.capacity
+        # A tensor, not an int: under torch.compile it is a graph input, so one
+        # graph serves every rank instead of one per rank with the offset baked in.
+        self.rank_expert_offset = torch.tensor(
+            self.buffer.rank * self.num_local_experts, dtype=torch.int64, device=device
+        )
+
+    def prepare(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        apply_router_weight_on_input: bool = False,
+        num_max_tokens_per_rank: Optional[IntLike] = None,
+    ) -> PreparedTokens:
+        """Quantize (block fp8) and dispatch; rewrite expert ids for the experts.
+
+        Args:
+            a1: [T, H] bf16 tokens.
+            topk_weights: [T, K] float32 router weights.
+            topk_ids: [T, K] int64 global expert ids, −1 for none.
+            apply_router_weight_on_input: scale tokens by their (top-1) weight
+                before dispatch; finalize then does not weight again.
+            num_max_tokens_per_rank: decode only. The bucket M, the same on every
+                rank: ``pow2_bucket(max tokens over the DP group, capacity)``
+                computed on the host (cheapest; a SymInt in the graph). ``None``
+                derives it in the graph with :func:`deepep_ops.token_bucket`.
+                Prefill always uses the buffer capacity.
+        """
+        if apply_router_weight_on_input:
+            if topk_ids.shape[1] != 1:
+                raise ValueError(
+                    "prepare: apply_router_weight_on_input needs num_topk == 1, "
+                    f"got topk_ids of shape {tuple(topk_ids.shape)}"
+                )
+            a1 = a1 * topk_weights.to(a1.dtype)
+        scales = None
+        if self.use_fp8_dispatch:
+            a1, scales = quantize_block_fp8(a1)
+
+        if not self.decode:
+            return self._prepare_prefill(a1, scales, topk_weights, topk_ids)
+        if num_max_tokens_per_rank is None:
+            num_max_tokens_per_rank = token_bucket(a1, self.capacity)
+        out = dispatch(
+            a1,
+            topk_ids,
+            topk_weights,
+            self.buffer,
+            num_experts=self.num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=self.expert_alignment,
+            x_scales=scales,
+        )
+        # Local ids → global; -1 stays -1, and so does every row past the real
+        # count (DeepEP leaves those rows stale: they can alias local expert 0).
+        rows = out.recv_topk_idx.shape[0]
+        num_recv = out.handle.psum_num_recv_tokens_per_scaleup_rank[-1]
+        is_real_row = torch.arange(rows, device=a1.device) < num_recv
+        is_routed = (out.recv_topk_idx >= 0) & is_real_row.unsqueeze(1)
+        global_ids = torch.where(is_routed, out.recv_topk_idx + self.rank_expert_offset, -1)
+        return PreparedTokens(out.recv_x, out.recv_x_scales, None, global_ids, out.recv_topk_weights, out.handle)
+
+    def _prepare_prefill(self, a1, scales, topk_weights, topk_ids) -> PreparedTokens:
+        out = dispatch_exact(
+            a1,
+            topk_ids,
+            topk_weights,
+            self.buffer,
+            num_experts=self.num_experts,
+            num_max_tokens_per_rank=self.capacity,
+            expert_alignment=self.expert_alignment,
+            x_scales=scales,
+        )
+        # Rows are grouped by local expert: expert e owns counts[e] (aligned) rows.
+        local_ids = torch.arange(self.num_local_experts, device=a1.device, dtype=torch.int64)
+        global_ids = torch.repeat_interleave(
+            local_ids + self.rank_expert_offset,
+            out.num_recv_tokens_per_expert,
+            output_size=out.recv_x.shape[0],
+        )
+        return PreparedTokens(
+            out.recv_x,
+            out.recv_x_scales,
+            out.num_recv_tokens_per_expert,
+            global_ids.unsqueeze(1),
+            out.recv_topk_weights.unsqueeze(1),
+            out.handle,
+        )
+
+    def finalize(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        handle: DispatchHandle,
+        *,
+        apply_router_weight_on_input: bool = False,
+    ) -> None:
+        """Weight-and-reduce over top-k, combine, and write ``output``.
+
+        Args:
+            output: [T, H] bf16, written in place.
+            fused_expert_output: [rows, k, H] or [rows·k, H] per (row, lane)
+                outputs, k = ``topk_ids.shape[1]`` (K in decode, 1 in prefill).
+            topk_weights, topk_ids: as :meth:`prepare` returned them.
+            handle: from :meth:`prepare`.
+        """
+        reduced = weight_and_reduce(fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input)
+        if reduced.dtype != torch.bfloat16:
+            raise ValueError(
+                "finalize: DeepEP combine needs bfloat16 expert outputs, "
+                f"got fused_expert_output of dtype {fused_expert_output.dtype}"
+            )
+        output.copy_(combine(reduced, handle, self.buffer))
+
+
+def weight_and_reduce(
+    fused_expert_output: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """Σ_k w[r, k] · out[r, k] over lanes routed here (fp32 accumulate, input dtype out).
+
+    Lanes with id −1 contribute exactly 0, whatever their (unspecified) weight or
+    expert output holds, so stale padding rows cannot leak NaN into real rows.
+    """
+    rows, k = topk_ids.shape
+    out = fused_expert_output.view(rows, k, -1)
+    routed = (topk_ids >= 0).unsqueeze(-1)
+    terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)
+    return torch.where(routed, terms, 0.0).sum(dim=1).to(fused_expert_output.dtype)

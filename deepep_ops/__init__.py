@@ -9,12 +9,15 @@ import fake_impls as _fake_impls  # noqa: F401  (registers the fake kernels)
 
 from deepep_ops.api import combine, dispatch, dispatch_exact
 from deepep_ops.bucket import pow2_bucket
+from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
+from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PreparedTokens
 from deepep_ops.protocol import ElasticBufferBackend
 from deepep_ops.reference import ReferenceElasticBuffer
 
 __all__ = [
+    "DeepEPPrepareFinalize",
     "DispatchHandle",
     "DispatchResult",
     "EPBuffer",
@@ -26,4 +29,6 @@ __all__ = [
     "dispatch",
     "dispatch_exact",
     "pow2_bucket",
+    "PreparedTokens",
+    "token_bucket",
 ]

@@ -81,7 +81,8 @@ class _NoEvent:
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """View a 2-D tensor's rows as raw bytes: [n, c] dtype -> [n, c * itemsize] uint8."""
     t = t.contiguous()
-    return t.view(torch.uint8).reshape(t.shape[0], -1)
+    # Explicit width, not -1: a rank may hold 0 rows (T = 0, or N = 0 received).
+    return t.view(torch.uint8).reshape(t.shape[0], t.shape[1] * t.element_size())
 
 
 def _from_bytes(b: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:
@@ -440,7 +441,7 @@ class ReferenceElasticBuffer:
             else:
                 contrib = gathered.to(torch.bfloat16)  # every lane's row, reduced at the source
 
-        parts = [_as_bytes(contrib.reshape(n_rows, -1))]
+        parts = [_as_bytes(contrib.reshape(n_rows, contrib.shape[1] * H))]
         if topk_weights is not None:
             if handle.do_expand:
                 w = torch.where(local_lane, topk_weights[slots.clamp(min=0)], 0.0)

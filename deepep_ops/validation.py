@@ -31,6 +31,8 @@ from deepep_ops.layout import (
 )
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
+#: DeepEP's kNumTMAAlignBytes (ptx.cuh:16): token rows are copied in 32-byte units.
+_TMA_ALIGN_BYTES = 32
 
 
 def _fail(op: str, arg: str, expected: str, got: object, exc: type = ValueError) -> None:
@@ -93,7 +95,9 @@ def check_dispatch(
     device = x.device
     _check_tensor(op, "x", x, 2, tuple(DISPATCH_HIDDEN_BYTES_ALIGNMENT), device)
     T, H = x.shape
-    row_alignment = DISPATCH_HIDDEN_BYTES_ALIGNMENT[x.dtype] // x.element_size()
+    # Spec §1: rows need H*elem_size % 16 (buffer.hpp:754) *and* % 32 for the token layout's
+    # TMA copies (layout.cuh:198, kNumTMAAlignBytes = 32), whatever the dtype: bf16 H % 16, fp8 H % 32.
+    row_alignment = max(DISPATCH_HIDDEN_BYTES_ALIGNMENT[x.dtype], _TMA_ALIGN_BYTES) // x.element_size()
     if H % row_alignment:
         _fail(op, "x.shape[1] (hidden)", f"a multiple of {row_alignment} for {x.dtype}", H)
     if x.dtype == torch.float8_e4m3fn and x_scales is None:

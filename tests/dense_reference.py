@@ -1,0 +1,234 @@
+"""An independent, single-process dense MoE reference (no deepep_ops imports).
+
+Every rank calls these functions with the same seed and gets the SAME global
+inputs (all ranks' x, scales, routing and weights), so each rank computes the
+expected result for its own tokens, and the expected received rows, without
+communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_BLOCK = 128
+
+
+def align_up(v: int, a: int) -> int:
+    return (v + a - 1) // a * a
+
+
+@dataclass
+class RankInputs:
+    x: torch.Tensor  # [T, H] bf16 or fp8
+    x_scales: Optional[torch.Tensor]  # [T, P] f32 (fp8 only)
+    topk_idx: torch.Tensor  # [T, K] int64, -1 = empty
+    topk_weights: torch.Tensor  # [T, K] f32
+
+    def x_float(self) -> torch.Tensor:
+        """x as fp32 (dequantised for fp8)."""
+        return dequant(self.x, self.x_scales)
+
+
+def dequant(x: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    if scales is None:
+        return x.float()
+    H = x.shape[1]
+    return x.float() * scales.repeat_interleave(SCALE_BLOCK, dim=1)[:, :H]
+
+
+def quant_fp8(xf: torch.Tensor):
+    """Per-token, per-128-channel-block fp8 quantisation: (x fp8 [T,H], scales f32 [T, ceil(H/128)])."""
+    T, H = xf.shape
+    P = math.ceil(H / SCALE_BLOCK)
+    pad = torch.zeros(T, P * SCALE_BLOCK - H)
+    blocks = torch.cat([xf, pad], dim=1).reshape(T, P, SCALE_BLOCK)
+    scales = (blocks.abs().amax(dim=2) / FP8_MAX).clamp(min=1e-4)
+    q = (xf / scales.repeat_interleave(SCALE_BLOCK, dim=1)[:, :H]).to(FP8)
+    return q.contiguous(), scales.float().contiguous()
+
+
+def make_routing(g: torch.Generator, T: int, K: int, E: int, *, neg_frac: float = 0.0,
+                 experts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """[T, K] int64: K distinct experts per row (from ``experts`` or range(E)), some slots -1."""
+    pool = torch.arange(E) if experts is None else torch.tensor(list(experts), dtype=torch.int64)
+    assert K <= pool.numel()
+    order = torch.rand(T, pool.numel(), generator=g).argsort(dim=1)[:, :K]
+    idx = pool[order].to(torch.int64)
+    if neg_frac > 0:
+        drop = torch.rand(T, K, generator=g) < neg_frac
+        idx = torch.where(drop, torch.full_like(idx, -1), idx)
+    return idx.contiguous()
+
+
+def make_global_inputs(seed: int, Ts: Sequence[int], H: int, K: int, E: int, *, fp8: bool = False,
+                       neg_frac: float = 0.0, experts: Optional[Sequence[int]] = None,
+                       empty_rows: int = 0, small_ints: bool = False) -> List[RankInputs]:
+    """Inputs of every rank, from one seed. ``empty_rows``: that many leading rows of each
+    rank route nowhere (all -1). ``small_ints``: x holds small dyadic values (exact arithmetic)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for T in Ts:
+        if small_ints:
+            xf = torch.randint(-8, 9, (T, H), generator=g).float() / 4
+        else:
+            xf = torch.randn(T, H, generator=g)
+        idx = make_routing(g, T, K, E, neg_frac=neg_frac, experts=experts)
+        if empty_rows:
+            idx[: min(empty_rows, T)] = -1
+        w = torch.rand(T, K, generator=g).float()
+        if fp8:
+            q, s = quant_fp8(xf)
+            out.append(RankInputs(q, s, idx, w.contiguous()))
+        else:
+            out.append(RankInputs(xf.bfloat16().contiguous(), None, idx, w.contiguous()))
+    return out
+
+
+# ----------------------------------------------------------------------------- experts
+class Experts:
+    """Deterministic per-global-expert functions known to every rank.
+
+    ``kind='matrix'``: expert e is x @ W_e (W_e [H, H] ~ N(0, 1/H)).
+    ``kind='diag'``: expert e is x * s_e (elementwise; bitwise reproducible, so
+    spec §4's rounding can be emulated exactly).
+    ``kind='identity'``: expert e is x.
+    """
+
+    def __init__(self, seed: int, E: int, H: int, kind: str):
+        self.kind = kind
+        g = torch.Generator().manual_seed(seed + 7919)
+        if kind == "matrix":
+            self.W = torch.randn(E, H, H, generator=g) / math.sqrt(H)
+        elif kind == "diag":
+            self.s = torch.rand(E, H, generator=g) * 1.5 + 0.25
+        elif kind != "identity":
+            raise ValueError(kind)
+
+    def __call__(self, e: int, xf: torch.Tensor) -> torch.Tensor:
+        """fp32 [n, H] -> fp32 [n, H] for global expert e."""
+        if self.kind == "matrix":
+            return xf @ self.W[e]
+        if self.kind == "diag":
+            return xf * self.s[e]
+        return xf.clone()
+
+
+# ----------------------------------------------------------------------------- routing facts
+def rank_of(idx: torch.Tensor, EL: int) -> torch.Tensor:
+    return torch.where(idx >= 0, idx // EL, torch.full_like(idx, -1))
+
+
+def last_lane_of_rank(idx_row: Sequence[int], EL: int) -> dict:
+    """{rank: highest lane k whose expert lives on rank} for one routing row."""
+    out = {}
+    for k, e in enumerate(idx_row):
+        if e >= 0:
+            out[e // EL] = k
+    return out
+
+
+def expected_received(inputs: List[RankInputs], me: int, EL: int, M: int):
+    """Tokens rank ``me`` receives in decode mode, grouped by source rank then ascending token.
+
+    Returns a list of (src_rank, t, global_id = src*M + t) and the per-source counts.
+    """
+    rows, counts = [], []
+    for src, inp in enumerate(inputs):
+        c = 0
+        for t, row in enumerate(inp.topk_idx.tolist()):
+            if any(e >= 0 and e // EL == me for e in row):
+                rows.append((src, t, src * M + t))
+                c += 1
+        counts.append(c)
+    return rows, counts
+
+
+def local_expert_counts(inputs: List[RankInputs], me: int, EL: int) -> List[int]:
+    """c_e: (token, lane) pairs routed to each local expert of rank ``me``."""
+    c = [0] * EL
+    for inp in inputs:
+        for row in inp.topk_idx.tolist():
+            for e in row:
+                if e >= 0 and e // EL == me:
+                    c[e - me * EL] += 1
+    return c
+
+
+# ----------------------------------------------------------------------------- dense MoE
+def dense_moe(inp: RankInputs, experts: Experts, weighted: bool = True) -> torch.Tensor:
+    """y[t] = Σ_k w[t,k]·expert_{idx[t,k]}(x[t]) in float64 (the ideal answer), [T, H]."""
+    xf = inp.x_float().double()
+    T, H = xf.shape
+    y = torch.zeros(T, H, dtype=torch.float64)
+    for t, row in enumerate(inp.topk_idx.tolist()):
+        for k, e in enumerate(row):
+            if e < 0:
+                continue
+            w = float(inp.topk_weights[t, k]) if weighted else 1.0
+            if experts.kind == "matrix":
+                out = xf[t : t + 1] @ experts.W[e].double()
+            elif experts.kind == "diag":
+                out = xf[t : t + 1] * experts.s[e].double()
+            else:
+                out = xf[t : t + 1]
+            y[t] += w * out[0]
+    return y
+
+
+def spec_decode_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = True) -> torch.Tensor:
+    """Bit-exact expected decode result (spec §4, non-expand) for elementwise experts.
+
+    Each destination rank r sends back one row: bf16(Σ_{lanes k on r, ascending}
+    w[t,k]·expert(x[t])) accumulated in fp32 from zero (this is what the test's
+    receiving side computes); combine then sums those rows in fp32 over ranks
+    ordered by each rank's last lane, and rounds once to bf16.
+    """
+    xf = inp.x_float()
+    T, H = xf.shape
+    out = torch.zeros(T, H, dtype=torch.bfloat16)
+    for t, row in enumerate(inp.topk_idx.tolist()):
+        partial = {}
+        for k, e in enumerate(row):
+            if e < 0:
+                continue
+            r = e // EL
+            w = inp.topk_weights[t, k] if weighted else torch.tensor(1.0)
+            acc = partial.get(r, torch.zeros(H))
+            partial[r] = acc + w * experts(e, xf[t : t + 1])[0]
+        acc = torch.zeros(H)
+        for r, _k in sorted(last_lane_of_rank(row, EL).items(), key=lambda kv: kv[1]):
+            acc = acc + partial[r].bfloat16().float()
+        out[t] = acc.bfloat16()
+    return out
+
+
+def spec_prefill_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = True) -> torch.Tensor:
+    """Bit-exact expected prefill result (spec §4, expand, allow_multiple_reduction=True).
+
+    Each (token, lane) row is bf16(expert(x)·w) (what the test computes per
+    expanded row); rank r reduces its lanes in ascending lane order in fp32 and
+    rounds once to bf16; combine sums the ranks in fp32 ordered by last lane.
+    """
+    xf = inp.x_float()
+    T, H = xf.shape
+    out = torch.zeros(T, H, dtype=torch.bfloat16)
+    for t, row in enumerate(inp.topk_idx.tolist()):
+        partial = {}
+        for k, e in enumerate(row):
+            if e < 0:
+                continue
+            r = e // EL
+            w = inp.topk_weights[t, k] if weighted else torch.tensor(1.0)
+            y = (experts(e, xf[t : t + 1])[0] * w).bfloat16().float()
+            partial[r] = partial.get(r, torch.zeros(H)) + y
+        acc = torch.zeros(H)
+        for r, _k in sorted(last_lane_of_rank(row, EL).items(), key=lambda kv: kv[1]):
+            acc = acc + partial[r].bfloat16().float()
+        out[t] = acc.bfloat16()
+    return out

@@ -1,0 +1,93 @@
+"""torch.library.opcheck on the deepep:: ops (world size 1, group=None).
+
+opcheck runs test_schema, test_autograd_registration, test_faketensor (fake vs
+real metadata: shape, dtype, strides, storage offset) and
+test_aot_dispatch_dynamic. All four apply to every op; the only restriction is
+test_schema for float8 inputs (see ``_utils_for``), a torch CPU limitation.
+"""
+
+import pytest
+import torch
+
+import deepep_ops as D
+import dense_reference as ref
+
+H, K, E, CAP = 256, 2, 4, 16
+ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _buffer():
+    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+
+
+def _inputs(fp8: bool, T: int = 5, seed: int = 0):
+    inp = ref.make_global_inputs(seed, [T], H, K, E, fp8=fp8, neg_frac=0.2)[0]
+    return inp.x, inp.x_scales, inp.topk_idx, inp.topk_weights
+
+
+def _check(op, args, test_utils=ALL_UTILS):
+    result = torch.library.opcheck(op, args, test_utils=test_utils)
+    assert result == {u: "SUCCESS" for u in test_utils}, result
+
+
+def _utils_for(fp8: bool):
+    if fp8:
+        # test_schema's SchemaCheckMode compares inputs before/after with torch.allclose, which has no
+        # CPU kernel for float8_e4m3fn ("mul_cpu_reduced_float" not implemented); the schema (and
+        # no-mutation of inputs) is the same for bf16 and is checked by the bf16 cases.
+        return tuple(u for u in ALL_UTILS if u != "test_schema")
+    return ALL_UTILS
+
+
+CASES = [  # (fp8, T, M, A)
+    (False, 5, 8, 1),
+    (False, 5, 16, 2),
+    (True, 3, 4, 4),
+    (False, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("fp8,T,M,A", CASES)
+def test_opcheck_dispatch(fp8, T, M, A):
+    x, sf, idx, w = _inputs(fp8, T)
+    _check(torch.ops.deepep.dispatch.default, (x, sf, idx, w, _buffer(), E, M, A), _utils_for(fp8))
+
+
+@pytest.mark.parametrize("fp8,T,M,A", CASES)
+def test_opcheck_dispatch_exact(fp8, T, M, A):
+    x, sf, idx, w = _inputs(fp8, T)
+    _check(torch.ops.deepep.dispatch_exact.default, (x, sf, idx, w, _buffer(), E, CAP, A), _utils_for(fp8))
+
+
+def _combine_args(handle, rows, buf):
+    return (
+        rows,
+        handle.topk_idx,
+        handle.psum_num_recv_tokens_per_scaleup_rank,
+        handle.psum_num_recv_tokens_per_expert,
+        handle.num_unaligned_recv_tokens_per_expert,
+        handle.recv_src_metadata,
+        handle.dst_buffer_slot_idx,
+        buf,
+        handle.num_experts,
+        handle.num_max_tokens_per_rank,
+        handle.expert_alignment,
+        handle.do_expand,
+        handle.num_expanded_tokens,
+    )
+
+
+@pytest.mark.parametrize("T,M,A", [(5, 8, 1), (3, 4, 2), (0, 1, 1)])
+def test_opcheck_combine_decode(T, M, A):
+    buf = _buffer()
+    x, _sf, idx, w = _inputs(False, T, seed=1)
+    r = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=M, expert_alignment=A)
+    _check(torch.ops.deepep.combine.default, _combine_args(r.handle, r.recv_x, buf))
+
+
+@pytest.mark.parametrize("T,A", [(5, 1), (6, 4), (0, 1)])
+def test_opcheck_combine_exact(T, A):
+    buf = _buffer()
+    x, _sf, idx, w = _inputs(False, T, seed=2)
+    r = D.dispatch_exact(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=CAP, expert_alignment=A)
+    _check(torch.ops.deepep.combine.default, _combine_args(r.handle, r.recv_x, buf))

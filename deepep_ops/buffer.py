@@ -38,6 +38,12 @@ class EPBuffer(OpaqueBase):
         self.handle_class = handle_class_for(backend)
         self.topk_idx_dtype = topk_idx_dtype_for(backend)
 
+    def __obj_flatten__(self) -> tuple:
+        # Nothing for Inductor to count: torch 2.11's Inductor sizes graph-input
+        # objects through this (ir.TorchBindObject.get_buf_bytes) even for opaque
+        # types; 2.13 skips opaque types. No tensors here belong to the graph.
+        return ()
+
     def __repr__(self) -> str:
         return (
             f"EPBuffer({type(self.backend).__name__}, rank={self.rank}/{self.num_ranks}, "

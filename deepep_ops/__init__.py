@@ -7,7 +7,7 @@ combine}`` and their fake kernels. ``deep_ep`` is optional and imported lazily.
 from deepep_ops import ops as _ops  # noqa: F401  (registers the ops)
 import fake_impls as _fake_impls  # noqa: F401  (registers the fake kernels)
 
-from deepep_ops.api import combine, dispatch, dispatch_exact
+from deepep_ops.api import combine, combine_into, dispatch, dispatch_exact
 from deepep_ops.bucket import pow2_bucket
 from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
@@ -26,6 +26,7 @@ __all__ = [
     "ReferenceElasticBuffer",
     "as_ep_buffer",
     "combine",
+    "combine_into",
     "dispatch",
     "dispatch_exact",
     "pow2_bucket",

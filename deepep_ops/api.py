@@ -96,20 +96,8 @@ def dispatch_exact(
     )
 
 
-def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.Tensor:
-    """Send expert outputs back and reduce them per token (spec §4, unweighted).
-
-    Args:
-        x: bf16 expert outputs with the rows of ``recv_x``: [R·M, H] after
-            :func:`dispatch` (each row already weighted and reduced over this
-            rank's experts), [X, H] after :func:`dispatch_exact` (one row per
-            (token, expert); rows of one token are summed here).
-        handle: the dispatch's handle.
-
-    Returns:
-        [T, H] bf16.
-    """
-    return torch.ops.deepep.combine(
+def _combine_args(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> tuple:
+    return (
         x,
         handle.topk_idx,
         handle.psum_num_recv_tokens_per_scaleup_rank,
@@ -124,3 +112,24 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
         handle.do_expand,
         handle.num_expanded_tokens,
     )
+
+
+def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.Tensor:
+    """Send expert outputs back and reduce them per token (spec §4, unweighted).
+
+    Args:
+        x: bf16 expert outputs with the rows of ``recv_x``: [R·M, H] after
+            :func:`dispatch` (each row already weighted and reduced over this
+            rank's experts), [X, H] after :func:`dispatch_exact` (one row per
+            (token, expert); rows of one token are summed here).
+        handle: the dispatch's handle.
+
+    Returns:
+        [T, H] bf16.
+    """
+    return torch.ops.deepep.combine(*_combine_args(x, handle, buffer))
+
+
+def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
+    """:func:`combine` writing its [T, H] bf16 result into ``out``."""
+    torch.ops.deepep.combine_into(out, *_combine_args(x, handle, buffer))

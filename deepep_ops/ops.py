@@ -23,6 +23,7 @@ lib.define(schemas.DISPATCH)
 # Host sync + data-dependent sizes: CUDA-graph capture must leave it out.
 lib.define(schemas.DISPATCH_EXACT, tags=(torch.Tag.cudagraph_unsafe,))
 lib.define(schemas.COMBINE)
+lib.define(schemas.COMBINE_INTO)
 lib.define(schemas.TOKEN_BUCKET)
 
 
@@ -111,7 +112,11 @@ def run_combine(
     num_expanded_tokens: int,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Validate, rebuild the backend's ``EPHandle`` and call ``backend.combine``."""
+    """Validate, rebuild the backend's ``EPHandle`` and call ``backend.combine``.
+
+    With ``out`` the result lands there: written directly by backends that can
+    (``combine_writes_out``), copied once otherwise.
+    """
     buf = unwrap_ep_buffer(buffer)
     check_combine(
         op, x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata, dst_buffer_slot_idx,
@@ -137,7 +142,14 @@ def run_combine(
         None,  # token_metadata_at_forward: hybrid mode only
         None,  # channel_linked_list: hybrid mode only
     )
+    if out is not None and getattr(buf.backend, "combine_writes_out", False):
+        buf.backend.combine(x, handle=handle, out=out)
+        return out
     combined_x, _combined_weights, _event = buf.backend.combine(x, handle=handle)
+    if out is not None:
+        # deep_ep's combine allocates its result; one copy, inside the op.
+        out.copy_(combined_x)
+        return out
     return combined_x
 
 
@@ -148,6 +160,17 @@ def combine_impl(x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_me
         "deepep.combine", x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
         dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
         num_expanded_tokens,
+    )
+
+
+@torch.library.impl(lib, "combine_into", "CompositeExplicitAutograd")
+def combine_into_impl(out, x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
+                      dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment,
+                      do_expand, num_expanded_tokens):
+    run_combine(
+        "deepep.combine_into", x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
+        dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
+        num_expanded_tokens, out=out,
     )
 
 

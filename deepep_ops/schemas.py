@@ -53,3 +53,7 @@ COMBINE = f"combine({_COMBINE_ARGS}) -> Tensor"
 #: tokens.shape[0] (never its data) and
 #: returned as an unbacked SymInt (see deepep_ops.bucket.token_bucket).
 TOKEN_BUCKET = "token_bucket(Tensor tokens, int capacity) -> SymInt"
+
+#: ``combine`` writing into the caller's ``out`` [T, H] bf16: what the vLLM
+#: post-grad pass turns ``copy_(out, combine(...))`` into.
+COMBINE_INTO = f"combine_into(Tensor(a!) out, {_COMBINE_ARGS}) -> ()"

@@ -1,4 +1,5 @@
-"""Fake kernel of ``deepep::combine``: [T, H] bf16, T = the dispatched tokens."""
+"""Fake kernels of ``deepep::combine`` ([T, H] bf16, T = the dispatched tokens) and
+``deepep::combine_into`` (writes ``out`` in place, returns nothing)."""
 
 from __future__ import annotations
 
@@ -9,3 +10,10 @@ import torch
 def combine_fake(x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata, dst_buffer_slot_idx,
                  buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand, num_expanded_tokens):
     return x.new_empty((topk_idx.shape[0], x.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("deepep::combine_into")
+def combine_into_fake(out, x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
+                      dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment,
+                      do_expand, num_expanded_tokens):
+    return None

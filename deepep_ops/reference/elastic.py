@@ -162,6 +162,8 @@ class ReferenceElasticBuffer:
         self.allow_hybrid_mode = allow_hybrid_mode
         self.allow_multiple_reduction = allow_multiple_reduction
         self.explicitly_destroy = explicitly_destroy
+        #: ``combine(..., out=)`` writes the result in place (not in DeepEP's API).
+        self.combine_writes_out = True
         self.num_scaleout_ranks = 1
         self.num_scaleup_ranks = self.num_ranks
 
@@ -397,12 +399,16 @@ class ReferenceElasticBuffer:
         previous_event_before_epilogue=None,
         async_with_compute_stream: bool = False,
         allocate_on_comm_stream: bool = False,
+        out: Optional[torch.Tensor] = None,
     ):
         """DeepEP's ``ElasticBuffer.combine`` (direct mode), reductions as spec §4.
 
         Reads only the handle fields DeepEP's combine reads: ``recv_src_metadata``,
         ``topk_idx``, ``psum_num_recv_tokens_per_scaleup_rank``, ``num_experts``,
         ``num_max_tokens_per_rank`` and ``do_expand``.
+
+        ``out`` (an extension, see ``combine_writes_out``): [T, H] bf16 to write
+        the result into instead of allocating it.
 
         Returns ``(combined_x [T, H] bf16, combined_topk_weights [T, K] f32 or None, event)``.
         """
@@ -468,7 +474,7 @@ class ReferenceElasticBuffer:
             lane_row = 0 if multi_reduction else k
             term = back[rank_of_lane[:, k].clamp(min=0), t_idx, lane_row]
             acc += torch.where(reduce_lane[:, k].unsqueeze(1), term, 0.0)
-        combined_x = acc.to(torch.bfloat16)
+        combined_x = acc.to(torch.bfloat16) if out is None else out.copy_(acc)
 
         combined_topk_weights = None
         if topk_weights is not None:

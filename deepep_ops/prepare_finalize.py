@@ -231,7 +231,7 @@ def weight_and_reduce(
     expert output holds, so stale padding rows cannot leak NaN into real rows.
     """
     rows, k = topk_ids.shape
-    out = fused_expert_output.view(rows, k, -1)
+    out = fused_expert_output.view(rows, k, fused_expert_output.shape[-1])  # not -1: rows may be 0 (prefill)
     routed = (topk_ids >= 0).unsqueeze(-1)
     terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)
     return torch.where(routed, terms, 0.0).sum(dim=1).to(fused_expert_output.dtype)

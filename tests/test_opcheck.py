@@ -59,6 +59,17 @@ def test_opcheck_dispatch_exact(fp8, T, M, A):
     _check(torch.ops.deepep.dispatch_exact.default, (x, sf, idx, w, _buffer(), E, CAP, A), _utils_for(fp8))
 
 
+@pytest.mark.parametrize("op", ["dispatch", "dispatch_exact"])
+def test_opcheck_int32_packed_scales(op):
+    """Scales may be int32 (packed UE8M0x4, spec §1): moved as opaque 4-byte values, dtype kept."""
+    x, sf, idx, w = _inputs(True, 4, seed=3)
+    packed = sf.view(torch.int32)  # any 4-byte payload
+    M = 4 if op == "dispatch" else CAP
+    _check(getattr(torch.ops.deepep, op).default, (x, packed, idx, w, _buffer(), E, M, 1), _utils_for(True))
+    out = getattr(torch.ops.deepep, op)(x, packed, idx, w, _buffer(), E, M, 1)
+    assert out[1].dtype == torch.int32 and out[1].shape[1] == packed.shape[1]
+
+
 def _combine_args(handle, rows, buf):
     return (
         rows,

@@ -21,8 +21,11 @@ MAX_RANKS = 1024
 INT32_MAX = 2**31 - 1
 #: The combine kernels need H % 256 == 0 (static_assert in combine.cuh).
 COMBINE_HIDDEN_ALIGNMENT = 256
-#: Token rows must be a multiple of 16 bytes for dispatch (TMA) and 32 for fp8.
-DISPATCH_HIDDEN_BYTES_ALIGNMENT = {torch.bfloat16: 16, torch.float8_e4m3fn: 32}
+#: Token dtypes dispatch moves: bf16, or fp8 data with separate scales.
+DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+#: Token rows are copied in 32-byte TMA units (kNumTMAAlignBytes, layout.cuh:198;
+#: stricter than buffer.hpp:754's 16): bf16 needs H % 16, fp8 H % 32.
+DISPATCH_ROW_BYTES_ALIGNMENT = 32
 
 
 def align(value: IntLike, alignment: int) -> IntLike:

@@ -20,7 +20,8 @@ import torch
 
 from deepep_ops.layout import (
     COMBINE_HIDDEN_ALIGNMENT,
-    DISPATCH_HIDDEN_BYTES_ALIGNMENT,
+    DISPATCH_DTYPES,
+    DISPATCH_ROW_BYTES_ALIGNMENT,
     INT32_MAX,
     MAX_EXPERTS,
     MAX_LOCAL_EXPERTS,
@@ -31,15 +32,15 @@ from deepep_ops.layout import (
 )
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
-#: DeepEP's kNumTMAAlignBytes (ptx.cuh:16): token rows are copied in 32-byte units.
-_TMA_ALIGN_BYTES = 32
 
 
 def _fail(op: str, arg: str, expected: str, got: object, exc: type = ValueError) -> None:
     raise exc(f"{op}: {arg} must be {expected}, got {got}")
 
 
-def _check_tensor(op: str, name: str, t: torch.Tensor, ndim: int, dtypes: tuple, device: torch.device) -> None:
+def _check_tensor(
+    op: str, name: str, t: torch.Tensor, ndim: int, dtypes: tuple, device: torch.device, contiguous: bool = True
+) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(op, name, "a torch.Tensor", type(t).__name__, TypeError)
     if t.dim() != ndim:
@@ -48,7 +49,7 @@ def _check_tensor(op: str, name: str, t: torch.Tensor, ndim: int, dtypes: tuple,
         _fail(op, name, " or ".join(str(d) for d in dtypes), t.dtype, TypeError)
     if t.device != device:
         _fail(op, name, f"on {device} (the device of x)", t.device)
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         _fail(op, name, "contiguous", f"strides {t.stride()} for shape {tuple(t.shape)}")
 
 
@@ -93,11 +94,9 @@ def check_dispatch(
     if not isinstance(x, torch.Tensor):
         _fail(op, "x", "a torch.Tensor", type(x).__name__, TypeError)
     device = x.device
-    _check_tensor(op, "x", x, 2, tuple(DISPATCH_HIDDEN_BYTES_ALIGNMENT), device)
+    _check_tensor(op, "x", x, 2, DISPATCH_DTYPES, device)
     T, H = x.shape
-    # Spec §1: rows need H*elem_size % 16 (buffer.hpp:754) *and* % 32 for the token layout's
-    # TMA copies (layout.cuh:198, kNumTMAAlignBytes = 32), whatever the dtype: bf16 H % 16, fp8 H % 32.
-    row_alignment = max(DISPATCH_HIDDEN_BYTES_ALIGNMENT[x.dtype], _TMA_ALIGN_BYTES) // x.element_size()
+    row_alignment = DISPATCH_ROW_BYTES_ALIGNMENT // x.element_size()
     if H % row_alignment:
         _fail(op, "x.shape[1] (hidden)", f"a multiple of {row_alignment} for {x.dtype}", H)
     if x.dtype == torch.float8_e4m3fn and x_scales is None:
@@ -105,7 +104,8 @@ def check_dispatch(
     if x.dtype == torch.bfloat16 and x_scales is not None:
         _fail(op, "x_scales", "None when x is bfloat16", f"a {x_scales.dtype} tensor")
     if x_scales is not None:
-        _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device)
+        # DeepEP reads scales through their strides (spec §1): any layout will do.
+        _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
         if x_scales.shape[0] != T:
             _fail(op, "x_scales.shape[0]", f"x.shape[0]={T}", x_scales.shape[0])
 

@@ -1,0 +1,31 @@
+"""vLLM integration of deepep-ops (needs ``vllm``; ``import deepep_ops`` does not).
+
+- :class:`DeepEPV2PrepareAndFinalize`: drop-in for vLLM 0.32's DeepEP v2
+  prepare/finalize, routed through ``torch.ops.deepep``.
+- :mod:`deepep_ops.vllm.passes`: ``CombineIntoPass``, a post-grad pass that
+  rewrites ``out.copy_(deepep.combine(...))`` into ``deepep.combine_into(out, ...)``.
+- :func:`splitting_ops`: adds ``deepep::dispatch_exact`` to a ``CompilationConfig``'s
+  splitting ops (or Inductor's partition ops).
+- :mod:`deepep_ops.vllm.plugin`: the ``vllm.general_plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+import deepep_ops  # noqa: F401  (registers the ops)
+
+from deepep_ops.vllm.prepare_finalize import (
+    DeepEPV2PrepareAndFinalize,
+    dp_bucket,
+    dp_num_tokens,
+    install_forward_context_bucket,
+)
+from deepep_ops.vllm.splitting import NON_CAPTURABLE_OPS, splitting_ops
+
+__all__ = [
+    "DeepEPV2PrepareAndFinalize",
+    "NON_CAPTURABLE_OPS",
+    "dp_bucket",
+    "dp_num_tokens",
+    "install_forward_context_bucket",
+    "splitting_ops",
+]

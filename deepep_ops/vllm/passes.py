@@ -1,0 +1,122 @@
+"""A vLLM post-grad pass: ``out.copy_(deepep.combine(...))`` → ``deepep.combine_into(out, ...)``.
+
+Finalize writes the combined tokens into the caller's output buffer. When that
+buffer is a graph input (a persistent output buffer, a slice of one, an ``out=``
+argument), the post-grad graph Inductor hands to
+``post_grad_custom_post_pass`` ends with::
+
+    combine = torch.ops.deepep.combine.default(x, topk_idx, ..., num_expanded_tokens)
+    copy_ = torch.ops.aten.copy_.default(out, combine)
+
+i.e. combine allocates a [T, H] result that is then copied. This pass rewrites
+each such pair into the out-variant::
+
+    combine_into = torch.ops.deepep.combine_into.default(out, x, topk_idx, ...)
+
+which combines straight into ``out`` (DeepEP backends that can write ``out``
+skip the intermediate buffer; the others copy once inside the op). When the
+output buffer is allocated inside the graph (``torch.empty_like`` in vLLM's
+modular kernel), Inductor has already folded the copy away before this pass
+runs and there is nothing to rewrite. (The functional ``aten.copy.default``
+form of the copy does not reach post-grad custom passes on torch 2.13: it is
+turned into ``copy_`` on inputs or removed for fresh buffers.)
+
+Enable it in vLLM::
+
+    from vllm.config import CompilationConfig
+    from deepep_ops.vllm.passes import CombineIntoPass
+    CompilationConfig(inductor_passes={"post_grad_custom_post_pass": CombineIntoPass()})
+
+or, from a JSON/CLI compilation config once the plugin is loaded,
+``{"inductor_passes": {"post_grad_custom_post_pass": "deepep_ops.vllm_combine_into_pass"}}``.
+vLLM's ``PostGradPassManager`` then runs it after its built-in passes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx
+
+from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+
+import deepep_ops  # noqa: F401  (registers the ops)
+
+COMBINE = torch.ops.deepep.combine.default
+COMBINE_INTO = torch.ops.deepep.combine_into.default
+COPY_ = torch.ops.aten.copy_.default
+
+
+def _val(node) -> Optional[torch.Tensor]:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _rewritable(copy_node: fx.Node) -> bool:
+    if copy_node.op != "call_function" or copy_node.target is not COPY_:
+        return False
+    dst, src = copy_node.args[0], copy_node.args[1]
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is COMBINE):
+        return False
+    if len(src.users) != 1 or copy_node.kwargs.get("non_blocking", False):
+        return False
+    dst_val, src_val = _val(dst), _val(src)
+    if dst_val is None or src_val is None:
+        return False
+    # Only a plain same-shape, same-dtype copy (no broadcast, no cast) is combine_into.
+    return dst_val.dtype == src_val.dtype == torch.bfloat16 and dst_val.shape == src_val.shape
+
+
+def rewrite_combine_copies(graph: fx.Graph) -> int:
+    """Rewrite every ``copy_(out, combine(...))`` of ``graph`` in place; returns how many."""
+    count = 0
+    for copy_node in list(graph.nodes):
+        if not _rewritable(copy_node):
+            continue
+        dst, combine_node = copy_node.args[0], copy_node.args[1]
+        with graph.inserting_before(copy_node):
+            new = graph.call_function(COMBINE_INTO, (dst, *combine_node.args), dict(combine_node.kwargs))
+        new.meta.update({k: v for k, v in copy_node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        new.meta["val"] = None
+        # copy_ returns its destination: later users read ``out`` itself.
+        copy_node.replace_all_uses_with(dst)
+        graph.erase_node(copy_node)
+        graph.erase_node(combine_node)
+        count += 1
+    if count:
+        graph.lint()
+    return count
+
+
+class CombineIntoPass(VllmInductorPass):
+    """vLLM post-grad pass around :func:`rewrite_combine_copies`.
+
+    Args:
+        config: the ``VllmConfig`` (as every ``VllmInductorPass`` takes); optional,
+            since the rewrite reads nothing from it, so the pass can be built
+            before a ``VllmConfig`` exists (e.g. inside ``CompilationConfig``).
+    """
+
+    def __init__(self, config=None) -> None:
+        if config is not None:
+            super().__init__(config)
+        else:
+            self.compilation_config = None
+            self.pass_config = None
+            self.model_dtype = None
+            self.device = None
+            self.pass_name = type(self).__name__
+        self.matched_count = 0
+
+    @VllmInductorPass.time_and_log
+    def __call__(self, graph: fx.Graph) -> None:
+        self.matched_count = rewrite_combine_copies(graph)
+
+    def uuid(self) -> str:
+        # The rewrite lives in module functions: hash them with the class.
+        return self.hash_source(self, rewrite_combine_copies, _rewritable)
+
+
+def combine_into_pass(graph: fx.Graph) -> None:
+    """Plain-callable form (vLLM wraps it in ``CallableInductorPass``)."""
+    rewrite_combine_copies(graph)

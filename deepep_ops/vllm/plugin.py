@@ -1,0 +1,35 @@
+"""The ``vllm.general_plugins`` entry point of deepep-ops.
+
+vLLM calls :func:`register` in every process it starts (``load_general_plugins``),
+before it builds models or compiles. It registers the ``deepep::`` ops and
+their fake kernels, and makes the combine-into pass reachable by name from a
+JSON/CLI compilation config::
+
+    {"inductor_passes": {"post_grad_custom_post_pass": "deepep_ops.vllm_combine_into_pass"}}
+
+(vLLM resolves those names as ``__import__(module).__dict__[name]``, i.e. as an
+attribute of the top-level package, hence the attribute on ``deepep_ops``.)
+Idempotent: calling it again changes nothing.
+"""
+
+from __future__ import annotations
+
+#: name -> pass factory; what ``register`` made available.
+PASSES: dict = {}
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    import deepep_ops  # registers torch.ops.deepep.* and the fake kernels
+    from deepep_ops.vllm.passes import CombineIntoPass, combine_into_pass
+
+    PASSES.setdefault("deepep_combine_into", CombineIntoPass)
+    if getattr(deepep_ops, "vllm_combine_into_pass", None) is not combine_into_pass:
+        deepep_ops.vllm_combine_into_pass = combine_into_pass
+    _registered = True
+
+
+def is_registered() -> bool:
+    return _registered

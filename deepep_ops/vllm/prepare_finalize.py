@@ -1,0 +1,379 @@
+"""vLLM's ``DeepEPV2PrepareAndFinalize`` over the ``deepep::`` ops.
+
+A drop-in for ``vllm.model_executor.layers.fused_moe.prepare_finalize.deepep_v2
+.DeepEPV2PrepareAndFinalize`` (vLLM 0.32): same constructor, same
+``FusedMoEPrepareAndFinalizeModular`` methods, same results. The work is done by
+:class:`deepep_ops.DeepEPPrepareFinalize`, so everything between the modular
+kernel's ``prepare`` and ``finalize`` is plain torch plus ``deepep::`` custom ops
+that ``torch.compile(fullgraph=True)`` traces: no Triton kernel, no
+``_moe_C.moe_sum``, and the decode bucket comes from the in-graph
+``deepep::token_bucket`` op rather than from Python ints that vLLM's dropped
+Dynamo guards would freeze.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+
+import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+    TopKWeightAndReduceContiguous,
+    TopKWeightAndReduceDelegate,
+    TopKWeightAndReduceNoOP,
+)
+from vllm.v1.worker.ubatching import dbo_current_ubatch_id, dbo_enabled
+
+from deepep_ops.api import combine
+from deepep_ops.bucket import pow2_bucket, set_dp_num_tokens_provider
+from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.handle import DispatchHandle
+from deepep_ops.prepare_finalize import FP8_BLOCK, DeepEPPrepareFinalize, PreparedTokens
+
+#: DeepEP moves hidden rows in 512-byte atoms (32 lanes × 16 bytes).
+_XFER_ATOM_BYTES = 512
+
+
+def dp_num_tokens(local_num_tokens: int, sp_size: int = 1) -> int:
+    """Tokens to bucket for this step, read from vLLM's forward context.
+
+    ``cdiv(max(dp_metadata.num_tokens_across_dp_cpu), sp_size)`` with a DP group
+    (the same on every rank, as DeepEP requires); the local token count when
+    there is no forward context or no DP metadata.
+    """
+    if not is_forward_context_available():
+        return local_num_tokens
+    dp_metadata = get_forward_context().dp_metadata
+    if dp_metadata is None:
+        return local_num_tokens
+    n = int(dp_metadata.num_tokens_across_dp_cpu.max())
+    return -(-n // sp_size)
+
+
+def dp_bucket(local_num_tokens: int, capacity: int, sp_size: int = 1) -> int:
+    """``pow2_bucket(dp_num_tokens(...), capacity)``; ValueError past ``capacity``."""
+    return pow2_bucket(dp_num_tokens(local_num_tokens, sp_size), capacity)
+
+
+def install_forward_context_bucket(sp_size: int = 1) -> None:
+    """Make ``deepep::token_bucket`` bucket the DP-global count from vLLM's forward context.
+
+    The provider is process-global (every MoE layer of a model shares ``sp_size``).
+    """
+    set_dp_num_tokens_provider(_ForwardContextTokens(sp_size))
+
+
+class _ForwardContextTokens:
+    """``deepep_ops.bucket`` provider: ``dp_num_tokens`` with a fixed ``sp_size``."""
+
+    def __init__(self, sp_size: int) -> None:
+        self.sp_size = sp_size
+
+    def __call__(self, local_num_tokens: int) -> int:
+        return dp_num_tokens(local_num_tokens, self.sp_size)
+
+    def __repr__(self) -> str:
+        return f"vLLM forward-context token count (sp_size={self.sp_size})"
+
+
+def _ubatch_id() -> int:
+    # Reading the thread id only under DBO keeps the common path traceable.
+    return dbo_current_ubatch_id() if dbo_enabled() else 0
+
+
+def _quantize_before_dispatch(quant_config: FusedMoEQuantConfig, defer_input_quant: bool) -> bool:
+    """vLLM's rule: block-fp8 and mxfp8 are quantized before dispatch."""
+    if defer_input_quant:
+        return False
+    return quant_config.is_block_quantized or quant_config.quant_dtype == "mxfp8"
+
+
+def _check_block_fp8(quant_config: FusedMoEQuantConfig) -> None:
+    if quant_config.quant_dtype == "mxfp8":
+        raise NotImplementedError(
+            "deepep_ops DeepEPV2PrepareAndFinalize: mxfp8 dispatch is not implemented "
+            "(only block fp8, float8_e4m3fn with 1x128 activation groups)"
+        )
+    if quant_config.quant_dtype != torch.float8_e4m3fn or quant_config.block_shape[1] != FP8_BLOCK:
+        raise NotImplementedError(
+            "deepep_ops DeepEPV2PrepareAndFinalize: block-quantized dispatch supports "
+            f"float8_e4m3fn with block_shape [*, {FP8_BLOCK}] only, got quant_dtype="
+            f"{quant_config.quant_dtype}, block_shape={quant_config.block_shape}"
+        )
+
+
+class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+    """Prepare/finalize for DeepEP v2 through ``torch.ops.deepep``.
+
+    Args (as vLLM 0.32's class):
+        buffer: an :class:`deepep_ops.EPBuffer`, or a backend to wrap
+            (``deep_ep.ElasticBuffer``, :class:`deepep_ops.ReferenceElasticBuffer`).
+        num_dispatchers: EP group size, reported by :meth:`num_dispatchers`.
+        dp_size: data-parallel size (informational, as in vLLM).
+        rank_expert_offset: global id of this rank's first expert; must equal
+            ``buffer.rank * num_experts / buffer.num_ranks`` (DeepEP's layout).
+        num_experts: E, global.
+        num_topk: K.
+        use_fp8_dispatch: kept for signature compatibility; as in vLLM the
+            dispatch dtype follows the ``quant_config`` of each call.
+        use_cudagraph: True: decode mode (no expand, no CPU sync, R·M rows,
+            capturable); False: prefill mode (expand + CPU sync, exact rows).
+        sp_size: sequence-parallel size; each EP rank holds ``cdiv(n, sp_size)``
+            of its DP rank's tokens.
+        install_bucket_provider: install :func:`install_forward_context_bucket`
+            (default), so compiled graphs bucket the DP-global token count.
+        device: where tokens live (default: vLLM's current platform device type).
+    """
+
+    def __init__(
+        self,
+        buffer: Union[EPBuffer, object],
+        num_dispatchers: int,
+        dp_size: int,
+        rank_expert_offset: int,
+        num_experts: int,
+        num_topk: int,
+        use_fp8_dispatch: bool = False,
+        use_cudagraph: bool = False,
+        sp_size: int = 1,
+        *,
+        install_bucket_provider: bool = True,
+        device: Optional[Union[torch.device, str]] = None,
+    ) -> None:
+        super().__init__()
+        self.buffer = as_ep_buffer(buffer)
+        self.num_dispatchers_ = num_dispatchers
+        self.dp_size = dp_size
+        self.num_experts = num_experts
+        self.num_topk = num_topk
+        self.use_fp8_dispatch = use_fp8_dispatch
+        self.use_cudagraph = use_cudagraph
+        self.sp_size = sp_size
+        if num_experts % self.buffer.num_ranks != 0:
+            raise ValueError(
+                f"DeepEPV2PrepareAndFinalize: num_experts={num_experts} is not a multiple of "
+                f"the EP group size {self.buffer.num_ranks}"
+            )
+        expected_offset = self.buffer.rank * (num_experts // self.buffer.num_ranks)
+        if rank_expert_offset != expected_offset:
+            raise ValueError(
+                f"DeepEPV2PrepareAndFinalize: rank_expert_offset={rank_expert_offset}, but EP rank "
+                f"{self.buffer.rank} of {self.buffer.num_ranks} owns experts from {expected_offset}"
+            )
+        self.rank_expert_offset = rank_expert_offset
+        if device is None:
+            from vllm.platforms import current_platform
+
+            device = current_platform.device_type
+        # bf16 dispatch and block-fp8 dispatch: the dtype follows each call's quant config.
+        self._pf = {
+            fp8: DeepEPPrepareFinalize(
+                self.buffer, num_experts, num_topk, decode=use_cudagraph, use_fp8_dispatch=fp8, device=device
+            )
+            for fp8 in (False, True)
+        }
+        # DBO: one handle per micro-batch.
+        self.handles: list[Optional[DispatchHandle]] = [None, None]
+        if install_bucket_provider:
+            install_forward_context_bucket(sp_size)
+
+    # ------------------------------------------------------------------ queries
+
+    @staticmethod
+    def maybe_roundup_layer_hidden_size(hidden_size: int, dtype: torch.dtype) -> int:
+        """Round ``hidden_size`` up so that a row is whole 512-byte transfer atoms."""
+        row_bytes = hidden_size * dtype.itemsize
+        padded = -(-row_bytes // _XFER_ATOM_BYTES) * _XFER_ATOM_BYTES
+        return padded // dtype.itemsize
+
+    @property
+    def activation_format(self) -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.Standard
+
+    def topk_indices_dtype(self) -> Optional[torch.dtype]:
+        return torch.int64
+
+    def max_num_tokens_per_rank(self) -> Optional[int]:
+        return None
+
+    def num_dispatchers(self) -> int:
+        return self.num_dispatchers_
+
+    def output_is_reduced(self) -> bool:
+        return True
+
+    def supports_async(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ prepare
+
+    def _bucket(self, a1: torch.Tensor) -> Optional[int]:
+        """Decode M: host-side in eager; ``None`` (in-graph ``token_bucket``) when compiling."""
+        if not self.use_cudagraph or torch.compiler.is_compiling():
+            return None
+        return dp_bucket(a1.shape[0], self.buffer.capacity, self.sp_size)
+
+    def prepare_async(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        num_experts: int,
+        expert_map: Optional[torch.Tensor],
+        apply_router_weight_on_input: bool,
+        quant_config: FusedMoEQuantConfig,
+        defer_input_quant: bool = False,
+    ) -> mk.ReceiverType:
+        if num_experts != self.num_experts:
+            raise ValueError(
+                f"DeepEPV2PrepareAndFinalize: called with num_experts={num_experts}, "
+                f"built for {self.num_experts}"
+            )
+        fp8 = _quantize_before_dispatch(quant_config, defer_input_quant)
+        if fp8:
+            _check_block_fp8(quant_config)
+        elif not defer_input_quant and quant_config.quant_dtype is not None:
+            # vLLM quantizes these after dispatch with its CUDA quant kernels.
+            if a1.device.type == "cpu":
+                raise NotImplementedError(
+                    "deepep_ops DeepEPV2PrepareAndFinalize: post-dispatch quantization to "
+                    f"quant_dtype={quant_config.quant_dtype} (non-block quantization) needs vLLM's "
+                    "GPU quantization kernels and is not available on CPU; use block fp8, "
+                    "an unquantized config, or experts with expects_unquantized_inputs"
+                )
+        prepared = self._pf[fp8].prepare(
+            a1,
+            topk_weights,
+            topk_ids,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+            num_max_tokens_per_rank=self._bucket(a1),
+        )
+        self.handles[_ubatch_id()] = prepared.handle
+        # The ops are synchronous: the receiver only repackages.
+        return lambda: self._receive(prepared, quant_config, quantize_after=not fp8 and not defer_input_quant)
+
+    def _receive(self, p: PreparedTokens, quant_config: FusedMoEQuantConfig, quantize_after: bool) -> mk.PrepareResultType:
+        if self.use_cudagraph:
+            # Decode: no counts (no CPU sync); the per-rank psum lets experts skip padding rows.
+            meta = mk.ExpertTokensMetadata(
+                expert_num_tokens=None,
+                expert_num_tokens_cpu=None,
+                psum_recv_per_rank=p.handle.psum_num_recv_tokens_per_scaleup_rank,
+            )
+        else:
+            meta = mk.ExpertTokensMetadata(
+                expert_num_tokens=p.expert_num_tokens,
+                expert_num_tokens_cpu=p.expert_num_tokens.to("cpu"),
+            )
+        expert_x, expert_x_scale = p.expert_x, p.expert_x_scale
+        if quantize_after and quant_config.quant_dtype is not None:
+            from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
+
+            a1_scale = quant_config.a1_gscale if quant_config.quant_dtype == "nvfp4" else quant_config.a1_scale
+            expert_x, expert_x_scale = moe_kernel_quantize_input(
+                expert_x,
+                a1_scale,
+                quant_dtype=quant_config.quant_dtype,
+                per_act_token_quant=False,
+                block_shape=quant_config.block_shape,
+                is_scale_swizzled=quant_config.is_scale_swizzled,
+            )
+        return expert_x, expert_x_scale, meta, p.topk_ids, p.topk_weights
+
+    def prepare(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        num_experts: int,
+        expert_map: Optional[torch.Tensor],
+        apply_router_weight_on_input: bool,
+        quant_config: FusedMoEQuantConfig,
+        defer_input_quant: bool = False,
+    ) -> mk.PrepareResultType:
+        return self.prepare_async(
+            a1, topk_weights, topk_ids, num_experts, expert_map, apply_router_weight_on_input,
+            quant_config, defer_input_quant,
+        )()
+
+    # ----------------------------------------------------------------- finalize
+
+    def _finalize(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        apply_router_weight_on_input: bool,
+        weight_and_reduce_impl: mk.TopKWeightAndReduce,
+    ) -> None:
+        handle = self.handles[_ubatch_id()]
+        if handle is None:
+            raise RuntimeError("DeepEPV2PrepareAndFinalize.finalize: no dispatch handle (prepare was not called)")
+        pf = self._pf[False]
+        if isinstance(weight_and_reduce_impl, (TopKWeightAndReduceDelegate, TopKWeightAndReduceContiguous)):
+            if not _is_empty(fused_expert_output):
+                # Weight-and-reduce (plain torch) + combine + copy into output.
+                pf.finalize(
+                    output, fused_expert_output, topk_weights, topk_ids, handle,
+                    apply_router_weight_on_input=apply_router_weight_on_input,
+                )
+                return
+            # No rows here (the modular kernel hands back [0, H]): nothing to reduce.
+            reduced = fused_expert_output.new_empty((topk_ids.shape[0], output.shape[-1]))
+        elif isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP):
+            # The experts already weighted and reduced: [rows, H].
+            reduced = fused_expert_output
+        else:
+            reduced = fused_expert_output
+            if not _is_empty(fused_expert_output):
+                reduced = weight_and_reduce_impl.apply(
+                    output=None,
+                    fused_expert_output=fused_expert_output,
+                    topk_weights=topk_weights,
+                    topk_ids=topk_ids,
+                    apply_router_weight_on_input=apply_router_weight_on_input,
+                )
+        if reduced.dtype != torch.bfloat16:
+            raise ValueError(f"DeepEP v2 combine requires bfloat16 input, got {reduced.dtype}")
+        output.copy_(combine(reduced, handle, self.buffer))
+
+    def finalize(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        apply_router_weight_on_input: bool,
+        weight_and_reduce_impl: mk.TopKWeightAndReduce,
+    ) -> None:
+        self._finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                       weight_and_reduce_impl)
+
+    def finalize_async(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        apply_router_weight_on_input: bool,
+        weight_and_reduce_impl: mk.TopKWeightAndReduce,
+    ) -> Callable[[], None]:
+        # combine is synchronous (one op in the graph); the receiver has nothing left to wait for.
+        self._finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                       weight_and_reduce_impl)
+        return _noop
+
+
+def _noop() -> None:
+    return None
+
+
+def _is_empty(t: torch.Tensor) -> bool:
+    """``t.numel() == 0`` without a data-dependent guard on unbacked sizes (False if unknown)."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return guard_or_false(t.numel() == 0)

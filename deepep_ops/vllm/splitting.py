@@ -1,0 +1,47 @@
+"""Keeping the non-capturable prefill dispatch out of vLLM's CUDA graphs.
+
+``deepep::dispatch_exact`` (prefill: expand + CPU sync, data-dependent sizes)
+cannot be captured; the decode ``deepep::dispatch`` can and must stay inside the
+captured pieces. vLLM splits its graph at ``CompilationConfig.splitting_ops``
+(FX-level ``split_graph``), or, with ``use_inductor_graph_partition=True``, hands
+the same list to Inductor's ``custom_should_partition_ops``: either way the ops
+belong in ``splitting_ops``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+#: Ops that must run outside CUDA graphs (vLLM splitting-op names).
+NON_CAPTURABLE_OPS = ("deepep::dispatch_exact",)
+
+
+def splitting_ops(compilation_config: Optional[Any] = None) -> List[str]:
+    """The deepep ops vLLM must split at, added to ``compilation_config`` when given.
+
+    Args:
+        compilation_config: a ``vllm.config.CompilationConfig`` (or None to just
+            get the names). Its ``splitting_ops`` gets ``deepep::dispatch_exact``
+            appended (idempotent). If it is still ``None`` (vLLM's "use the
+            defaults", resolved in ``VllmConfig`` post-init), it is first set to
+            the defaults vLLM would pick — its attention ops, plus the KV-cache
+            update ops when Inductor graph partition is off — so that adding our
+            op does not drop them.
+
+    Returns:
+        The op names (no config) or the config's resulting ``splitting_ops``.
+    """
+    if compilation_config is None:
+        return list(NON_CAPTURABLE_OPS)
+    ops = compilation_config.splitting_ops
+    if ops is None:
+        ops = list(type(compilation_config)._attention_ops)
+        if not compilation_config.use_inductor_graph_partition:
+            ops += ["vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]
+    else:
+        ops = list(ops)
+    for op in NON_CAPTURABLE_OPS:
+        if op not in ops:
+            ops.append(op)
+    compilation_config.splitting_ops = ops
+    return ops

@@ -25,10 +25,13 @@ Enable it in vLLM::
 
     from vllm.config import CompilationConfig
     from deepep_ops.vllm.passes import CombineIntoPass
-    CompilationConfig(inductor_passes={"post_grad_custom_post_pass": CombineIntoPass()})
+    CompilationConfig(inductor_compile_config={"post_grad_custom_post_pass": CombineIntoPass()})
 
-or, from a JSON/CLI compilation config once the plugin is loaded,
-``{"inductor_passes": {"post_grad_custom_post_pass": "deepep_ops.vllm_combine_into_pass"}}``.
+or by name (``inductor_passes`` only takes strings in vLLM 0.32; the name
+exists once the plugin has run, see :mod:`deepep_ops.vllm.plugin`)::
+
+    CompilationConfig(inductor_passes={"post_grad_custom_post_pass": "deepep_ops.vllm_combine_into_pass"})
+
 vLLM's ``PostGradPassManager`` then runs it after its built-in passes.
 """
 

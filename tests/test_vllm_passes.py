@@ -1,0 +1,131 @@
+"""The combine-into post-grad pass (deepep_ops.vllm.passes) on real Inductor post-grad graphs.
+
+A small MoE step through vLLM's ``FusedMoEKernel`` + the adapter (decode mode,
+reference buffer at world size 1) writes into a caller-owned output buffer
+(``out.copy_(kernel.apply(...))``, a graph input), so the post-grad graph holds
+``aten.copy_(out, deepep.combine(...))``. Checks: graph snapshots before/after
+the pass (``graphs/vllm_pass_combine_into.{before,after}.txt``), the same numbers
+with and without the pass, and the pass run by vLLM's ``PostGradPassManager``
+configured from a ``CompilationConfig``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
+from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
+
+from graph_snapshot import assert_graph_snapshot, graph_text  # noqa: E402
+
+E, K, H, I, CAP, T = 2, 2, 256, 16, 64, 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    import deepep_ops
+    from deepep_ops.vllm.testing import build_modular_kernel
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
+    kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=True)
+    g = torch.Generator().manual_seed(0)
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
+
+    def step(out, x, topk_weights, topk_ids):
+        out.copy_(kernel.apply(x, w1, w2, topk_weights, topk_ids, MoEActivation.SILU, E, None, False))
+
+    x = torch.randn(T, H, generator=g).bfloat16()
+    w = torch.rand(T, K, generator=g).softmax(-1)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    return step, (x, w, ids)
+
+
+class _Recorder(CustomGraphPass):
+    """Post-grad hook: snapshot the graph, run ``inner``, snapshot again."""
+
+    def __init__(self, inner):
+        self.inner, self.before, self.after = inner, None, None
+
+    def __call__(self, graph):
+        self.before = graph_text(graph.owning_module)
+        self.inner(graph)
+        self.after = graph_text(graph.owning_module)
+
+    def uuid(self):
+        return None
+
+
+def _run(step, inputs, post_pass):
+    torch._dynamo.reset()
+    out = torch.zeros(T, H, dtype=torch.bfloat16)
+    with inductor_config.patch(post_grad_custom_post_pass=post_pass, fx_graph_cache=False):
+        torch.compile(step, fullgraph=True, dynamic=True, backend="inductor")(out, *inputs)
+    return out
+
+
+def test_pass_snapshot_and_numerics(setup):
+    from deepep_ops.vllm.passes import CombineIntoPass
+
+    step, inputs = setup
+    eager = torch.zeros(T, H, dtype=torch.bfloat16)
+    step(eager, *inputs)
+    plain = _run(step, inputs, None)
+    pass_ = CombineIntoPass()
+    rec = _Recorder(pass_)
+    rewritten = _run(step, inputs, rec)
+
+    assert pass_.matched_count == 1
+    assert "torch.ops.aten.copy_.default" in rec.before and "torch.ops.deepep.combine.default" in rec.before
+    assert "torch.ops.deepep.combine_into.default" in rec.after
+    assert "torch.ops.deepep.combine.default" not in rec.after
+    assert "copy_" not in rec.after
+    assert_graph_snapshot("vllm_pass_combine_into.before", rec.before)
+    assert_graph_snapshot("vllm_pass_combine_into.after", rec.after)
+    torch.testing.assert_close(rewritten, plain, rtol=0, atol=0)
+    torch.testing.assert_close(rewritten, eager, rtol=2e-2, atol=2e-2)  # Inductor vs eager: bf16 rounding
+    assert eager.abs().sum() > 0
+
+
+def test_pass_through_vllm_post_grad_pass_manager(setup):
+    """``CompilationConfig`` → ``PostGradPassManager`` (as VllmBackend.configure_post_pass does) → Inductor."""
+    from deepep_ops.vllm.passes import CombineIntoPass
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.compilation.passes.pass_manager import PostGradPassManager
+    from vllm.config import CompilationConfig, VllmConfig
+    from vllm.config.utils import Range
+
+    step, inputs = setup
+    ours = CombineIntoPass()
+    vllm_config = VllmConfig(compilation_config=CompilationConfig(
+        inductor_compile_config={"post_grad_custom_post_pass": ours}))
+    manager = PostGradPassManager()
+    manager.configure(vllm_config)
+    manager.add(vllm_config.compilation_config.inductor_compile_config["post_grad_custom_post_pass"])
+    rec = _Recorder(manager)
+    with pass_context(Range(start=1, end=CAP)):
+        got = _run(step, inputs, rec)
+    assert ours.matched_count == 1
+    assert "torch.ops.deepep.combine_into.default" in rec.after and "copy_" not in rec.after
+    eager = torch.zeros(T, H, dtype=torch.bfloat16)
+    step(eager, *inputs)
+    torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_pass_by_name_after_plugin():
+    """The name a JSON compilation config uses resolves once the plugin ran."""
+    from deepep_ops.vllm.plugin import register
+    from vllm.compilation.passes.inductor_pass import CallableInductorPass
+    from vllm.config import CompilationConfig
+
+    register()
+    cc = CompilationConfig(inductor_passes={"post_grad_custom_post_pass": "deepep_ops.vllm_combine_into_pass"})
+    p = cc.inductor_compile_config["post_grad_custom_post_pass"]
+    assert isinstance(p, CallableInductorPass)
+    from deepep_ops.vllm.passes import combine_into_pass
+
+    assert p.callable is combine_into_pass

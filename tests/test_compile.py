@@ -1,0 +1,439 @@
+"""Compile guarantees of :class:`deepep_ops.moe.MoELayer` on the reference buffer.
+
+``torch.compile(layer, fullgraph=True, dynamic=True)`` over 2 gloo ranks
+(spawned processes), for every combination of
+
+- backend: ``aot_eager``, ``inductor``;
+- mode: ``decode_host`` (decode, bucket M = ``pow2_bucket(T, capacity)``
+  computed on the host and passed in: the graph sees a SymInt),
+  ``decode_graph`` (decode, ``num_max_tokens_per_rank=None``: the in-graph
+  ``deepep::token_bucket`` op, an unbacked SymInt; every rank holds the same T),
+  ``prefill`` (``dispatch_exact``, always at the buffer capacity);
+- cache: ``cold`` (a fresh ``TORCHINDUCTOR_CACHE_DIR``, in-memory caches cleared,
+  ``torch._dynamo.reset()``) and ``warm`` (the same cache dir after the cold run,
+  in-memory caches cleared and ``torch._dynamo.reset()`` again: what a new
+  process finds on disk), with the FX graph cache and the AOT autograd cache on.
+
+each is its own test id for: no graph breaks, at most 2 compiled frames over the
+sweep of T (one for the T=1 0/1 specialisation, one dynamic graph from T=2 on),
+equality with the same layer run eagerly (bf16 tolerance), agreement with an
+independent dense MoE (``dense_reference`` below; bf16-MoE tolerance), and, for
+Inductor, that the warm run actually hit the FX graph / AOT autograd caches.
+
+One spawn per (backend, mode) runs its cold and its warm phase; results are
+cached per pytest process, so the cost of a combination shows up in
+``--durations`` on its first test.
+
+Sweeps (T = tokens per rank, both ranks the same T, capacity 1024): every phase
+calls the compiled layer at increasing T starting at 1. A compiled step costs
+5-40 ms here (M up to 1024 → 2048 received rows; 15-35 s for T = 1..1024), so
+to stay within the suite's time budget the full 1..1024 sweep runs for the
+combinations in ``FULL_SWEEP_COMBOS``: every Inductor phase (cold and warm: a
+warm FX/AOT cache is where a guard on the bucket arithmetic has been seen to pin
+sizes and recompile on every T, and CPU Inductor can add size guards of its own)
+and the cold aot_eager phases. The warm aot_eager phases (no compile cache is
+involved there: they repeat the cold ones after ``torch._dynamo.reset()``)
+sweep ``SAMPLE_TS``: all T in 1..64, every 7th T up to 1024, and every power of
+two with its ±1 neighbours.
+Numerics are checked at every T of ``SAMPLE_TS`` (eager and dense answers are
+computed once per spawn and reused by both phases); frame counts at every swept T.
+
+``test_bucket_values_bounded`` (world size 1, in the pytest process) records the
+M every dispatch receives from the in-graph bucket over T up to 8192;
+``test_prefill_rank_receiving_no_tokens`` compiles prefill for a rank that
+receives no rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+from _compile_dist import spawn
+
+E, H, I, K, CAP = 8, 256, 32, 2, 1024
+WORLD = 2
+BACKENDS = ("aot_eager", "inductor")
+MODES = ("decode_host", "decode_graph", "prefill")
+CACHES = ("cold", "warm")
+MAX_FRAMES = 2
+
+FULL_TS = tuple(range(1, CAP + 1))
+SAMPLE_TS = tuple(
+    sorted(
+        set(range(1, 65))
+        | set(range(1, CAP + 1, 7))
+        | {2**k + d for k in range(11) for d in (-1, 0, 1) if 1 <= 2**k + d <= CAP}
+    )
+)
+#: (backend, mode, cache) swept over every T in 1..1024; the rest sweep SAMPLE_TS.
+FULL_SWEEP_COMBOS = frozenset(
+    [("inductor", m, c) for m in MODES for c in CACHES] + [("aot_eager", m, "cold") for m in MODES]
+)
+
+# Tolerances, elementwise: |y - ref| <= ATOL + RTOL * mag, where mag = Σ_k w_k·|expert_k(x)|
+# (from ``dense_reference``), the scale of every intermediate the layer rounds to bf16:
+# each expert lane, each rank's weighted partial sum, and the combined sum (3 roundings
+# of ≤ 2^-9 relative each). Dense is exact up to fp32 noise: 3·2^-9 ≈ 0.6 %. Compiled vs
+# eager: both round at the same places, fp32 summation order may flip each rounding:
+# 6·2^-9 ≈ 1.2 %. A real bug (lost lane, wrong weight, wrong row) is off by O(mag).
+EAGER_ATOL, EAGER_RTOL = 1e-3, 1.6e-2
+DENSE_ATOL, DENSE_RTOL = 1e-3, 1e-2
+#: Tokens whose K-th and (K+1)-th router probabilities are closer than this may
+#: legitimately route differently under another fp32 summation order: skipped.
+NEAR_TIE = 1e-5
+
+
+def sweep_for(backend: str, mode: str, cache: str) -> Tuple[int, ...]:
+    return FULL_TS if (backend, mode, cache) in FULL_SWEEP_COMBOS else SAMPLE_TS
+
+
+# ---------------------------------------------------------------------------- reference
+def dense_reference(x: torch.Tensor, router: torch.Tensor, w_gate, w_up, w_down, num_topk: int):
+    """The MoE computed directly, without deepep_ops code.
+
+    Routing in float64: softmax over ``x @ router``, top-k, renormalised. Expert
+    e is ``(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`` in float32 on the
+    bf16 input. Returns ``(y [T, H] float64, near_tie [T] bool)``; ``near_tie``
+    marks tokens whose top-k set is decided by less than ``NEAR_TIE``.
+    Returns ``(y [T, H], mag [T, H], near_tie [T])`` in float64; ``mag`` is
+    Σ_k w_k·|expert_k(x)|, the scale the tolerances are relative to.
+    """
+    probs = torch.softmax(x.double() @ router.double(), dim=-1)
+    top = probs.topk(num_topk + 1, dim=-1)
+    near_tie = (top.values[:, num_topk - 1] - top.values[:, num_topk]) < NEAR_TIE
+    weights = top.values[:, :num_topk]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    ids = top.indices[:, :num_topk]
+    xf = x.float()
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    mag = torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(router.shape[1]):
+        rows, lanes = (ids == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        h = xf[rows]
+        out = (torch.nn.functional.silu(h @ w_gate[e]) * (h @ w_up[e])) @ w_down[e]
+        term = weights[rows, lanes].unsqueeze(1) * out.double()
+        y.index_add_(0, rows, term)
+        mag.index_add_(0, rows, term.abs())
+    return y, mag, near_tie
+
+
+def make_tokens(T: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1_000_003 * rank + T)
+    return torch.randn(T, H, generator=g).bfloat16()
+
+
+def _violations(y: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, keep: torch.Tensor, atol: float, rtol: float):
+    """(max |y - ref| over kept tokens, number of elements out of tolerance)."""
+    d = (y.double() - ref.double()).abs()[keep]
+    if d.numel() == 0:
+        return 0.0, 0
+    bad = d > atol + rtol * mag[keep]
+    return d.max().item(), int(bad.sum())
+
+
+# ---------------------------------------------------------------------------- child side
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _run_backend_mode(rank: int, world: int, backend: str, mode: str) -> Dict[str, dict]:
+    """In each rank: eager + dense answers at SAMPLE_TS, then the cold and warm phases."""
+    import torch.distributed as dist
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import clear_caches
+
+    import deepep_ops as D
+    from deepep_ops.moe import MoELayer, make_moe_weights
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    torch._logging.set_logs(recompiles=True)
+    recompiles = _ListHandler()
+    logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(recompiles)
+
+    W = make_moe_weights(E, H, I, seed=1)
+    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    decode = mode != "prefill"
+    pf = DeepEPPrepareFinalize(buf, E, K, decode=decode, expert_alignment=1 if decode else 4)
+    layer = MoELayer(W, pf)
+
+    def bucket(T: int):
+        # Every rank holds T tokens, so the DP-global maximum is T.
+        return D.pow2_bucket(T, CAP) if mode == "decode_host" else None
+
+    t0 = time.perf_counter()
+    expected = {}
+    for T in SAMPLE_TS:
+        x = make_tokens(T, rank)
+        dense, mag, near_tie = dense_reference(x, W.router, W.w_gate, W.w_up, W.w_down, K)
+        expected[T] = (layer(x, bucket(T)), dense, mag, ~near_tie)
+    t_expected = time.perf_counter() - t0
+
+    cache_dir = tempfile.mkdtemp(prefix=f"deepep_compile_{backend}_{mode}_r{rank}_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    results: Dict[str, dict] = {}
+    try:
+        for cache in CACHES:
+            res: dict = {"error": None, "t_expected_s": t_expected}
+            results[cache] = res
+            try:
+                clear_caches()  # in-memory caches: the warm phase must read the disk cache
+                torch._dynamo.reset()
+                counters.clear()
+                recompiles.messages.clear()
+                dist.barrier()
+                cnt = CompileCounterWithBackend(backend)
+                compiled = torch.compile(layer, backend=cnt, fullgraph=True, dynamic=True)
+                sweep = sweep_for(backend, mode, cache)
+                frame_ts: List[int] = []
+                stats = {"eager_err": 0.0, "eager_bad": [], "dense_err": 0.0, "dense_bad": [], "checked_tokens": 0, "skipped_tokens": 0}
+                t_first = None
+                t_start = time.perf_counter()
+                for T in sweep:
+                    before = cnt.frame_count
+                    y = compiled(make_tokens(T, rank), bucket(T))
+                    if cnt.frame_count != before:
+                        frame_ts.append(T)
+                    if T == 2:
+                        t_first = time.perf_counter() - t_start
+                    if T in expected:
+                        eager, dense, mag, keep = expected[T]
+                        err, bad = _violations(y, eager, mag, keep, EAGER_ATOL, EAGER_RTOL)
+                        stats["eager_err"] = max(stats["eager_err"], err)
+                        if bad:
+                            stats["eager_bad"].append((T, bad, err))
+                        err, bad = _violations(y, dense, mag, keep, DENSE_ATOL, DENSE_RTOL)
+                        stats["dense_err"] = max(stats["dense_err"], err)
+                        if bad:
+                            stats["dense_bad"].append((T, bad, err))
+                        stats["checked_tokens"] += int(keep.sum())
+                        stats["skipped_tokens"] += int((~keep).sum())
+                res.update(stats)
+                res.update(
+                    frame_count=cnt.frame_count,
+                    frame_ts=frame_ts,
+                    num_steps=len(sweep),
+                    full_sweep=sweep == FULL_TS,
+                    graph_breaks=dict(counters["graph_break"]),
+                    inductor={k: v for k, v in counters["inductor"].items() if "cache" in k},
+                    aot_autograd={k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
+                    recompile_reasons=list(recompiles.messages),
+                    t_compile_s=t_first,
+                    t_total_s=time.perf_counter() - t_start,
+                )
+            except BaseException:  # noqa: BLE001 - reported per phase
+                import traceback
+
+                res["error"] = traceback.format_exc()
+            ok = [None] * world
+            dist.all_gather_object(ok, res["error"] is None)
+            if not all(ok):
+                res["error"] = res["error"] or f"another rank failed in the {cache} phase"
+                break  # the ranks may be out of step: stop here
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        torch._dynamo.reset()
+    return results
+
+
+# ---------------------------------------------------------------------------- pytest side
+@functools.lru_cache(maxsize=None)
+def _spawned(backend: str, mode: str):
+    """Per-rank results of one (backend, mode), or the spawn's error text."""
+    try:
+        return spawn(_run_backend_mode, WORLD, backend, mode, timeout=900, env={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
+    except AssertionError as e:
+        return str(e)
+
+
+def _phase(backend: str, mode: str, cache: str) -> List[dict]:
+    per_rank = _spawned(backend, mode)
+    if isinstance(per_rank, str):
+        pytest.fail(f"spawned ranks failed for {backend}/{mode}:\n{per_rank}")
+    out = []
+    for rank, results in enumerate(per_rank):
+        if cache not in results:
+            pytest.fail(f"rank {rank}: {cache} phase did not run ({backend}/{mode}); earlier phases: {results}")
+        res = results[cache]
+        if res["error"] is not None:
+            pytest.fail(f"rank {rank}, {backend}/{mode}/{cache} raised:\n{res['error']}")
+        out.append(res)
+    return out
+
+
+COMBOS = [pytest.param(b, m, c, id=f"{b}-{m}-{c}") for b in BACKENDS for m in MODES for c in CACHES]
+
+
+@pytest.mark.parametrize("backend,mode,cache", COMBOS)
+def test_no_graph_breaks(backend, mode, cache):
+    # fullgraph=True already raises on a break (reported above as the phase's error).
+    for rank, res in enumerate(_phase(backend, mode, cache)):
+        assert res["graph_breaks"] == {}, f"rank {rank}: graph breaks {res['graph_breaks']}"
+
+
+@pytest.mark.parametrize("backend,mode,cache", COMBOS)
+def test_no_recompiles(backend, mode, cache):
+    for rank, res in enumerate(_phase(backend, mode, cache)):
+        print(  # shown with pytest -rP
+            f"SUMMARY {backend}/{mode}/{cache} rank {rank}: {res['frame_count']} frames (new at T={res['frame_ts']}) "
+            f"over {res['num_steps']} T ({'full 1..1024' if res['full_sweep'] else 'sample'}); "
+            f"first 2 calls {res['t_compile_s']:.1f}s, phase {res['t_total_s']:.1f}s, eager+dense answers "
+            f"{res['t_expected_s']:.1f}s; max err eager {res['eager_err']:.4f} dense {res['dense_err']:.4f}; "
+            f"caches {res['inductor']} {res['aot_autograd']}"
+        )
+        assert res["num_steps"] == len(sweep_for(backend, mode, cache))
+        assert 1 <= res["frame_count"] <= MAX_FRAMES, (
+            f"rank {rank}: {res['frame_count']} frames over {res['num_steps']} values of T, "
+            f"new frames at T={res['frame_ts']}; recompile reasons:\n" + "\n".join(res["recompile_reasons"])
+        )
+
+
+@pytest.mark.parametrize("backend,mode,cache", COMBOS)
+def test_matches_eager(backend, mode, cache):
+    for rank, res in enumerate(_phase(backend, mode, cache)):
+        assert res["checked_tokens"] > 0
+        assert res["skipped_tokens"] <= 1e-3 * res["checked_tokens"], res["skipped_tokens"]
+        assert not res["eager_bad"], (
+            f"rank {rank}: compiled != eager at (T, #elements, max err) {res['eager_bad'][:10]} "
+            f"(atol={EAGER_ATOL}, rtol={EAGER_RTOL})"
+        )
+
+
+@pytest.mark.parametrize("backend,mode,cache", COMBOS)
+def test_matches_dense(backend, mode, cache):
+    for rank, res in enumerate(_phase(backend, mode, cache)):
+        assert res["checked_tokens"] > 0
+        assert not res["dense_bad"], (
+            f"rank {rank}: compiled != dense reference at (T, #elements, max err) {res['dense_bad'][:10]} "
+            f"(atol={DENSE_ATOL}, rtol={DENSE_RTOL})"
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inductor_warm_cache_hit(mode):
+    cold = _phase("inductor", mode, "cold")
+    warm = _phase("inductor", mode, "warm")
+    for rank, (c, w) in enumerate(zip(cold, warm)):
+        assert c["inductor"].get("fxgraph_cache_hit", 0) == 0, f"rank {rank}: cold run hit the cache: {c['inductor']}"
+        assert c["inductor"].get("fxgraph_cache_miss", 0) >= 1, f"rank {rank}: cold run: {c['inductor']}"
+        hits = w["inductor"].get("fxgraph_cache_hit", 0) + w["aot_autograd"].get("autograd_cache_hit", 0)
+        assert hits > 0, f"rank {rank}: warm run did not hit the caches: {w['inductor']} {w['aot_autograd']}"
+        # Every frame compiled in the warm run came from the cache, none was rebuilt.
+        assert w["inductor"].get("fxgraph_cache_miss", 0) == 0, f"rank {rank}: warm run missed: {w['inductor']}"
+
+
+# ---------------------------------------------------------------------------- bucket values
+def test_bucket_values_bounded():
+    """Decode with the in-graph bucket hands the buffer at most 14 distinct M over T = 1..8192.
+
+    World size 1 (group=None), capacity 8192, compiled with aot_eager (which M the
+    buffer receives is decided by the ``token_bucket`` op at run time, not by
+    the backend). T: every power of two and its ±1 neighbours, then 100 random T
+    drawn log-uniformly from [1, 8192] (every bucket gets hit; uniform draws would
+    mostly land in the top bucket, at ~0.7 s per step).
+    """
+    import deepep_ops as D
+    from deepep_ops.moe import MoELayer, make_moe_weights
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cap = 8192
+
+    class RecordingBuffer(D.ReferenceElasticBuffer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seen_m: List[int] = []
+
+        def dispatch(self, *args, **kwargs):
+            self.seen_m.append(kwargs["num_max_tokens_per_rank"])
+            return super().dispatch(*args, **kwargs)
+
+    rec = RecordingBuffer(None, num_max_tokens_per_rank=cap, hidden=H, num_topk=K)
+    # Two experts: the experts do not matter here, and each costs ~0.25 s per step at M=8192.
+    layer = MoELayer(make_moe_weights(2, H, 16, seed=2), DeepEPPrepareFinalize(D.EPBuffer(rec), 2, K, decode=True))
+    g = torch.Generator().manual_seed(0)
+    ts = sorted({2**k + d for k in range(14) for d in (-1, 0, 1) if 1 <= 2**k + d <= cap})
+    ts += torch.exp2(torch.rand(100, generator=g, dtype=torch.float64) * 13).round().long().tolist()
+
+    torch._dynamo.reset()
+    try:
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(layer, backend=cnt, fullgraph=True, dynamic=True)
+        for T in ts:
+            y = compiled(torch.randn(T, H, generator=g).bfloat16())
+            assert y.shape == (T, H)
+    finally:
+        torch._dynamo.reset()
+
+    assert len(rec.seen_m) == len(ts)
+    pow2 = {2**k for k in range(14)}  # 1 .. 8192
+    seen = set(rec.seen_m)
+    assert seen <= pow2, f"non-power-of-two M: {sorted(seen - pow2)}"
+    assert len(seen) <= 14, sorted(seen)
+    for T, m in zip(ts, rec.seen_m):
+        assert m >= T and (m == 1 or m < 2 * T), f"T={T} got M={m}, not the smallest power of two >= T"
+    assert cnt.frame_count <= MAX_FRAMES, cnt.frame_count
+
+
+# ---------------------------------------------------------------------------- empty prefill rank
+def test_prefill_rank_receiving_no_tokens():
+    """Prefill on a rank that receives no rows (X = 0) works compiled, without a recompile.
+
+    Regression: ``weight_and_reduce`` used ``view(rows, k, -1)``, which raises for
+    rows == 0 and put a ``Ne(u1, 0)`` runtime assert into the prefill graph.
+    World size 1, aot_eager; topk ids all −1 gives X = 0.
+    """
+    import deepep_ops as D
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    pf = DeepEPPrepareFinalize(
+        D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=64, hidden=H, num_topk=K)),
+        E, K, decode=False, expert_alignment=4,
+    )
+
+    def step(a1, topk_weights, topk_ids):
+        p = pf.prepare(a1, topk_weights, topk_ids)
+        y = (p.expert_x * 2).unsqueeze(1)
+        out = torch.empty_like(a1)
+        pf.finalize(out, y, p.topk_weights, p.topk_ids, p.handle)
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    try:
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(step, backend=cnt, fullgraph=True, dynamic=True)
+        for T, routed in ((3, True), (5, False), (4, True), (6, False)):
+            a1 = torch.randn(T, H, generator=g).bfloat16()
+            w = torch.rand(T, K, generator=g)
+            ids = torch.randint(0, E, (T, K), generator=g) if routed else torch.full((T, K), -1)
+            ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % E, ids[:, 1]) if routed else -1
+            out = compiled(a1, w, ids)
+            torch.testing.assert_close(out, step(a1, w, ids), atol=0, rtol=0)
+            if not routed:
+                assert torch.equal(out, torch.zeros_like(out))
+        assert cnt.frame_count == 1, cnt.frame_count
+    finally:
+        torch._dynamo.reset()

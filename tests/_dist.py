@@ -35,11 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, sys_path: List[str], out_q) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable,
+    args: tuple,
+    sys_path: List[str],
+    gloo_timeout_s: float,
+    env: Dict[str, str],
+    out_q,
+) -> None:
     # Spawned children re-import this module by name; make the repo and tests importable.
     for p in reversed(sys_path):
         if p not in sys.path:
             sys.path.insert(0, p)
+    os.environ.update(env)  # before torch is imported here
     import torch
     import torch.distributed as dist
 
@@ -50,7 +61,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, sy
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=timedelta(seconds=gloo_timeout_s),
         )
         try:
             result = ("ok", fn(rank, world_size, *args))
@@ -65,15 +76,33 @@ class DistributedError(AssertionError):
     pass
 
 
-def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
+def run_distributed(
+    fn: Callable,
+    world_size: int,
+    *args,
+    timeout: float = 240.0,
+    gloo_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+    env: Optional[Dict[str, str]] = None,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results.
+
+    Args:
+        timeout: seconds for the whole run.
+        gloo_timeout_s: the process group's collective timeout (compile tests need
+            more: one rank may still be compiling while the other waits).
+        env: environment variables set in each child before torch is imported.
+    """
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
     here = os.path.dirname(os.path.abspath(__file__))
     sys_path = [os.path.dirname(here), here]
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, sys_path, out_q), daemon=True)
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, port, fn, args, sys_path, gloo_timeout_s, dict(env or {}), out_q),
+            daemon=True,
+        )
         for r in range(world_size)
     ]
     for p in procs:

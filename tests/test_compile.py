@@ -57,7 +57,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from _compile_dist import spawn
+from _dist import run_distributed
 
 E, H, I, K, CAP = 8, 256, 32, 2, 1024
 WORLD = 2
@@ -262,7 +262,10 @@ def _run_backend_mode(rank: int, world: int, backend: str, mode: str) -> Dict[st
 def _spawned(backend: str, mode: str):
     """Per-rank results of one (backend, mode), or the spawn's error text."""
     try:
-        return spawn(_run_backend_mode, WORLD, backend, mode, timeout=900, env={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
+        return run_distributed(
+            _run_backend_mode, WORLD, backend, mode,
+            timeout=900, gloo_timeout_s=120, env={"TORCHINDUCTOR_COMPILE_THREADS": "1"},
+        )
     except AssertionError as e:
         return str(e)
 

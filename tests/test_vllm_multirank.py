@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from _vllm_dist import spawn  # noqa: E402
+from _dist import run_distributed  # noqa: E402
 
 E, K, H, I, CAP = 8, 2, 256, 32, 128
 WORLD = 2
@@ -117,7 +117,7 @@ def _run_mode(rank, world, mode):
 
 @pytest.fixture(scope="module")
 def results():
-    per_rank = spawn(_rank_main, WORLD)  # one spawn for every mode
+    per_rank = run_distributed(_rank_main, WORLD, timeout=600, gloo_timeout_s=120)  # one spawn for every mode
     return {mode: [r[mode] for r in per_rank] for mode in ("decode", "prefill", "compile")}
 
 

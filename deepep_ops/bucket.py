@@ -52,6 +52,12 @@ def pow2_bucket(n: int, capacity: int) -> int:
 # tiny node, and the DP-global maximum can be read on the host without a device
 # sync. Under CUDA graphs, Inductor runs this host-only node outside the graph
 # partition (it binds an unbacked symbol); it launches no kernel.
+#
+# Measured (benchmarks/bench_bucket_compile.py: decode MoE layer, CPU, torch
+# 2.13, inductor, cold cache, T = 1..64): 2 frames either way; the dynamic
+# compile took 2.9 s against 2.8 s with the bucket passed in as an int, and a
+# step 3.29 ms against 3.14 ms. The graph gains two host-side bound checks on
+# the unbacked M (from the fake's min/max).
 # ---------------------------------------------------------------------------
 
 from typing import Callable, Optional  # noqa: E402

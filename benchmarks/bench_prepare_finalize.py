@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     print(f"\nprepare+finalize, reference buffer, {args.world_size} rank(s) on {dev}, torch {torch.__version__}, "
           f"H={args.hidden} K={args.topk} E={args.experts} {'fp8' if args.fp8 else 'bf16'} dispatch; "
           f"median of {args.reps}, rank 0")
-    head = f"| mode | T | M | " + " | ".join(f"{n} µs" for n in names) + " | " + " | ".join(
+    head = "| mode | T | M | " + " | ".join(f"{n} µs" for n in names) + " | " + " | ".join(
         f"eager / {n}" for n in names[1:]) + " |"
     print(head)
     print("|" + "---|" * (3 + len(names) + len(names) - 1))

@@ -6,15 +6,14 @@ They pack the ops' flat outputs into :class:`DispatchResult` /
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from deepep_ops.buffer import EPBuffer
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
-from deepep_ops.layout import decode_num_expanded_tokens
+from deepep_ops.layout import IntLike, decode_num_expanded_tokens
 
-IntLike = Union[int, torch.SymInt]
 
 
 def dispatch(

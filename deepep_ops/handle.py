@@ -6,11 +6,12 @@ mutable), so it flows through Dynamo and AOT graphs like any other value.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 
-IntLike = Union[int, torch.SymInt]
+from deepep_ops.layout import IntLike
+
 
 
 class DispatchHandle(NamedTuple):
@@ -38,11 +39,6 @@ class DispatchHandle(NamedTuple):
     expert_alignment: int
     do_expand: bool
     num_expanded_tokens: IntLike
-
-    @property
-    def num_recv_tokens_upper_bound(self) -> IntLike:
-        """Rows of ``recv_src_metadata``: R·M in decode mode, exact N in prefill."""
-        return self.recv_src_metadata.shape[0]
 
 
 class DispatchResult(NamedTuple):

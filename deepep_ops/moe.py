@@ -7,13 +7,13 @@ the compile tests; :func:`dense_moe` is the single-process answer it must give.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 
+from deepep_ops.layout import IntLike
 from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, dequantize_block_fp8
 
-IntLike = Union[int, torch.SymInt]
 
 
 class MoEWeights(NamedTuple):

@@ -17,8 +17,8 @@ from deepep_ops.api import combine, dispatch, dispatch_exact
 from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.handle import DispatchHandle
+from deepep_ops.layout import IntLike
 
-IntLike = Union[int, torch.SymInt]
 
 #: Block-fp8 activation quantization: per-token groups of this many channels.
 FP8_BLOCK = 128

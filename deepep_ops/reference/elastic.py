@@ -414,7 +414,7 @@ class ReferenceElasticBuffer:
         """
         if x.dtype != torch.bfloat16:
             raise RuntimeError(f"Assertion exception: combine x must be bfloat16, got {x.dtype}")
-        R, rank = self.num_ranks, self.rank_idx
+        R = self.num_ranks
         M = handle.num_max_tokens_per_rank
         E = handle.num_experts
         EL = E // R

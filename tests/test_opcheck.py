@@ -102,3 +102,38 @@ def test_opcheck_combine_exact(T, A):
     x, _sf, idx, w = _inputs(False, T, seed=2)
     r = D.dispatch_exact(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=CAP, expert_alignment=A)
     _check(torch.ops.deepep.combine.default, _combine_args(r.handle, r.recv_x, buf))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_opcheck_combine_into(exact):
+    """The out-variant: opcheck (schema incl. the declared mutation of out), and out == combine."""
+    buf = _buffer()
+    x, _sf, idx, w = _inputs(False, 5, seed=4)
+    if exact:
+        r = D.dispatch_exact(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=CAP, expert_alignment=2)
+    else:
+        r = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=8)
+    out = torch.full_like(x, float("nan"))
+    _check(torch.ops.deepep.combine_into.default, (out,) + _combine_args(r.handle, r.recv_x, buf))
+    D.combine_into(out, r.recv_x, r.handle, buf)
+    # Identity experts at world size 1 (spec §8): decode sends each token back once
+    # (x if it has any expert), prefill sums one copy per valid lane (K=2: exact in bf16).
+    valid = (idx >= 0).sum(dim=1, keepdim=True)
+    copies = valid if exact else (valid > 0).to(valid.dtype)
+    torch.testing.assert_close(out, (x.float() * copies).to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T,cap,expected", [(1, 16, 1), (5, 16, 8), (16, 16, 16), (9, 12, 12)])
+def test_token_bucket_real_and_fake(T, cap, expected):
+    """Real: pow2_bucket of the token count. Fake: an unbacked SymInt whose range holds every real value."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
+
+    x = torch.zeros(T, H, dtype=torch.bfloat16)
+    assert torch.ops.deepep.token_bucket(x, cap) == expected
+    shape_env = ShapeEnv()
+    with FakeTensorMode(shape_env=shape_env) as mode:
+        fake = torch.ops.deepep.token_bucket(mode.from_tensor(x), cap)
+    assert isinstance(fake, torch.SymInt) and free_unbacked_symbols(fake) == {fake.node.expr}
+    vr = shape_env.var_to_range[fake.node.expr]
+    assert int(vr.lower) == 1 and int(vr.upper) == cap and int(vr.lower) <= expected <= int(vr.upper)

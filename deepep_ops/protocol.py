@@ -42,7 +42,12 @@ class ElasticBufferBackend(Protocol):
     def combine(
         self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any]:
-        """``(combined_x [T, H] bf16, combined_topk_weights | None, event)``."""
+        """``(combined_x [T, H] bf16, combined_topk_weights | None, event)``.
+
+        Optional extension: a backend with ``combine_writes_out = True`` also takes
+        ``out=`` ([T, H] bf16) and writes the result there (``deepep::combine_into``
+        uses it; otherwise that op copies once).
+        """
         ...
 
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int) -> int:

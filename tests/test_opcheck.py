@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deepep_ops as D
+from deepep_ops.api import _combine_args as combine_op_args
 import dense_reference as ref
 
 H, K, E, CAP = 256, 2, 4, 16
@@ -71,21 +72,8 @@ def test_opcheck_int32_packed_scales(op):
 
 
 def _combine_args(handle, rows, buf):
-    return (
-        rows,
-        handle.topk_idx,
-        handle.psum_num_recv_tokens_per_scaleup_rank,
-        handle.psum_num_recv_tokens_per_expert,
-        handle.num_unaligned_recv_tokens_per_expert,
-        handle.recv_src_metadata,
-        handle.dst_buffer_slot_idx,
-        buf,
-        handle.num_experts,
-        handle.num_max_tokens_per_rank,
-        handle.expert_alignment,
-        handle.do_expand,
-        handle.num_expanded_tokens,
-    )
+    # The flat argument list the Python API builds; a wrong order fails opcheck's schema test.
+    return combine_op_args(rows, handle, buf)
 
 
 @pytest.mark.parametrize("T,M,A", [(5, 8, 1), (3, 4, 2), (0, 1, 1)])

@@ -80,15 +80,15 @@ def dispatch_exact(
     out = torch.ops.deepep.dispatch_exact(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
-    recv_x, recv_x_scales, recv_topk_weights, counts = out[:4]
+    _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
     handle = DispatchHandle(
         topk_idx,
-        *out[4:],
+        *out[6:],
         num_experts=num_experts,
         num_max_tokens_per_rank=num_max_tokens_per_rank,
         expert_alignment=expert_alignment,
         do_expand=True,
-        num_expanded_tokens=recv_x.shape[0],
+        num_expanded_tokens=num_expanded_tokens,
     )
     return ExactDispatchResult(
         recv_x, None if x_scales is None else recv_x_scales, recv_topk_weights, counts, handle

@@ -75,7 +75,8 @@ def _dispatch(
     recv_x, recv_x_scales = recv if isinstance(recv, tuple) else (recv, no_scales(x))
     if exact:
         counts = torch.tensor(handle.num_recv_tokens_per_expert_list, dtype=torch.int32, device=x.device)
-        return (recv_x, recv_x_scales, recv_topk_weights, counts) + _handle_tensors(handle)
+        sizes = (handle.recv_src_metadata.shape[0], recv_x.shape[0])  # N received tokens, X expanded rows
+        return sizes + (recv_x, recv_x_scales, recv_topk_weights, counts) + _handle_tensors(handle)
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + _handle_tensors(handle)
 
 

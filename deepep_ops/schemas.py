@@ -34,9 +34,17 @@ DISPATCH = (
 )
 
 #: Prefill mode: expand + CPU sync; exact, data-dependent sizes.
+#:
+#: The two sizes come first, as SymInts: Dynamo binds each unbacked symbol to
+#: the first output that carries it, so N and X are bound to ``getitem`` nodes
+#: of the op itself rather than to ``aten.sym_size`` reads of its tensors.
+#: vLLM's ``split_graph`` keeps getitems in the splitting op's piece; size reads
+#: would land in the next piece and ``split_module`` would find a cycle (the
+#: op's piece needs the symbol its successor binds).
 DISPATCH_EXACT = (
-    f"dispatch_exact({_DISPATCH_ARGS}) -> (Tensor recv_x, Tensor recv_x_scales, "
-    f"Tensor recv_topk_weights, Tensor num_recv_tokens_per_expert, {_HANDLE_RETURNS})"
+    f"dispatch_exact({_DISPATCH_ARGS}) -> (SymInt num_recv_tokens, SymInt num_expanded_tokens, "
+    f"Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, "
+    f"Tensor num_recv_tokens_per_expert, {_HANDLE_RETURNS})"
 )
 
 _COMBINE_ARGS = (

@@ -60,7 +60,8 @@ def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_
 
 @torch.library.register_fake("deepep::dispatch_exact")
 def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
-    """Prefill mode: N received tokens and X expanded rows are unbacked SymInts.
+    """Prefill mode: N received tokens and X expanded rows are unbacked SymInts,
+    returned first (see ``schemas.DISPATCH_EXACT``) and then used as tensor sizes.
 
     Bounds: 0 <= N <= R·M; each received token has a local expert, so N <= X;
     X is at most the worst case of decode mode.
@@ -78,6 +79,8 @@ def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     )
     num_local = num_local_experts(num_experts, num_ranks)
     return (
+        num_recv,
+        num_expanded,
         x.new_empty((num_expanded, x.shape[1])),
         _recv_scales(x, x_scales, num_expanded),
         topk_weights.new_empty((num_expanded,)),

@@ -102,7 +102,9 @@ def real_metas(c: Config, rank: int, buf) -> dict:
     inp = c.inputs()[rank]
     args = (inp.x, inp.x_scales, inp.topk_idx, inp.topk_weights, buf, c.E, c.M, c.A)
     dec = torch.ops.deepep.dispatch(*args)
-    ex = torch.ops.deepep.dispatch_exact(*args)
+    N, X, *ex = torch.ops.deepep.dispatch_exact(*args)
+    # the sizes dispatch_exact returns are those of its tensors (X rows of recv_x, N of recv_src_metadata)
+    assert (N, X) == (ex[7].shape[0], ex[0].shape[0]), (N, X, ex[7].shape, ex[0].shape)
     dec_comb = torch.ops.deepep.combine(*_combine_args(
         torch.zeros(dec[0].shape, dtype=torch.bfloat16), dec[4:], inp.topk_idx, buf, c, c.M, False,
         ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)))
@@ -113,8 +115,8 @@ def real_metas(c: Config, rank: int, buf) -> dict:
         "dispatch_exact": [_meta(t) for t in ex],
         "combine_decode": [_meta(dec_comb)],
         "combine_exact": [_meta(ex_comb)],
-        "N": ex[7].shape[0],
-        "X": ex[0].shape[0],
+        "N": N,
+        "X": X,
     }
 
 
@@ -150,13 +152,13 @@ def fake_outputs(c: Config, rank: int):
         fsf = None if inp.x_scales is None else mode.from_tensor(inp.x_scales)
         args = (fx, fsf, fi, fw, buf, c.E, c.M, c.A)
         dec = torch.ops.deepep.dispatch(*args)
-        ex = torch.ops.deepep.dispatch_exact(*args)
+        n_out, x_out, *ex = torch.ops.deepep.dispatch_exact(*args)
         dec_worst = ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)
         dec_comb = torch.ops.deepep.combine(*_combine_args(
             torch.empty(dec[0].shape, dtype=torch.bfloat16), dec[4:], fi, buf, c, c.M, False, dec_worst))
         ex_comb = torch.ops.deepep.combine(*_combine_args(
             torch.empty(ex[0].shape, dtype=torch.bfloat16), ex[4:], fi, buf, c, c.M, True, ex[0].shape[0]))
-    return shape_env, {"dispatch": list(dec), "dispatch_exact": list(ex),
+    return shape_env, {"sizes": (n_out, x_out), "dispatch": list(dec), "dispatch_exact": ex,
                        "combine_decode": [dec_comb], "combine_exact": [ex_comb]}
 
 
@@ -176,6 +178,9 @@ def compare(c: Config, rank: int, real: dict) -> None:
     (u_x,) = free_unbacked_symbols(x_sym.node.expr)
     (u_n,) = free_unbacked_symbols(n_sym.node.expr)
     assert u_x != u_n and x_sym.node.expr == u_x and n_sym.node.expr == u_n
+    # the returned SymInts are the same symbols the tensor sizes use (bound first, see schemas.py)
+    n_out, x_out = fake["sizes"]
+    assert (n_out.node.expr, x_out.node.expr) == (u_n, u_x), (n_out, x_out, u_n, u_x)
     N, X = real["N"], real["X"]
     subs = dict(shape_env.backed_var_to_val)
     subs.update({u_n: sympy.Integer(N), u_x: sympy.Integer(X)})
@@ -294,14 +299,16 @@ def test_compiled_example_values_match_real(fp8):
     # real outputs of the raw ops on the same inputs
     raw = (inp.x, inp.x_scales, inp.topk_idx, inp.topk_weights, buf, E)
     real_dec = torch.ops.deepep.dispatch(*raw, 16, A)
-    real_ex = torch.ops.deepep.dispatch_exact(*raw, CAP, A)
+    real_n, real_x, *real_ex = torch.ops.deepep.dispatch_exact(*raw, CAP, A)
     shape_env = m_expr.node.shape_env
     subs = dict(shape_env.backed_var_to_val)
-    (u_x,) = free_unbacked_symbols(ex_vals[0][0].shape[0].node.expr)
-    (u_n,) = free_unbacked_symbols(ex_vals[0][7].shape[0].node.expr)
-    subs.update({u_x: sympy.Integer(real_ex[0].shape[0]), u_n: sympy.Integer(real_ex[7].shape[0])})
+    fake_n, fake_x, *fake_ex = ex_vals[0]
+    (u_x,) = free_unbacked_symbols(fake_ex[0].shape[0].node.expr)
+    (u_n,) = free_unbacked_symbols(fake_ex[7].shape[0].node.expr)
+    assert (fake_n.node.expr, fake_x.node.expr) == (u_n, u_x), (fake_n, fake_x)
+    subs.update({u_x: sympy.Integer(real_x), u_n: sympy.Integer(real_n)})
     _check_example_values(dec_vals[0], real_dec, subs)
-    _check_example_values(ex_vals[0], real_ex, subs)
+    _check_example_values(fake_ex, real_ex, subs)
     _check_example_values(comb_vals[0], exp[0], subs)
     _check_example_values(comb_vals[1], exp[1], subs)
     torch._dynamo.reset()

@@ -68,7 +68,8 @@ def test_opcheck_int32_packed_scales(op):
     M = 4 if op == "dispatch" else CAP
     _check(getattr(torch.ops.deepep, op).default, (x, packed, idx, w, _buffer(), E, M, 1), _utils_for(True))
     out = getattr(torch.ops.deepep, op)(x, packed, idx, w, _buffer(), E, M, 1)
-    assert out[1].dtype == torch.int32 and out[1].shape[1] == packed.shape[1]
+    recv_scales = out[1] if op == "dispatch" else out[3]  # dispatch_exact returns (N, X, recv_x, scales, ...)
+    assert recv_scales.dtype == torch.int32 and recv_scales.shape[1] == packed.shape[1]
 
 
 def _combine_args(handle, rows, buf):

@@ -12,14 +12,19 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-E, K, H, I, CAP, T = 4, 2, 256, 16, 64, 6
+E, K, H, I, CAP, T0 = 4, 2, 256, 16, 64, 6
 
 
-def _capture(decode: bool) -> torch.fx.GraphModule:
-    """Dynamo graph of adapter.prepare → TorchGatedExperts.apply → adapter.finalize."""
+def _capture(decode: bool, split_ops=None):
+    """Dynamo graph of adapter.prepare → TorchGatedExperts.apply → adapter.finalize.
+
+    With ``split_ops`` the graph is also cut by vLLM's ``split_graph`` and the
+    *split* module is what runs, over several batch sizes, against eager.
+    Returns ``(graph, split items or None)``.
+    """
     import deepep_ops
     from deepep_ops.vllm.testing import build_modular_kernel
-    from torch._dynamo.testing import EagerAndRecordGraphs
+    from vllm.compilation.backends import split_graph
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG as QC
 
@@ -40,14 +45,29 @@ def _capture(decode: bool) -> torch.fx.GraphModule:
         pf.finalize(out, y, tw, tid, False, experts.finalize_weight_and_reduce_impl())
         return out
 
-    backend = EagerAndRecordGraphs()
-    x = torch.randn(T, H, generator=g).bfloat16()
-    w = torch.rand(T, K, generator=g).softmax(-1)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    graphs, splits = [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        if split_ops is None:
+            return gm.forward
+        split_gm, items = split_graph(gm, split_ops)
+        splits.append(items)
+        return split_gm
+
+    def inputs(T):
+        x = torch.randn(T, H, generator=g).bfloat16()
+        w = torch.rand(T, K, generator=g).softmax(-1)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        return x, w, ids
+
     torch._dynamo.reset()
-    torch.compile(step, fullgraph=True, dynamic=True, backend=backend)(x, w, ids)
-    assert len(backend.graphs) == 1
-    return backend.graphs[0]
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=backend)
+    for T in (T0, 11, 3) if split_ops is not None else (T0,):
+        args = inputs(T)
+        torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0, msg=f"T={T}")
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    return graphs[0], (splits[0] if splits else None)
 
 
 def _targets(gm):
@@ -71,29 +91,37 @@ def test_splitting_ops_helper():
     assert splitting_ops(part) == ["deepep::dispatch_exact"]
 
 
-def test_prefill_fx_split_at_dispatch_exact_hits_split_module_cycle():
-    """Known limitation (vLLM 0.32 + torch 2.13), pinned so that a fix shows up here.
+def _call_targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
-    ``split_graph`` puts ``dispatch_exact`` (and its getitems) in their own piece,
-    but Dynamo binds the op's unbacked sizes (u0, u1) with ``aten.sym_size.int``
-    nodes right after it, which ``split_graph`` assigns to the *next* piece.
-    ``torch.fx.passes.split_module.record_cross_partition_use`` then makes that
-    piece depend on itself through the symbol's binding node, and
-    ``split_module`` raises "cycle exists between partitions!". With
-    ``use_inductor_graph_partition=True`` vLLM skips the FX split and gives
-    ``splitting_ops`` to Inductor instead (see the test below).
+
+def test_prefill_fx_split_exactly_at_dispatch_exact():
+    """vLLM's ``split_graph`` (the FX split of piecewise CUDA graphs) cuts the
+    prefill graph exactly around ``deepep::dispatch_exact``, and the split
+    module computes what eager does, for several batch sizes.
+
+    The op's piece holds the op and the getitems of its outputs, nothing else:
+    its unbacked sizes N and X are outputs of the op (see ``schemas.py``), so
+    the bound checks on them and everything that uses them land in the next
+    piece, which vLLM may capture.
     """
     from deepep_ops.vllm import splitting_ops
-    from vllm.compilation.backends import split_graph
 
-    gm = _capture(decode=False)
-    targets = _targets(gm)
-    assert "deepep.dispatch_exact" in targets and "deepep.combine" in targets
-    # the offending nodes: size reads of dispatch_exact's outputs right after it
-    i = targets.index("deepep.dispatch_exact")
-    assert "aten.sym_size.int" in targets[i + 1:i + 5]
-    with pytest.raises(RuntimeError, match="cycle exists between partitions"):
-        split_graph(gm, splitting_ops())
+    gm, items = _capture(decode=False, split_ops=splitting_ops())
+    assert "deepep.dispatch_exact" in _targets(gm)
+    split = [it for it in items if it.is_splitting_graph]
+    assert len(split) == 1, [(it.submod_name, it.is_splitting_graph) for it in items]
+    op_piece = _call_targets(split[0].graph)
+    assert op_piece[0] == "deepep.dispatch_exact", op_piece
+    assert set(op_piece[1:]) == {"<built-in function getitem>"}, op_piece
+    # (u0, u1, recv_x, recv_topk_weights, counts, five handle tensors): what later pieces use
+    assert len(op_piece) == 1 + 10, op_piece
+    rest = [t for it in items if not it.is_splitting_graph for t in _call_targets(it.graph)]
+    assert "deepep.dispatch_exact" not in rest and "deepep.combine" in rest
+    assert "aten._assert_scalar.default" in rest  # the bound checks of N and X run after the op's piece
+    assert split[0].graph_id == 1 and items[-1].graph_id == 2 and len(items) == 2, (
+        "dispatch_exact is the first op of the graph: one piece for it, one for the rest"
+    )
 
 
 def test_inductor_graph_partition_gets_dispatch_exact():
@@ -113,10 +141,8 @@ def test_inductor_graph_partition_gets_dispatch_exact():
 
 def test_decode_graph_is_not_split():
     from deepep_ops.vllm import splitting_ops
-    from vllm.compilation.backends import split_graph
 
-    gm = _capture(decode=True)
+    gm, items = _capture(decode=True, split_ops=splitting_ops())
     targets = _targets(gm)
     assert "deepep.dispatch" in targets and "deepep.token_bucket" in targets
-    _, items = split_graph(gm, splitting_ops())
     assert len(items) == 1 and not items[0].is_splitting_graph

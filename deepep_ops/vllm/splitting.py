@@ -6,6 +6,12 @@ captured pieces. vLLM splits its graph at ``CompilationConfig.splitting_ops``
 (FX-level ``split_graph``), or, with ``use_inductor_graph_partition=True``, hands
 the same list to Inductor's ``custom_should_partition_ops``: either way the ops
 belong in ``splitting_ops``.
+
+The FX split leaves ``dispatch_exact`` alone in its piece with the items of its
+outputs (its unbacked sizes are outputs too, see ``deepep_ops.schemas``). The
+pieces after it still have data-dependent shapes, and vLLM's CUDA-graph wrapper
+replays by batch size only: a prefill-mode layer needs vLLM's CUDA graphs off,
+which is how vLLM runs it (prefill mode only with ``enforce_eager``).
 """
 
 from __future__ import annotations

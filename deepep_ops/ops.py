@@ -80,7 +80,12 @@ def _dispatch(
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + _handle_tensors(handle)
 
 
-@torch.library.impl(lib, "dispatch", "CompositeExplicitAutograd")
+# register_kernel (not library.impl) wraps each kernel in torch._disable_dynamo:
+# when a deepep op runs eagerly while Dynamo's frame hook is live (code after a
+# graph break inside a compiled function), Dynamo must not try to trace the
+# kernel's own Python frame, which handles the real buffer behind the opaque
+# EPBuffer and fails as a hard error when traced.
+@torch.library.register_kernel("deepep::dispatch", None, lib=lib)
 def dispatch_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     return _dispatch(
         "deepep.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
@@ -88,7 +93,7 @@ def dispatch_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_
     )
 
 
-@torch.library.impl(lib, "dispatch_exact", "CompositeExplicitAutograd")
+@torch.library.register_kernel("deepep::dispatch_exact", None, lib=lib)
 def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     return _dispatch(
         "deepep.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
@@ -154,7 +159,7 @@ def run_combine(
     return combined_x
 
 
-@torch.library.impl(lib, "combine", "CompositeExplicitAutograd")
+@torch.library.register_kernel("deepep::combine", None, lib=lib)
 def combine_impl(x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata, dst_buffer_slot_idx,
                  buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand, num_expanded_tokens):
     return run_combine(
@@ -164,7 +169,7 @@ def combine_impl(x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_me
     )
 
 
-@torch.library.impl(lib, "combine_into", "CompositeExplicitAutograd")
+@torch.library.register_kernel("deepep::combine_into", None, lib=lib)
 def combine_into_impl(out, x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
                       dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment,
                       do_expand, num_expanded_tokens):
@@ -175,6 +180,6 @@ def combine_into_impl(out, x, topk_idx, psum_rank, psum_expert, num_unaligned, r
     )
 
 
-@torch.library.impl(lib, "token_bucket", "CompositeExplicitAutograd")
+@torch.library.register_kernel("deepep::token_bucket", None, lib=lib)
 def token_bucket_impl(tokens, capacity):
     return _token_bucket_impl(tokens.shape[0], capacity)

@@ -36,13 +36,16 @@ def setup():
     w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16()
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
 
-    def step(out, x, topk_weights, topk_ids):
+    def moe(x, topk_weights, topk_ids):
+        return kernel.apply(x, w1, w2, topk_weights, topk_ids, MoEActivation.SILU, E, None, False)
+
+    def step(out, x, topk_weights, topk_ids):  # the snapshots' graph: keep as is (symbol names follow sources)
         out.copy_(kernel.apply(x, w1, w2, topk_weights, topk_ids, MoEActivation.SILU, E, None, False))
 
     x = torch.randn(T, H, generator=g).bfloat16()
     w = torch.rand(T, K, generator=g).softmax(-1)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    return step, (x, w, ids)
+    return step, (x, w, ids), moe
 
 
 class _Recorder(CustomGraphPass):
@@ -71,7 +74,7 @@ def _run(step, inputs, post_pass):
 def test_pass_snapshot_and_numerics(setup):
     from deepep_ops.vllm.passes import CombineIntoPass
 
-    step, inputs = setup
+    step, inputs, _ = setup
     eager = torch.zeros(T, H, dtype=torch.bfloat16)
     step(eager, *inputs)
     plain = _run(step, inputs, None)
@@ -91,6 +94,42 @@ def test_pass_snapshot_and_numerics(setup):
     assert eager.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reads", ["result_after_copy", "out_before_copy"])
+def test_pass_when_combine_result_has_other_readers(setup, reads):
+    """``out.copy_(moe); return out + x`` reaches post-grad as ``add(combine, x)`` beside
+    ``copy_(out, combine)``: rewritten, with combine_into at combine's place and the add
+    reading ``out``. If ``out`` is also read before the copy, moving the write earlier
+    would change that read: left alone."""
+    from deepep_ops.vllm.passes import CombineIntoPass
+
+    _, inputs, moe = setup
+
+    def step(out, x, topk_weights, topk_ids):
+        before = out * 2 if reads == "out_before_copy" else 0
+        out.copy_(moe(x, topk_weights, topk_ids))
+        return out + x + before
+
+    def run(post_pass):
+        torch._dynamo.reset()
+        out = torch.full((T, H), 0.5, dtype=torch.bfloat16)
+        with inductor_config.patch(post_grad_custom_post_pass=post_pass, fx_graph_cache=False):
+            ret = torch.compile(step, fullgraph=True, dynamic=True, backend="inductor")(out, *inputs)
+        return out, ret
+
+    pass_ = CombineIntoPass()
+    rec = _Recorder(pass_)
+    got, plain = run(rec), run(None)
+    if reads == "result_after_copy":
+        assert pass_.matched_count == 1 and "copy_" not in rec.after
+        assert rec.after.index("combine_into") < rec.after.rindex("aten.add"), rec.after  # `out + x` reads out after it
+    else:
+        assert pass_.matched_count == 0 and rec.after == rec.before
+    for g, p in zip(got, plain):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+    eager_out = torch.full((T, H), 0.5, dtype=torch.bfloat16)
+    torch.testing.assert_close(got[1], step(eager_out, *inputs), rtol=2e-2, atol=2e-2)
+
+
 def test_pass_through_vllm_post_grad_pass_manager(setup):
     """``CompilationConfig`` → ``PostGradPassManager`` (as VllmBackend.configure_post_pass does) → Inductor."""
     from deepep_ops.vllm.passes import CombineIntoPass
@@ -99,7 +138,7 @@ def test_pass_through_vllm_post_grad_pass_manager(setup):
     from vllm.config import CompilationConfig, VllmConfig
     from vllm.config.utils import Range
 
-    step, inputs = setup
+    step, inputs, _ = setup
     ours = CombineIntoPass()
     vllm_config = VllmConfig(compilation_config=CompilationConfig(
         inductor_compile_config={"post_grad_custom_post_pass": ours}))

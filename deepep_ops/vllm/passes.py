@@ -14,7 +14,11 @@ each such pair into the out-variant::
     combine_into = torch.ops.deepep.combine_into.default(out, x, topk_idx, ...)
 
 which combines straight into ``out`` (DeepEP backends that can write ``out``
-skip the intermediate buffer; the others copy once inside the op). When the
+skip the intermediate buffer; the others copy once inside the op). Code that
+goes on using the result (``out.copy_(y); return out + r``) reaches post-grad
+with other readers of ``combine``; they are pointed at ``out``, and
+``combine_into`` then takes combine's place, which is done only when ``out``
+is a graph input that nothing but the copy touches. When the
 output buffer is allocated inside the graph (``torch.empty_like`` in vLLM's
 modular kernel), Inductor has already folded the copy away before this pass
 runs and there is nothing to rewrite. (The functional ``aten.copy.default``
@@ -55,35 +59,53 @@ def _val(node) -> Optional[torch.Tensor]:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-def _rewritable(copy_node: fx.Node) -> bool:
+def _insertion_point(copy_node: fx.Node) -> Optional[fx.Node]:
+    """Where ``combine_into`` goes for this ``copy_`` node, or None if it is not rewritable.
+
+    The copy must be a plain same-shape bf16 copy (no broadcast, no cast) of a
+    ``combine`` result. If nothing else reads that result, ``combine_into``
+    takes the copy's place. If other nodes read it too (``out.copy_(y); return
+    out + r`` reaches post-grad as ``add(combine, r)`` beside ``copy_(out,
+    combine)``), they read ``out`` instead, so ``combine_into`` must take
+    combine's place; that moves the write to ``out`` earlier, which is safe
+    only when ``out`` is a graph input that nothing but this copy touches.
+    """
     if copy_node.op != "call_function" or copy_node.target is not COPY_:
-        return False
+        return None
     dst, src = copy_node.args[0], copy_node.args[1]
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is COMBINE):
-        return False
-    if len(src.users) != 1 or copy_node.kwargs.get("non_blocking", False):
-        return False
+        return None
+    if copy_node.kwargs.get("non_blocking", False):
+        return None
     dst_val, src_val = _val(dst), _val(src)
     if dst_val is None or src_val is None:
-        return False
-    # Only a plain same-shape, same-dtype copy (no broadcast, no cast) is combine_into.
-    return dst_val.dtype == src_val.dtype == torch.bfloat16 and dst_val.shape == src_val.shape
+        return None
+    if not (dst_val.dtype == src_val.dtype == torch.bfloat16 and dst_val.shape == src_val.shape):
+        return None
+    if len(src.users) == 1:
+        return copy_node
+    if dst.op == "placeholder" and set(dst.users) == {copy_node}:
+        return src
+    return None
 
 
 def rewrite_combine_copies(graph: fx.Graph) -> int:
     """Rewrite every ``copy_(out, combine(...))`` of ``graph`` in place; returns how many."""
     count = 0
     for copy_node in list(graph.nodes):
-        if not _rewritable(copy_node):
+        where = _insertion_point(copy_node)
+        if where is None:
             continue
         dst, combine_node = copy_node.args[0], copy_node.args[1]
-        with graph.inserting_before(copy_node):
+        with graph.inserting_before(where):
             new = graph.call_function(COMBINE_INTO, (dst, *combine_node.args), dict(combine_node.kwargs))
         new.meta.update({k: v for k, v in copy_node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         new.meta["val"] = None
-        # copy_ returns its destination: later users read ``out`` itself.
+        # copy_ returns its destination, and out now holds what combine returned:
+        # every later reader of either reads ``out`` itself.
         copy_node.replace_all_uses_with(dst)
         graph.erase_node(copy_node)
+        combine_node.replace_all_uses_with(dst)
         graph.erase_node(combine_node)
         count += 1
     if count:
@@ -117,7 +139,7 @@ class CombineIntoPass(VllmInductorPass):
 
     def uuid(self) -> str:
         # The rewrite lives in module functions: hash them with the class.
-        return self.hash_source(self, rewrite_combine_copies, _rewritable)
+        return self.hash_source(self, rewrite_combine_copies, _insertion_point)
 
 
 def combine_into_pass(graph: fx.Graph) -> None:

@@ -31,7 +31,7 @@ SWEEP = (5, 9, 3, 17, 1, 33)
 
 def _block_class():
     import deepep_ops
-    from deepep_ops.vllm.testing import build_modular_kernel
+    from deepep_ops.vllm.testing import build_modular_kernel, gated_expert_weights
     from vllm.compilation.decorators import support_torch_compile
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
@@ -41,10 +41,11 @@ def _block_class():
             super().__init__()
             buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
             self.kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=True)
-            g = torch.Generator().manual_seed(0)
-            self.gate = nn.Parameter(torch.randn(H, E, generator=g).bfloat16(), requires_grad=False)
-            self.w1 = nn.Parameter((torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16(), requires_grad=False)
-            self.w2 = nn.Parameter((torch.randn(E, H, I, generator=g) / I**0.5).bfloat16(), requires_grad=False)
+            w1, w2 = gated_expert_weights(E, H, I)
+            gate = torch.randn(H, E, generator=torch.Generator().manual_seed(1)).bfloat16()
+            self.gate = nn.Parameter(gate, requires_grad=False)
+            self.w1 = nn.Parameter(w1, requires_grad=False)
+            self.w2 = nn.Parameter(w2, requires_grad=False)
 
         def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             w, ids = torch.topk(torch.softmax((x @ self.gate).float(), -1), K, dim=-1)

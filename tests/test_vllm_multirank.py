@@ -23,13 +23,6 @@ WORLD = 2
 SWEEP = [1, 2, 3, 5, 8, 13, 21, 34, 55]
 
 
-def make_weights(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
-    return w1, w2
-
-
 def make_inputs(seed: int, T: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).bfloat16()
@@ -72,11 +65,11 @@ def _run_mode(rank, world, mode):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     import deepep_ops
-    from deepep_ops.vllm.testing import build_modular_kernel, expert_map_for
+    from deepep_ops.vllm.testing import build_modular_kernel, expert_map_for, gated_expert_weights
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     buf = deepep_ops.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
-    w1_all, w2_all = make_weights()
+    w1_all, w2_all = gated_expert_weights(E, H, I)
     EL = E // world
     w1, w2 = w1_all[rank * EL:(rank + 1) * EL], w2_all[rank * EL:(rank + 1) * EL]
     emap = expert_map_for(E, rank, world)

@@ -27,14 +27,13 @@ E, K, H, I, CAP, T = 2, 2, 256, 16, 64, 5
 @pytest.fixture(scope="module")
 def setup():
     import deepep_ops
-    from deepep_ops.vllm.testing import build_modular_kernel
+    from deepep_ops.vllm.testing import build_modular_kernel, gated_expert_weights
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
     kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=True)
+    w1, w2 = gated_expert_weights(E, H, I)
     g = torch.Generator().manual_seed(0)
-    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
 
     def moe(x, topk_weights, topk_ids):
         return kernel.apply(x, w1, w2, topk_weights, topk_ids, MoEActivation.SILU, E, None, False)

@@ -25,14 +25,12 @@ E, K, H, I, CAP = 4, 2, 256, 16, 64
 @pytest.fixture(scope="module")
 def prefill_forward():
     import deepep_ops
-    from deepep_ops.vllm.testing import build_modular_kernel, expert_map_for
+    from deepep_ops.vllm.testing import build_modular_kernel, expert_map_for, gated_expert_weights
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
     kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=False)
-    g = torch.Generator().manual_seed(0)
-    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
+    w1, w2 = gated_expert_weights(E, H, I)
     emap = expert_map_for(E, 0, 1)
 
     def fwd(x, w, ids):

@@ -23,7 +23,7 @@ def _capture(decode: bool, split_ops=None):
     Returns ``(graph, split items or None)``.
     """
     import deepep_ops
-    from deepep_ops.vllm.testing import build_modular_kernel
+    from deepep_ops.vllm.testing import build_modular_kernel, gated_expert_weights
     from vllm.compilation.backends import split_graph
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG as QC
@@ -31,9 +31,8 @@ def _capture(decode: bool, split_ops=None):
     buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
     kernel, pf = build_modular_kernel(buf, E, K, H, I, decode=decode)
     experts = kernel.fused_experts
+    w1, w2 = gated_expert_weights(E, H, I)
     g = torch.Generator().manual_seed(0)
-    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
 
     # The modular kernel's own body is bypassed here: in prefill its
     # `if M_full == 0` branches on dispatch_exact's unbacked row count.

@@ -157,6 +157,17 @@ class TorchGatedExperts(mk.FusedMoEExpertsModular):
         output.copy_(out.to(output.dtype))
 
 
+def gated_expert_weights(num_experts: int, hidden: int, intermediate: int, *, seed: int = 0):
+    """Random bf16 weights in vLLM's layout: ``w1`` [E, 2·I, H] (gate rows, then up), ``w2`` [E, H, I].
+
+    Scaled by 1/sqrt(fan-in) so activations stay O(1) through the SiLU-gated MLP.
+    """
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(num_experts, 2 * intermediate, hidden, generator=g) / hidden**0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, intermediate, generator=g) / intermediate**0.5).bfloat16()
+    return w1, w2
+
+
 def expert_map_for(num_experts: int, rank: int, num_ranks: int, device="cpu") -> torch.Tensor:
     """vLLM's EP ``expert_map``: [E] int32, local slot of each global expert, −1 elsewhere."""
     num_local = num_experts // num_ranks

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 
 from _dist import run_distributed  # noqa: E402
 
+import deepep_ops  # noqa: E402
+
 E, K, H, I, CAP = 8, 2, 256, 32, 128
 WORLD = 2
 SWEEP = [1, 2, 3, 5, 8, 13, 21, 34, 55]
@@ -42,6 +44,18 @@ def dense_moe(x, w, ids, w1, w2):
     return out.bfloat16()
 
 
+class RecordingBuffer(deepep_ops.ReferenceElasticBuffer):
+    """The reference backend, noting the ``num_max_tokens_per_rank`` each dispatch really got."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_m: list = []
+
+    def dispatch(self, *args, **kwargs):
+        self.seen_m.append(kwargs["num_max_tokens_per_rank"])
+        return super().dispatch(*args, **kwargs)
+
+
 def _forward_context(counts):
     from vllm.forward_context import DPMetadata, ForwardContext, override_forward_context
 
@@ -64,11 +78,10 @@ def _run_mode(rank, world, mode):
     import torch.distributed as dist
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    import deepep_ops
     from deepep_ops.vllm.testing import build_modular_kernel, expert_map_for, gated_expert_weights
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    buf = deepep_ops.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
+    buf = RecordingBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
     w1_all, w2_all = gated_expert_weights(E, H, I)
     EL = E // world
     w1, w2 = w1_all[rank * EL:(rank + 1) * EL], w2_all[rank * EL:(rank + 1) * EL]
@@ -85,8 +98,8 @@ def _run_mode(rank, world, mode):
         with _forward_context(counts):
             out = fwd(x, w, ids)
         _close(out, dense_moe(x, w, ids, w1_all, w2_all), f"{mode} rank {rank}")
-        handle = adapter.handles[0]
-        report["M"] = int(handle.num_max_tokens_per_rank)
+        assert adapter.handles == [None, None], "finalize must free its handle slot"
+        report["M"] = buf.seen_m[-1]
         return report
 
     # compiled decode sweep: rank r holds T + r tokens; the bucket must follow max over DP.
@@ -98,7 +111,8 @@ def _run_mode(rank, world, mode):
         x, w, ids = make_inputs(1000 * T + rank, counts[rank])
         with _forward_context(counts):
             got = compiled(x, w, ids)
-            m = int(adapter.handles[0].num_max_tokens_per_rank)
+            m = buf.seen_m[-1]
+            assert adapter.handles == [None, None], "compiled finalize must free its handle slot"
             eager = fwd(x, w, ids)
         torch.testing.assert_close(got, eager, rtol=0, atol=0, msg=f"T={T}: compiled != eager")
         _close(got, dense_moe(x, w, ids, w1_all, w2_all), f"compiled T={T}")

@@ -310,9 +310,15 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         apply_router_weight_on_input: bool,
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
     ) -> None:
-        handle = self.handles[_ubatch_id()]
+        slot = _ubatch_id()
+        handle = self.handles[slot]
         if handle is None:
             raise RuntimeError("DeepEPV2PrepareAndFinalize.finalize: no dispatch handle (prepare was not called)")
+        # Free the slot once its combine is issued. Under torch.compile a handle
+        # left on `self` is an attribute write that Dynamo replays after the
+        # graph, which makes the handle's tensors extra graph outputs, alive
+        # until the next forward.
+        self.handles[slot] = None
         pf = self._pf[False]
         if isinstance(weight_and_reduce_impl, (TopKWeightAndReduceDelegate, TopKWeightAndReduceContiguous)):
             if not _is_empty(fused_expert_output):

@@ -1,4 +1,5 @@
-"""``deepep_ops.vllm.splitting_ops`` + vLLM's ``split_graph`` on captured MoE graphs.
+"""``deepep_ops.vllm.splitting_ops`` + vLLM's ``split_graph`` on captured MoE graphs,
+and the whole ``VllmBackend`` (split, piecewise Inductor, post-grad passes) on them.
 
 Prefill (``deepep::dispatch_exact``: CPU sync, data-dependent sizes) must be cut
 out of CUDA-graph pieces; decode (``deepep::dispatch``) must stay inside.
@@ -12,19 +13,19 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-E, K, H, I, CAP, T0 = 4, 2, 256, 16, 64, 6
+E, K, H, I, CAP = 4, 2, 256, 16, 64
+SWEEP = (6, 11, 3)  # no T = 1: its specialisation would recompile, and a VllmBackend compiles once
 
 
-def _capture(decode: bool, split_ops=None):
-    """Dynamo graph of adapter.prepare → TorchGatedExperts.apply → adapter.finalize.
+def _moe_step(decode: bool):
+    """``(step, inputs)``: adapter.prepare → TorchGatedExperts.apply → adapter.finalize
+    into the caller's ``out``, then a residual add (so combine's result has a later reader).
 
-    With ``split_ops`` the graph is also cut by vLLM's ``split_graph`` and the
-    *split* module is what runs, over several batch sizes, against eager.
-    Returns ``(graph, split items or None)``.
+    The modular kernel's own body is bypassed: in prefill its ``if M_full == 0``
+    branches on dispatch_exact's unbacked row count (tests/test_vllm_prefill_compile.py).
     """
     import deepep_ops
     from deepep_ops.vllm.testing import build_modular_kernel, gated_expert_weights
-    from vllm.compilation.backends import split_graph
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG as QC
 
@@ -32,41 +33,52 @@ def _capture(decode: bool, split_ops=None):
     kernel, pf = build_modular_kernel(buf, E, K, H, I, decode=decode)
     experts = kernel.fused_experts
     w1, w2 = gated_expert_weights(E, H, I)
-    g = torch.Generator().manual_seed(0)
 
-    # The modular kernel's own body is bypassed here: in prefill its
-    # `if M_full == 0` branches on dispatch_exact's unbacked row count.
-    def step(x, w, ids):
+    def step(out, x, w, ids):
         a, s, meta, tid, tw = pf.prepare(x, w, ids, E, None, False, QC)
         y = torch.empty((a.shape[0], tid.shape[1], H), dtype=torch.bfloat16)
         experts.apply(y, a, w1, w2, tw, tid, MoEActivation.SILU, E, None, s, None, None, None, meta, False)
-        out = torch.empty_like(x)
         pf.finalize(out, y, tw, tid, False, experts.finalize_weight_and_reduce_impl())
-        return out
+        return out + x
+
+    def inputs(T):
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(T, H, generator=g).bfloat16()
+        w = torch.rand(T, K, generator=g).softmax(-1)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        return torch.zeros(T, H, dtype=torch.bfloat16), x, w, ids
+
+    return step, inputs
+
+
+def _compile_and_compare(step, inputs, backend, **tol):
+    """Compile ``step`` once with ``backend``; compiled == eager (``out`` and result) over SWEEP."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=backend)
+    for T in SWEEP:
+        got_out, *args = inputs(T)
+        want_out, *_ = inputs(T)
+        torch.testing.assert_close(compiled(got_out, *args), step(want_out, *args), msg=f"T={T}", **tol)
+        torch.testing.assert_close(got_out, want_out, msg=f"T={T}: out", **tol)
+    torch._dynamo.reset()
+
+
+def _split_by_vllm(decode: bool):
+    """Dynamo graph and vLLM ``split_graph`` pieces; the split module is what runs."""
+    from deepep_ops.vllm import splitting_ops
+    from vllm.compilation.backends import split_graph
 
     graphs, splits = [], []
 
     def backend(gm, example_inputs):
+        split_gm, items = split_graph(gm, splitting_ops())
         graphs.append(gm)
-        if split_ops is None:
-            return gm.forward
-        split_gm, items = split_graph(gm, split_ops)
         splits.append(items)
         return split_gm
 
-    def inputs(T):
-        x = torch.randn(T, H, generator=g).bfloat16()
-        w = torch.rand(T, K, generator=g).softmax(-1)
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-        return x, w, ids
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=backend)
-    for T in (T0, 11, 3) if split_ops is not None else (T0,):
-        args = inputs(T)
-        torch.testing.assert_close(compiled(*args), step(*args), rtol=0, atol=0, msg=f"T={T}")
+    _compile_and_compare(*_moe_step(decode), backend, rtol=0, atol=0)
     assert len(graphs) == 1, f"{len(graphs)} graphs"
-    return graphs[0], (splits[0] if splits else None)
+    return graphs[0], splits[0]
 
 
 def _targets(gm):
@@ -102,11 +114,9 @@ def test_prefill_fx_split_exactly_at_dispatch_exact():
     The op's piece holds the op and the getitems of its outputs, nothing else:
     its unbacked sizes N and X are outputs of the op (see ``schemas.py``), so
     the bound checks on them and everything that uses them land in the next
-    piece, which vLLM may capture.
+    piece.
     """
-    from deepep_ops.vllm import splitting_ops
-
-    gm, items = _capture(decode=False, split_ops=splitting_ops())
+    gm, items = _split_by_vllm(decode=False)
     assert "deepep.dispatch_exact" in _targets(gm)
     split = [it for it in items if it.is_splitting_graph]
     assert len(split) == 1, [(it.submod_name, it.is_splitting_graph) for it in items]
@@ -139,9 +149,49 @@ def test_inductor_graph_partition_gets_dispatch_exact():
 
 
 def test_decode_graph_is_not_split():
-    from deepep_ops.vllm import splitting_ops
-
-    gm, items = _capture(decode=True, split_ops=splitting_ops())
+    gm, items = _split_by_vllm(decode=True)
     targets = _targets(gm)
     assert "deepep.dispatch" in targets and "deepep.token_bucket" in targets
     assert len(items) == 1 and not items[0].is_splitting_graph
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_vllm_backend_end_to_end(decode, tmp_path, monkeypatch):
+    """The whole ``VllmBackend`` (GPU platforms' ``VLLM_COMPILE`` backend) on CPU:
+    ``split_graph`` at our ``splitting_ops``, each piece compiled by vLLM's
+    piecewise backend with Inductor, ``PostGradPassManager`` running
+    ``CombineIntoPass``; compiled once, equal to eager over several batch sizes.
+    """
+    from deepep_ops.vllm import splitting_ops
+    from deepep_ops.vllm.passes import CombineIntoPass
+    from vllm.compilation.backends import VllmBackend
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cache hit would skip the pass
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm"))
+    ours = CombineIntoPass()
+    cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, backend="inductor",
+                           inductor_compile_config={"post_grad_custom_post_pass": ours})
+    splitting_ops(cc)
+    vllm_config = VllmConfig(compilation_config=cc)
+    # vLLM's CPU platform downgrades VLLM_COMPILE to one plain Dynamo trace
+    # (platforms/cpu.py, see test_vllm_compile_flow.py); undo that to run the
+    # backend GPU platforms use.
+    vllm_config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    if vllm_config.compilation_config.compile_sizes is None:
+        vllm_config.compilation_config.compile_sizes = []
+
+    step, inputs = _moe_step(decode)
+    with set_current_vllm_config(vllm_config), set_forward_context({}, vllm_config=vllm_config):
+        backend = VllmBackend(vllm_config, prefix="")
+        _compile_and_compare(step, inputs, backend, rtol=2e-2, atol=4e-2)
+
+    pieces = [(item.graph_id, item.is_splitting_graph) for item in backend.piecewise_graphs]
+    if decode:
+        assert pieces == [(0, False)], pieces
+    else:
+        assert pieces == [(1, True), (2, False)], pieces
+        op_piece = _call_targets(backend.piecewise_graphs[0].graph)
+        assert op_piece[0] == "deepep.dispatch_exact" and set(op_piece[1:]) == {"<built-in function getitem>"}
+    assert ours.matched_count == 1, "PostGradPassManager did not rewrite the combine copy"

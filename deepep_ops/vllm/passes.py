@@ -131,6 +131,7 @@ class CombineIntoPass(VllmInductorPass):
             self.model_dtype = None
             self.device = None
             self.pass_name = type(self).__name__
+        #: copies rewritten in the last graph this pass ran on (for tests and logs)
         self.matched_count = 0
 
     @VllmInductorPass.time_and_log

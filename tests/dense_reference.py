@@ -181,13 +181,17 @@ def dense_moe(inp: RankInputs, experts: Experts, weighted: bool = True) -> torch
     return y
 
 
-def spec_decode_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = True) -> torch.Tensor:
-    """Bit-exact expected decode result (spec §4, non-expand) for elementwise experts.
+def spec_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = True, *, expand: bool) -> torch.Tensor:
+    """Bit-exact expected combine result (spec §4) for elementwise experts.
 
-    Each destination rank r sends back one row: bf16(Σ_{lanes k on r, ascending}
-    w[t,k]·expert(x[t])) accumulated in fp32 from zero (this is what the test's
-    receiving side computes); combine then sums those rows in fp32 over ranks
-    ordered by each rank's last lane, and rounds once to bf16.
+    Per token, each destination rank r contributes one fp32 partial over its
+    lanes in ascending lane order, rounded once to bf16; combine sums those in
+    fp32 over ranks ordered by each rank's last lane and rounds once to bf16.
+    The modes differ in what a lane adds (what the test's receiving side computes):
+
+    - decode (``expand=False``, non-expand): w[t,k]·expert(x[t]) in fp32;
+    - prefill (``expand=True``, allow_multiple_reduction=True): each expanded
+      row is already bf16(expert(x[t])·w[t,k]).
     """
     xf = inp.x_float()
     T, H = xf.shape
@@ -199,33 +203,9 @@ def spec_decode_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bo
                 continue
             r = e // EL
             w = inp.topk_weights[t, k] if weighted else torch.tensor(1.0)
-            acc = partial.get(r, torch.zeros(H))
-            partial[r] = acc + w * experts(e, xf[t : t + 1])[0]
-        acc = torch.zeros(H)
-        for r, _k in sorted(last_lane_of_rank(row, EL).items(), key=lambda kv: kv[1]):
-            acc = acc + partial[r].bfloat16().float()
-        out[t] = acc.bfloat16()
-    return out
-
-
-def spec_prefill_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = True) -> torch.Tensor:
-    """Bit-exact expected prefill result (spec §4, expand, allow_multiple_reduction=True).
-
-    Each (token, lane) row is bf16(expert(x)·w) (what the test computes per
-    expanded row); rank r reduces its lanes in ascending lane order in fp32 and
-    rounds once to bf16; combine sums the ranks in fp32 ordered by last lane.
-    """
-    xf = inp.x_float()
-    T, H = xf.shape
-    out = torch.zeros(T, H, dtype=torch.bfloat16)
-    for t, row in enumerate(inp.topk_idx.tolist()):
-        partial = {}
-        for k, e in enumerate(row):
-            if e < 0:
-                continue
-            r = e // EL
-            w = inp.topk_weights[t, k] if weighted else torch.tensor(1.0)
-            y = (experts(e, xf[t : t + 1])[0] * w).bfloat16().float()
+            y = experts(e, xf[t : t + 1])[0] * w
+            if expand:
+                y = y.bfloat16().float()
             partial[r] = partial.get(r, torch.zeros(H)) + y
         acc = torch.zeros(H)
         for r, _k in sorted(last_lane_of_rank(row, EL).items(), key=lambda kv: kv[1]):

@@ -272,19 +272,23 @@ def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, exper
     aligned = [ref.align_up(v, A) for v in c]
     S = [a - b for a, b in zip(_cumsum(aligned), aligned)]
 
+    def check_combines(mode, result, expert_rows, *extra):
+        """Each expert kind's rows through combine, against the dense MoE or spec §4's rounding."""
+        for kind, ex in kinds.items():
+            weighted = kind != "identity"
+            rows = check(f"{mode} {kind} expert rows", expert_rows, result, me, EL, ex, weighted, *extra)
+            if rows is None:
+                rows = torch.zeros(result.recv_x.shape, dtype=BF16)
+            out = D.combine(rows, result.handle, buf)
+            expected = (lambda ex=ex: ref.dense_moe(inp, ex)) if kind == "matrix" else (
+                lambda ex=ex, weighted=weighted: ref.spec_combine(inp, ex, EL, weighted, expand=mode == "prefill"))
+            check(f"{mode} {kind} combine", _compare, out, expected, kind, mode, T)
+
     # ---------------- decode
     r = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=M,
                    expert_alignment=A, x_scales=inp.x_scales)
     check("decode layout", check_decode_layout, r, inputs, me, R, E, M, A)
-    for kind, ex in kinds.items():
-        weighted = kind != "identity"
-        rows = check(f"decode {kind} expert rows", decode_expert_rows, r, me, EL, ex, weighted)
-        if rows is None:
-            rows = torch.zeros(r.recv_x.shape, dtype=BF16)
-        out = D.combine(rows, r.handle, buf)
-        expected = (lambda ex=ex: ref.dense_moe(inp, ex)) if kind == "matrix" else (
-            lambda ex=ex, weighted=weighted: ref.spec_decode_combine(inp, ex, EL, weighted))
-        check(f"decode {kind} combine", _compare, out, expected, kind, "decode", T)
+    check_combines("decode", r, decode_expert_rows)
     if not fp8:
         # spec §8: combine of the received rows themselves = x·(#distinct destination ranks), bitwise
         # (x·n is exact in fp32 and rounded once). Padding rows are NaN: combine must not read them.
@@ -300,15 +304,7 @@ def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, exper
     res = D.dispatch_exact(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E,
                            num_max_tokens_per_rank=CAPACITY, expert_alignment=A, x_scales=inp.x_scales)
     check("prefill layout", check_prefill_layout, res, inputs, me, R, E, CAPACITY, A)
-    for kind, ex in kinds.items():
-        weighted = kind != "identity"
-        rows = check(f"prefill {kind} expert rows", prefill_expert_rows, res, me, EL, ex, weighted, S, c)
-        if rows is None:
-            rows = torch.zeros(res.recv_x.shape, dtype=BF16)
-        out = D.combine(rows, res.handle, buf)
-        expected = (lambda ex=ex: ref.dense_moe(inp, ex)) if kind == "matrix" else (
-            lambda ex=ex, weighted=weighted: ref.spec_prefill_combine(inp, ex, EL, weighted))
-        check(f"prefill {kind} combine", _compare, out, expected, kind, "prefill", T)
+    check_combines("prefill", res, prefill_expert_rows, S, c)
     if small_ints and not fp8:
         # spec §8: combine of the expanded rows themselves = x·(#valid lanes), bitwise. Exactly
         # representable data, so spec §4's per-rank bf16 rounding cannot change the result.

@@ -1,7 +1,7 @@
 """Compile cost of the two ways of supplying the decode bucket M.
 
 - host: the caller passes ``pow2_bucket(T, capacity)`` as an int (a SymInt in the graph);
-- in-graph: ``deepep::token_bucket`` computes it on the host at run time and the
+- in-graph: ``deepep_ops::token_bucket`` computes it on the host at run time and the
   graph sees an unbacked SymInt (what a vLLM-style caller, compiled once with
   its guards dropped, needs).
 

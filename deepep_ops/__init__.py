@@ -1,6 +1,6 @@
 """DeepEP v2 dispatch/combine as ``torch.library`` ops that ``torch.compile`` sees through.
 
-``import deepep_ops`` registers ``torch.ops.deepep.{dispatch, dispatch_exact,
+``import deepep_ops`` registers ``torch.ops.deepep_ops.{dispatch, dispatch_exact,
 combine}`` and their fake kernels. ``deep_ep`` is optional and imported lazily.
 """
 

@@ -1,4 +1,4 @@
-"""Python entry points over the ``deepep::`` ops; traceable by Dynamo.
+"""Python entry points over the ``deepep_ops::`` ops; traceable by Dynamo.
 
 They pack the ops' flat outputs into :class:`DispatchResult` /
 :class:`ExactDispatchResult` and take the handle back as one value.
@@ -40,7 +40,7 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    out = torch.ops.deepep.dispatch(
+    out = torch.ops.deepep_ops.dispatch(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
     recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
@@ -77,7 +77,7 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    out = torch.ops.deepep.dispatch_exact(
+    out = torch.ops.deepep_ops.dispatch_exact(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
@@ -126,9 +126,9 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     Returns:
         [T, H] bf16.
     """
-    return torch.ops.deepep.combine(*_combine_args(x, handle, buffer))
+    return torch.ops.deepep_ops.combine(*_combine_args(x, handle, buffer))
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    torch.ops.deepep.combine_into(out, *_combine_args(x, handle, buffer))
+    torch.ops.deepep_ops.combine_into(out, *_combine_args(x, handle, buffer))

@@ -47,7 +47,7 @@ def pow2_bucket(n: int, capacity: int) -> int:
 # loop gives one graph per bucket, log2/ceil recompiles on every n once the
 # FX/AOT cache is warm, bit smearing takes 200 s to compile, sym_ite never
 # finishes. What works is to compute the bucket on the host at run time: the
-# ``deepep::token_bucket`` op returns it as an unbacked SymInt. No guard is ever
+# ``deepep_ops::token_bucket`` op returns it as an unbacked SymInt. No guard is ever
 # installed on it (so no recompiles, cold or warm cache), compile cost is one
 # tiny node, and the DP-global maximum can be read on the host without a device
 # sync. Under CUDA graphs, Inductor runs this host-only node outside the graph
@@ -95,4 +95,4 @@ def token_bucket(tokens: "torch.Tensor", capacity: int):
 
     Eager: returns an int. Compiled: an unbacked SymInt in [1, capacity].
     """
-    return torch.ops.deepep.token_bucket(tokens, capacity)
+    return torch.ops.deepep_ops.token_bucket(tokens, capacity)

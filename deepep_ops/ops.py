@@ -1,4 +1,4 @@
-"""Registration of the ``deepep::`` ops and their real implementations.
+"""Registration of the ``deepep_ops::`` ops and their real implementations.
 
 The real implementations validate (spec §6), call the backend through
 :class:`deepep_ops.protocol.ElasticBufferBackend`, and flatten DeepEP's
@@ -85,18 +85,18 @@ def _dispatch(
 # graph break inside a compiled function), Dynamo must not try to trace the
 # kernel's own Python frame, which handles the real buffer behind the opaque
 # EPBuffer and fails as a hard error when traced.
-@torch.library.register_kernel("deepep::dispatch", None, lib=lib)
+@torch.library.register_kernel("deepep_ops::dispatch", None, lib=lib)
 def dispatch_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     return _dispatch(
-        "deepep.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
+        "deepep_ops.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
         num_experts, num_max_tokens_per_rank, expert_alignment, exact=False,
     )
 
 
-@torch.library.register_kernel("deepep::dispatch_exact", None, lib=lib)
+@torch.library.register_kernel("deepep_ops::dispatch_exact", None, lib=lib)
 def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     return _dispatch(
-        "deepep.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
+        "deepep_ops.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
         num_experts, num_max_tokens_per_rank, expert_alignment, exact=True,
     )
 
@@ -159,27 +159,27 @@ def run_combine(
     return combined_x
 
 
-@torch.library.register_kernel("deepep::combine", None, lib=lib)
+@torch.library.register_kernel("deepep_ops::combine", None, lib=lib)
 def combine_impl(x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata, dst_buffer_slot_idx,
                  buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand, num_expanded_tokens):
     return run_combine(
-        "deepep.combine", x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
+        "deepep_ops.combine", x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
         dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
         num_expanded_tokens,
     )
 
 
-@torch.library.register_kernel("deepep::combine_into", None, lib=lib)
+@torch.library.register_kernel("deepep_ops::combine_into", None, lib=lib)
 def combine_into_impl(out, x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
                       dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment,
                       do_expand, num_expanded_tokens):
     run_combine(
-        "deepep.combine_into", x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
+        "deepep_ops.combine_into", x, topk_idx, psum_rank, psum_expert, num_unaligned, recv_src_metadata,
         dst_buffer_slot_idx, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
         num_expanded_tokens, out=out,
     )
 
 
-@torch.library.register_kernel("deepep::token_bucket", None, lib=lib)
+@torch.library.register_kernel("deepep_ops::token_bucket", None, lib=lib)
 def token_bucket_impl(tokens, capacity):
     return _token_bucket_impl(tokens.shape[0], capacity)

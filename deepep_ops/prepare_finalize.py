@@ -1,4 +1,4 @@
-"""MoE prepare/finalize over the ``deepep::`` ops, with the semantics of vLLM's
+"""MoE prepare/finalize over the ``deepep_ops::`` ops, with the semantics of vLLM's
 ``DeepEPV2PrepareAndFinalize``, written so that ``torch.compile(fullgraph=True)``
 sees all of it.
 

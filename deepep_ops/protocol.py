@@ -45,7 +45,7 @@ class ElasticBufferBackend(Protocol):
         """``(combined_x [T, H] bf16, combined_topk_weights | None, event)``.
 
         Optional extension: a backend with ``combine_writes_out = True`` also takes
-        ``out=`` ([T, H] bf16) and writes the result there (``deepep::combine_into``
+        ``out=`` ([T, H] bf16) and writes the result there (``deepep_ops::combine_into``
         uses it; otherwise that op copies once).
         """
         ...

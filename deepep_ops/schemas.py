@@ -1,4 +1,4 @@
-"""The ``deepep::`` op schemas, each written once.
+"""The ``deepep_ops::`` op schemas, each written once.
 
 A dispatch handle travels through graphs as the five tensors of
 ``HANDLE_TENSORS`` plus static ints; the real kernels rebuild DeepEP's
@@ -7,7 +7,7 @@ A dispatch handle travels through graphs as the five tensors of
 
 from deepep_ops.buffer import EP_BUFFER_TYPE
 
-NAMESPACE = "deepep"
+NAMESPACE = "deepep_ops"
 
 #: Handle tensors in the order every schema lists them (all int32).
 HANDLE_TENSORS = (

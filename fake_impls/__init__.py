@@ -1,4 +1,4 @@
-"""Fake (meta) kernels of the ``deepep::`` ops.
+"""Fake (meta) kernels of the ``deepep_ops::`` ops.
 
 Importing this package registers them; ``import deepep_ops`` does so.
 """

@@ -1,4 +1,4 @@
-"""Fake kernels of ``deepep::dispatch`` and ``deepep::dispatch_exact``.
+"""Fake kernels of ``deepep_ops::dispatch`` and ``deepep_ops::dispatch_exact``.
 
 Shapes, dtypes and strides are those real DeepEP v2 returns (spec §2, §3, §8);
 every output is contiguous (row-major scales: ``use_tma_aligned_col_major_sf``
@@ -44,7 +44,7 @@ def _recv_scales(x, x_scales, rows):
     return x_scales.new_empty((rows, x_scales.shape[1]))
 
 
-@torch.library.register_fake("deepep::dispatch")
+@torch.library.register_fake("deepep_ops::dispatch")
 def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     """Decode mode: R·M rows, a pure function of the SymInt M."""
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
@@ -58,7 +58,7 @@ def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_
     ) + _handle_outputs(x, topk_idx, num_ranks, num_local_experts(num_experts, num_ranks), rows, psum_expert_offset=1)
 
 
-@torch.library.register_fake("deepep::dispatch_exact")
+@torch.library.register_fake("deepep_ops::dispatch_exact")
 def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     """Prefill mode: N received tokens and X expanded rows are unbacked SymInts,
     returned first (see ``schemas.DISPATCH_EXACT``) and then used as tensor sizes.

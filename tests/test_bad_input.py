@@ -178,7 +178,7 @@ def test_bad_dispatch_input(spy, entry, case):
     kw = mutate(_valid())
     with pytest.raises(exc, match=pattern) as info:
         _call(ENTRY_POINTS[entry], buf, kw)
-    assert f"deepep.{entry}" in str(info.value), "the message should name the op"
+    assert f"deepep_ops.{entry}" in str(info.value), "the message should name the op"
     assert calls == [], f"reached {calls} before rejecting the input"
 
 
@@ -219,7 +219,7 @@ def test_combine_valid_control(world1):
 
 BAD_COMBINE = [
     ("x_float32", lambda buf: (lambda r: (r.recv_x.float(), r.handle))(_decode(buf)), TypeError,
-     r"deepep.combine: x must be torch\.bfloat16"),
+     r"deepep_ops.combine: x must be torch\.bfloat16"),
     ("hidden_not_mult_256", lambda buf: (lambda r: (r.recv_x, r.handle))(_decode(buf, h=128)), ValueError,
      r"x\.shape\[1\] \(hidden\) must be a multiple of 256"),
     ("decode_rows_plus_one", lambda buf: (lambda r: (torch.cat([r.recv_x, r.recv_x[:1]]), r.handle))(_decode(buf)),

@@ -7,7 +7,7 @@
 - mode: ``decode_host`` (decode, bucket M = ``pow2_bucket(T, capacity)``
   computed on the host and passed in: the graph sees a SymInt),
   ``decode_graph`` (decode, ``num_max_tokens_per_rank=None``: the in-graph
-  ``deepep::token_bucket`` op, an unbacked SymInt; every rank holds the same T),
+  ``deepep_ops::token_bucket`` op, an unbacked SymInt; every rank holds the same T),
   ``prefill`` (``dispatch_exact``, always at the buffer capacity);
 - cache: ``cold`` (a fresh ``TORCHINDUCTOR_CACHE_DIR``, in-memory caches cleared,
   ``torch._dynamo.reset()``) and ``warm`` (the same cache dir after the cold run,

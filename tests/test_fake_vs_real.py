@@ -101,14 +101,14 @@ def real_metas(c: Config, rank: int, buf) -> dict:
     """Run the real ops for rank ``rank`` of config ``c``; metadata of every output."""
     inp = c.inputs()[rank]
     args = (inp.x, inp.x_scales, inp.topk_idx, inp.topk_weights, buf, c.E, c.M, c.A)
-    dec = torch.ops.deepep.dispatch(*args)
-    N, X, *ex = torch.ops.deepep.dispatch_exact(*args)
+    dec = torch.ops.deepep_ops.dispatch(*args)
+    N, X, *ex = torch.ops.deepep_ops.dispatch_exact(*args)
     # the sizes dispatch_exact returns are those of its tensors (X rows of recv_x, N of recv_src_metadata)
     assert (N, X) == (ex[7].shape[0], ex[0].shape[0]), (N, X, ex[7].shape, ex[0].shape)
-    dec_comb = torch.ops.deepep.combine(*_combine_args(
+    dec_comb = torch.ops.deepep_ops.combine(*_combine_args(
         torch.zeros(dec[0].shape, dtype=torch.bfloat16), dec[4:], inp.topk_idx, buf, c, c.M, False,
         ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)))
-    ex_comb = torch.ops.deepep.combine(*_combine_args(
+    ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
         torch.zeros(ex[0].shape, dtype=torch.bfloat16), ex[4:], inp.topk_idx, buf, c, c.M, True, ex[0].shape[0]))
     return {
         "dispatch": [_meta(t) for t in dec],
@@ -151,12 +151,12 @@ def fake_outputs(c: Config, rank: int):
         fx, fi, fw = (mode.from_tensor(t) for t in (inp.x, inp.topk_idx, inp.topk_weights))
         fsf = None if inp.x_scales is None else mode.from_tensor(inp.x_scales)
         args = (fx, fsf, fi, fw, buf, c.E, c.M, c.A)
-        dec = torch.ops.deepep.dispatch(*args)
-        n_out, x_out, *ex = torch.ops.deepep.dispatch_exact(*args)
+        dec = torch.ops.deepep_ops.dispatch(*args)
+        n_out, x_out, *ex = torch.ops.deepep_ops.dispatch_exact(*args)
         dec_worst = ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)
-        dec_comb = torch.ops.deepep.combine(*_combine_args(
+        dec_comb = torch.ops.deepep_ops.combine(*_combine_args(
             torch.empty(dec[0].shape, dtype=torch.bfloat16), dec[4:], fi, buf, c, c.M, False, dec_worst))
-        ex_comb = torch.ops.deepep.combine(*_combine_args(
+        ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
             torch.empty(ex[0].shape, dtype=torch.bfloat16), ex[4:], fi, buf, c, c.M, True, ex[0].shape[0]))
     return shape_env, {"sizes": (n_out, x_out), "dispatch": list(dec), "dispatch_exact": ex,
                        "combine_decode": [dec_comb], "combine_exact": [ex_comb]}
@@ -288,9 +288,9 @@ def test_compiled_example_values_match_real(fp8):
     assert all(torch.equal(g, e) for g, e in zip(got, exp)), "compiled result differs from eager"
     assert len(rec.graphs) == 1
     gm = rec.graphs[0]
-    dec_vals = _op_example_values(gm, torch.ops.deepep.dispatch)
-    ex_vals = _op_example_values(gm, torch.ops.deepep.dispatch_exact)
-    comb_vals = _op_example_values(gm, torch.ops.deepep.combine)
+    dec_vals = _op_example_values(gm, torch.ops.deepep_ops.dispatch)
+    ex_vals = _op_example_values(gm, torch.ops.deepep_ops.dispatch_exact)
+    comb_vals = _op_example_values(gm, torch.ops.deepep_ops.combine)
     assert len(dec_vals) == 1 and len(ex_vals) == 1 and len(comb_vals) == 2, [n.target for n in gm.graph.nodes]
     # M is symbolic: decode rows are R·M with M a graph input, not a constant
     m_expr = dec_vals[0][0].shape[0]
@@ -298,8 +298,8 @@ def test_compiled_example_values_match_real(fp8):
 
     # real outputs of the raw ops on the same inputs
     raw = (inp.x, inp.x_scales, inp.topk_idx, inp.topk_weights, buf, E)
-    real_dec = torch.ops.deepep.dispatch(*raw, 16, A)
-    real_n, real_x, *real_ex = torch.ops.deepep.dispatch_exact(*raw, CAP, A)
+    real_dec = torch.ops.deepep_ops.dispatch(*raw, 16, A)
+    real_n, real_x, *real_ex = torch.ops.deepep_ops.dispatch_exact(*raw, CAP, A)
     shape_env = m_expr.node.shape_env
     subs = dict(shape_env.backed_var_to_val)
     fake_n, fake_x, *fake_ex = ex_vals[0]

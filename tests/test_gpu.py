@@ -174,7 +174,7 @@ def test_decode_manual_cuda_graph_capture_replays():
 
 def test_prefill_only_exact_dispatch_leaves_cuda_graphs():
     """Prefill under reduce-overhead with graph partitioning: correct results, and the
-    only op Inductor partitions out of CUDA graphs is deepep::dispatch_exact.
+    only op Inductor partitions out of CUDA graphs is deepep_ops::dispatch_exact.
 
     Reasons Inductor gives (torch 2.11, H100): the op, "unbacked binding ops"; the
     items of its output tuple, "CUDAGraph-unsafe custom ops"; the checks of its
@@ -192,6 +192,6 @@ def test_prefill_only_exact_dispatch_leaves_cuda_graphs():
     ops = {op for op, _reason in partitioned}
     # dispatch_exact, the unpacking of its outputs and the host-side checks of the
     # bounds its fake declares on the unbacked sizes (AssertScalar): nothing else.
-    exact = "deepep.dispatch_exact.default"
+    exact = "deepep_ops.dispatch_exact.default"
     assert exact in ops, partitioned
     assert ops <= {exact, f"output of {exact}", "AssertScalar"}, partitioned

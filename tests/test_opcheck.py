@@ -1,4 +1,4 @@
-"""torch.library.opcheck on the deepep:: ops (world size 1, group=None).
+"""torch.library.opcheck on the deepep_ops:: ops (world size 1, group=None).
 
 opcheck runs test_schema, test_autograd_registration, test_faketensor (fake vs
 real metadata: shape, dtype, strides, storage offset) and
@@ -51,13 +51,13 @@ CASES = [  # (fp8, T, M, A)
 @pytest.mark.parametrize("fp8,T,M,A", CASES)
 def test_opcheck_dispatch(fp8, T, M, A):
     x, sf, idx, w = _inputs(fp8, T)
-    _check(torch.ops.deepep.dispatch.default, (x, sf, idx, w, _buffer(), E, M, A), _utils_for(fp8))
+    _check(torch.ops.deepep_ops.dispatch.default, (x, sf, idx, w, _buffer(), E, M, A), _utils_for(fp8))
 
 
 @pytest.mark.parametrize("fp8,T,M,A", CASES)
 def test_opcheck_dispatch_exact(fp8, T, M, A):
     x, sf, idx, w = _inputs(fp8, T)
-    _check(torch.ops.deepep.dispatch_exact.default, (x, sf, idx, w, _buffer(), E, CAP, A), _utils_for(fp8))
+    _check(torch.ops.deepep_ops.dispatch_exact.default, (x, sf, idx, w, _buffer(), E, CAP, A), _utils_for(fp8))
 
 
 @pytest.mark.parametrize("op", ["dispatch", "dispatch_exact"])
@@ -66,8 +66,8 @@ def test_opcheck_int32_packed_scales(op):
     x, sf, idx, w = _inputs(True, 4, seed=3)
     packed = sf.view(torch.int32)  # any 4-byte payload
     M = 4 if op == "dispatch" else CAP
-    _check(getattr(torch.ops.deepep, op).default, (x, packed, idx, w, _buffer(), E, M, 1), _utils_for(True))
-    out = getattr(torch.ops.deepep, op)(x, packed, idx, w, _buffer(), E, M, 1)
+    _check(getattr(torch.ops.deepep_ops, op).default, (x, packed, idx, w, _buffer(), E, M, 1), _utils_for(True))
+    out = getattr(torch.ops.deepep_ops, op)(x, packed, idx, w, _buffer(), E, M, 1)
     recv_scales = out[1] if op == "dispatch" else out[3]  # dispatch_exact returns (N, X, recv_x, scales, ...)
     assert recv_scales.dtype == torch.int32 and recv_scales.shape[1] == packed.shape[1]
 
@@ -82,7 +82,7 @@ def test_opcheck_combine_decode(T, M, A):
     buf = _buffer()
     x, _sf, idx, w = _inputs(False, T, seed=1)
     r = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=M, expert_alignment=A)
-    _check(torch.ops.deepep.combine.default, _combine_args(r.handle, r.recv_x, buf))
+    _check(torch.ops.deepep_ops.combine.default, _combine_args(r.handle, r.recv_x, buf))
 
 
 @pytest.mark.parametrize("T,A", [(5, 1), (6, 4), (0, 1)])
@@ -90,7 +90,7 @@ def test_opcheck_combine_exact(T, A):
     buf = _buffer()
     x, _sf, idx, w = _inputs(False, T, seed=2)
     r = D.dispatch_exact(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=CAP, expert_alignment=A)
-    _check(torch.ops.deepep.combine.default, _combine_args(r.handle, r.recv_x, buf))
+    _check(torch.ops.deepep_ops.combine.default, _combine_args(r.handle, r.recv_x, buf))
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -103,7 +103,7 @@ def test_opcheck_combine_into(exact):
     else:
         r = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=8)
     out = torch.full_like(x, float("nan"))
-    _check(torch.ops.deepep.combine_into.default, (out,) + _combine_args(r.handle, r.recv_x, buf))
+    _check(torch.ops.deepep_ops.combine_into.default, (out,) + _combine_args(r.handle, r.recv_x, buf))
     D.combine_into(out, r.recv_x, r.handle, buf)
     # Identity experts at world size 1 (spec §8): decode sends each token back once
     # (x if it has any expert), prefill sums one copy per valid lane (K=2: exact in bf16).
@@ -119,10 +119,10 @@ def test_token_bucket_real_and_fake(T, cap, expected):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
     x = torch.zeros(T, H, dtype=torch.bfloat16)
-    assert torch.ops.deepep.token_bucket(x, cap) == expected
+    assert torch.ops.deepep_ops.token_bucket(x, cap) == expected
     shape_env = ShapeEnv()
     with FakeTensorMode(shape_env=shape_env) as mode:
-        fake = torch.ops.deepep.token_bucket(mode.from_tensor(x), cap)
+        fake = torch.ops.deepep_ops.token_bucket(mode.from_tensor(x), cap)
     assert isinstance(fake, torch.SymInt) and free_unbacked_symbols(fake) == {fake.node.expr}
     vr = shape_env.var_to_range[fake.node.expr]
     assert int(vr.lower) == 1 and int(vr.upper) == cap and int(vr.lower) <= expected <= int(vr.upper)

@@ -9,7 +9,7 @@ turns ``VLLM_COMPILE`` into ``DYNAMO_TRACE_ONCE`` with Inductor
 (``platforms/cpu.py``): one trace, all guards dropped, the config's
 ``inductor_compile_config`` as Inductor options. Trace-once without guards is
 exactly where a bucket baked in as a constant would go silently wrong; the
-in-graph ``deepep::token_bucket`` keeps every batch size right.
+in-graph ``deepep_ops::token_bucket`` keeps every batch size right.
 
 Checks, for T = 5, 9, 3, 17, 1, 33 after one compile: one graph, no graph
 breaks, the pass rewrote the combine copy, the result equals the same compile
@@ -94,7 +94,7 @@ def test_support_torch_compile_block_with_pass(tmp_path, monkeypatch):
     ours = CombineIntoPass()
     vllm_config, with_pass, graphs, breaks = _run(block_cls, ours)
     assert vllm_config.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE  # the CPU platform's choice
-    assert "deepep::dispatch_exact" in vllm_config.compilation_config.splitting_ops
+    assert "deepep_ops::dispatch_exact" in vllm_config.compilation_config.splitting_ops
     assert (graphs, breaks) == (1, 0), f"{graphs} graphs, {breaks} graph breaks over T={SWEEP}"
     assert ours.matched_count == 1, "the combine copy was not rewritten"
 

@@ -3,7 +3,7 @@
 A small MoE step through vLLM's ``FusedMoEKernel`` + the adapter (decode mode,
 reference buffer at world size 1) writes into a caller-owned output buffer
 (``out.copy_(kernel.apply(...))``, a graph input), so the post-grad graph holds
-``aten.copy_(out, deepep.combine(...))``. Checks: graph snapshots before/after
+``aten.copy_(out, deepep_ops.combine(...))``. Checks: graph snapshots before/after
 the pass (``graphs/vllm_pass_combine_into.{before,after}.txt``), the same numbers
 with and without the pass, and the pass run by vLLM's ``PostGradPassManager``
 configured from a ``CompilationConfig``.
@@ -82,9 +82,9 @@ def test_pass_snapshot_and_numerics(setup):
     rewritten = _run(step, inputs, rec)
 
     assert pass_.matched_count == 1
-    assert "torch.ops.aten.copy_.default" in rec.before and "torch.ops.deepep.combine.default" in rec.before
-    assert "torch.ops.deepep.combine_into.default" in rec.after
-    assert "torch.ops.deepep.combine.default" not in rec.after
+    assert "torch.ops.aten.copy_.default" in rec.before and "torch.ops.deepep_ops.combine.default" in rec.before
+    assert "torch.ops.deepep_ops.combine_into.default" in rec.after
+    assert "torch.ops.deepep_ops.combine.default" not in rec.after
     assert "copy_" not in rec.after
     assert_graph_snapshot("vllm_pass_combine_into.before", rec.before)
     assert_graph_snapshot("vllm_pass_combine_into.after", rec.after)
@@ -148,7 +148,7 @@ def test_pass_through_vllm_post_grad_pass_manager(setup):
     with pass_context(Range(start=1, end=CAP)):
         got = _run(step, inputs, rec)
     assert ours.matched_count == 1
-    assert "torch.ops.deepep.combine_into.default" in rec.after and "copy_" not in rec.after
+    assert "torch.ops.deepep_ops.combine_into.default" in rec.after and "copy_" not in rec.after
     eager = torch.zeros(T, H, dtype=torch.bfloat16)
     step(eager, *inputs)
     torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)

@@ -29,7 +29,7 @@ import deepep_ops, torch
 from deepep_ops.vllm.passes import CombineIntoPass, combine_into_pass
 assert plugin.PASSES["deepep_combine_into"] is CombineIntoPass
 assert deepep_ops.vllm_combine_into_pass is combine_into_pass
-assert hasattr(torch.ops.deepep, "combine_into")
+assert hasattr(torch.ops.deepep_ops, "combine_into")
 plugin.register()  # idempotent
 assert plugin.PASSES == {"deepep_combine_into": CombineIntoPass}
 print("ok")

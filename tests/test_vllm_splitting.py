@@ -1,8 +1,8 @@
 """``deepep_ops.vllm.splitting_ops`` + vLLM's ``split_graph`` on captured MoE graphs,
 and the whole ``VllmBackend`` (split, piecewise Inductor, post-grad passes) on them.
 
-Prefill (``deepep::dispatch_exact``: CPU sync, data-dependent sizes) must be cut
-out of CUDA-graph pieces; decode (``deepep::dispatch``) must stay inside.
+Prefill (``deepep_ops::dispatch_exact``: CPU sync, data-dependent sizes) must be cut
+out of CUDA-graph pieces; decode (``deepep_ops::dispatch``) must stay inside.
 """
 
 from __future__ import annotations
@@ -90,16 +90,16 @@ def test_splitting_ops_helper():
     from deepep_ops.vllm import splitting_ops
     from vllm.config import CompilationConfig
 
-    assert splitting_ops() == ["deepep::dispatch_exact"]
+    assert splitting_ops() == ["deepep_ops::dispatch_exact"]
     cc = CompilationConfig(splitting_ops=["vllm::unified_attention_with_output"])
-    assert splitting_ops(cc) == ["vllm::unified_attention_with_output", "deepep::dispatch_exact"]
-    assert splitting_ops(cc) == cc.splitting_ops == ["vllm::unified_attention_with_output", "deepep::dispatch_exact"]
+    assert splitting_ops(cc) == ["vllm::unified_attention_with_output", "deepep_ops::dispatch_exact"]
+    assert splitting_ops(cc) == cc.splitting_ops == ["vllm::unified_attention_with_output", "deepep_ops::dispatch_exact"]
     default = CompilationConfig()  # splitting_ops None: vLLM's defaults are kept
     ops = splitting_ops(default)
-    assert "vllm::unified_attention_with_output" in ops and ops[-1] == "deepep::dispatch_exact"
-    assert "deepep::dispatch" not in ops
+    assert "vllm::unified_attention_with_output" in ops and ops[-1] == "deepep_ops::dispatch_exact"
+    assert "deepep_ops::dispatch" not in ops
     part = CompilationConfig(use_inductor_graph_partition=True, splitting_ops=[])
-    assert splitting_ops(part) == ["deepep::dispatch_exact"]
+    assert splitting_ops(part) == ["deepep_ops::dispatch_exact"]
 
 
 def _call_targets(gm):
@@ -108,7 +108,7 @@ def _call_targets(gm):
 
 def test_prefill_fx_split_exactly_at_dispatch_exact():
     """vLLM's ``split_graph`` (the FX split of piecewise CUDA graphs) cuts the
-    prefill graph exactly around ``deepep::dispatch_exact``, and the split
+    prefill graph exactly around ``deepep_ops::dispatch_exact``, and the split
     module computes what eager does, for several batch sizes.
 
     The op's piece holds the op and the getitems of its outputs, nothing else:
@@ -117,16 +117,16 @@ def test_prefill_fx_split_exactly_at_dispatch_exact():
     piece.
     """
     gm, items = _split_by_vllm(decode=False)
-    assert "deepep.dispatch_exact" in _targets(gm)
+    assert "deepep_ops.dispatch_exact" in _targets(gm)
     split = [it for it in items if it.is_splitting_graph]
     assert len(split) == 1, [(it.submod_name, it.is_splitting_graph) for it in items]
     op_piece = _call_targets(split[0].graph)
-    assert op_piece[0] == "deepep.dispatch_exact", op_piece
+    assert op_piece[0] == "deepep_ops.dispatch_exact", op_piece
     assert set(op_piece[1:]) == {"<built-in function getitem>"}, op_piece
     # (u0, u1, recv_x, recv_topk_weights, counts, five handle tensors): what later pieces use
     assert len(op_piece) == 1 + 10, op_piece
     rest = [t for it in items if not it.is_splitting_graph for t in _call_targets(it.graph)]
-    assert "deepep.dispatch_exact" not in rest and "deepep.combine" in rest
+    assert "deepep_ops.dispatch_exact" not in rest and "deepep_ops.combine" in rest
     assert "aten._assert_scalar.default" in rest  # the bound checks of N and X run after the op's piece
     assert split[0].graph_id == 1 and items[-1].graph_id == 2 and len(items) == 2, (
         "dispatch_exact is the first op of the graph: one piece for it, one for the rest"
@@ -142,16 +142,16 @@ def test_inductor_graph_partition_gets_dispatch_exact():
 
     cc = CompilationConfig(use_inductor_graph_partition=True, splitting_ops=[])
     with inductor_partition_rule_context(splitting_ops(cc)):
-        assert "deepep::dispatch_exact" in inductor_config.custom_should_partition_ops
-        assert "deepep::dispatch" not in inductor_config.custom_should_partition_ops
+        assert "deepep_ops::dispatch_exact" in inductor_config.custom_should_partition_ops
+        assert "deepep_ops::dispatch" not in inductor_config.custom_should_partition_ops
     # dispatch_exact is also tagged cudagraph_unsafe, which Inductor partitions on by itself
-    assert torch.Tag.cudagraph_unsafe in torch.ops.deepep.dispatch_exact.default.tags
+    assert torch.Tag.cudagraph_unsafe in torch.ops.deepep_ops.dispatch_exact.default.tags
 
 
 def test_decode_graph_is_not_split():
     gm, items = _split_by_vllm(decode=True)
     targets = _targets(gm)
-    assert "deepep.dispatch" in targets and "deepep.token_bucket" in targets
+    assert "deepep_ops.dispatch" in targets and "deepep_ops.token_bucket" in targets
     assert len(items) == 1 and not items[0].is_splitting_graph
 
 
@@ -193,5 +193,5 @@ def test_vllm_backend_end_to_end(decode, tmp_path, monkeypatch):
     else:
         assert pieces == [(1, True), (2, False)], pieces
         op_piece = _call_targets(backend.piecewise_graphs[0].graph)
-        assert op_piece[0] == "deepep.dispatch_exact" and set(op_piece[1:]) == {"<built-in function getitem>"}
+        assert op_piece[0] == "deepep_ops.dispatch_exact" and set(op_piece[1:]) == {"<built-in function getitem>"}
     assert ours.matched_count == 1, "PostGradPassManager did not rewrite the combine copy"

@@ -1,10 +1,10 @@
 """vLLM integration of deepep-ops (needs ``vllm``; ``import deepep_ops`` does not).
 
 - :class:`DeepEPV2PrepareAndFinalize`: drop-in for vLLM 0.32's DeepEP v2
-  prepare/finalize, routed through ``torch.ops.deepep``.
+  prepare/finalize, routed through ``torch.ops.deepep_ops``.
 - :mod:`deepep_ops.vllm.passes`: ``CombineIntoPass``, a post-grad pass that
-  rewrites ``out.copy_(deepep.combine(...))`` into ``deepep.combine_into(out, ...)``.
-- :func:`splitting_ops`: adds ``deepep::dispatch_exact`` to a ``CompilationConfig``'s
+  rewrites ``out.copy_(deepep_ops.combine(...))`` into ``deepep_ops.combine_into(out, ...)``.
+- :func:`splitting_ops`: adds ``deepep_ops::dispatch_exact`` to a ``CompilationConfig``'s
   splitting ops (or Inductor's partition ops).
 - :mod:`deepep_ops.vllm.plugin`: the ``vllm.general_plugins`` entry point.
 """

@@ -1,17 +1,17 @@
-"""A vLLM post-grad pass: ``out.copy_(deepep.combine(...))`` → ``deepep.combine_into(out, ...)``.
+"""A vLLM post-grad pass: ``out.copy_(deepep_ops.combine(...))`` → ``deepep_ops.combine_into(out, ...)``.
 
 Finalize writes the combined tokens into the caller's output buffer. When that
 buffer is a graph input (a persistent output buffer, a slice of one, an ``out=``
 argument), the post-grad graph Inductor hands to
 ``post_grad_custom_post_pass`` ends with::
 
-    combine = torch.ops.deepep.combine.default(x, topk_idx, ..., num_expanded_tokens)
+    combine = torch.ops.deepep_ops.combine.default(x, topk_idx, ..., num_expanded_tokens)
     copy_ = torch.ops.aten.copy_.default(out, combine)
 
 i.e. combine allocates a [T, H] result that is then copied. This pass rewrites
 each such pair into the out-variant::
 
-    combine_into = torch.ops.deepep.combine_into.default(out, x, topk_idx, ...)
+    combine_into = torch.ops.deepep_ops.combine_into.default(out, x, topk_idx, ...)
 
 which combines straight into ``out`` (DeepEP backends that can write ``out``
 skip the intermediate buffer; the others copy once inside the op). Code that
@@ -50,8 +50,8 @@ from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
 
 import deepep_ops  # noqa: F401  (registers the ops)
 
-COMBINE = torch.ops.deepep.combine.default
-COMBINE_INTO = torch.ops.deepep.combine_into.default
+COMBINE = torch.ops.deepep_ops.combine.default
+COMBINE_INTO = torch.ops.deepep_ops.combine_into.default
 COPY_ = torch.ops.aten.copy_.default
 
 

@@ -1,7 +1,7 @@
 """The ``vllm.general_plugins`` entry point of deepep-ops.
 
 vLLM calls :func:`register` in every process it starts (``load_general_plugins``),
-before it builds models or compiles. It registers the ``deepep::`` ops and
+before it builds models or compiles. It registers the ``deepep_ops::`` ops and
 their fake kernels, and makes the combine-into pass reachable by name from a
 JSON/CLI compilation config::
 
@@ -22,7 +22,7 @@ _registered = False
 
 def register() -> None:
     global _registered
-    import deepep_ops  # registers torch.ops.deepep.* and the fake kernels
+    import deepep_ops  # registers torch.ops.deepep_ops.* and the fake kernels
     from deepep_ops.vllm.passes import CombineIntoPass, combine_into_pass
 
     PASSES.setdefault("deepep_combine_into", CombineIntoPass)

@@ -1,13 +1,13 @@
-"""vLLM's ``DeepEPV2PrepareAndFinalize`` over the ``deepep::`` ops.
+"""vLLM's ``DeepEPV2PrepareAndFinalize`` over the ``deepep_ops::`` ops.
 
 A drop-in for ``vllm.model_executor.layers.fused_moe.prepare_finalize.deepep_v2
 .DeepEPV2PrepareAndFinalize`` (vLLM 0.32): same constructor, same
 ``FusedMoEPrepareAndFinalizeModular`` methods, same results. The work is done by
 :class:`deepep_ops.DeepEPPrepareFinalize`, so everything between the modular
-kernel's ``prepare`` and ``finalize`` is plain torch plus ``deepep::`` custom ops
+kernel's ``prepare`` and ``finalize`` is plain torch plus ``deepep_ops::`` custom ops
 that ``torch.compile(fullgraph=True)`` traces: no Triton kernel, no
 ``_moe_C.moe_sum``, and the decode bucket comes from the in-graph
-``deepep::token_bucket`` op rather than from Python ints that vLLM's dropped
+``deepep_ops::token_bucket`` op rather than from Python ints that vLLM's dropped
 Dynamo guards would freeze.
 """
 
@@ -59,7 +59,7 @@ def dp_bucket(local_num_tokens: int, capacity: int, sp_size: int = 1) -> int:
 
 
 def install_forward_context_bucket(sp_size: int = 1) -> None:
-    """Make ``deepep::token_bucket`` bucket the DP-global count from vLLM's forward context.
+    """Make ``deepep_ops::token_bucket`` bucket the DP-global count from vLLM's forward context.
 
     The provider is process-global (every MoE layer of a model shares ``sp_size``).
     """
@@ -106,7 +106,7 @@ def _check_block_fp8(quant_config: FusedMoEQuantConfig) -> None:
 
 
 class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
-    """Prepare/finalize for DeepEP v2 through ``torch.ops.deepep``.
+    """Prepare/finalize for DeepEP v2 through ``torch.ops.deepep_ops``.
 
     Args (as vLLM 0.32's class):
         buffer: an :class:`deepep_ops.EPBuffer`, or a backend to wrap

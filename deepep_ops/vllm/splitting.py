@@ -1,7 +1,7 @@
 """Keeping the non-capturable prefill dispatch out of vLLM's CUDA graphs.
 
-``deepep::dispatch_exact`` (prefill: expand + CPU sync, data-dependent sizes)
-cannot be captured; the decode ``deepep::dispatch`` can and must stay inside the
+``deepep_ops::dispatch_exact`` (prefill: expand + CPU sync, data-dependent sizes)
+cannot be captured; the decode ``deepep_ops::dispatch`` can and must stay inside the
 captured pieces. vLLM splits its graph at ``CompilationConfig.splitting_ops``
 (FX-level ``split_graph``), or, with ``use_inductor_graph_partition=True``, hands
 the same list to Inductor's ``custom_should_partition_ops``: either way the ops
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 #: Ops that must run outside CUDA graphs (vLLM splitting-op names).
-NON_CAPTURABLE_OPS = ("deepep::dispatch_exact",)
+NON_CAPTURABLE_OPS = ("deepep_ops::dispatch_exact",)
 
 
 def splitting_ops(compilation_config: Optional[Any] = None) -> List[str]:
@@ -27,7 +27,7 @@ def splitting_ops(compilation_config: Optional[Any] = None) -> List[str]:
 
     Args:
         compilation_config: a ``vllm.config.CompilationConfig`` (or None to just
-            get the names). Its ``splitting_ops`` gets ``deepep::dispatch_exact``
+            get the names). Its ``splitting_ops`` gets ``deepep_ops::dispatch_exact``
             appended (idempotent). If it is still ``None`` (vLLM's "use the
             defaults", resolved in ``VllmConfig`` post-init), it is first set to
             the defaults vLLM would pick — its attention ops, plus the KV-cache

@@ -1,28 +1,31 @@
 """DeepEP v2 dispatch/combine as ``torch.library`` ops that ``torch.compile`` sees through.
 
-``import deepep_ops`` registers ``torch.ops.deepep_ops.{dispatch, dispatch_exact,
-combine}`` and their fake kernels. ``deep_ep`` is optional and imported lazily.
+``import deepep_ops`` defines ``torch.ops.deepep_ops.{dispatch, dispatch_exact,
+combine, combine_into, token_bucket}`` and registers their fake kernels
+(:mod:`fake_impls`). ``deep_ep`` is optional and imported lazily.
 """
 
-from deepep_ops import ops as _ops  # noqa: F401  (registers the ops)
-import fake_impls as _fake_impls  # noqa: F401  (registers the fake kernels)
+import fake_impls as _fake_impls
+from deepep_ops import ops as _ops
 
-from deepep_ops.api import combine, combine_into, dispatch, dispatch_exact
-from deepep_ops.bucket import pow2_bucket
-from deepep_ops.bucket import token_bucket
-from deepep_ops.buffer import EPBuffer, as_ep_buffer
-from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
-from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PreparedTokens
-from deepep_ops.protocol import ElasticBufferBackend
-from deepep_ops.reference import ReferenceElasticBuffer
+_fake_impls.register(_ops.lib)
+
+from deepep_ops.api import combine, combine_into, dispatch, dispatch_exact  # noqa: E402
+from deepep_ops.backends import Backend  # noqa: E402
+from deepep_ops.bucket import pow2_bucket, token_bucket  # noqa: E402
+from deepep_ops.buffer import EPBuffer, as_ep_buffer  # noqa: E402
+from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult  # noqa: E402
+from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PreparedTokens  # noqa: E402
+from deepep_ops.reference import ReferenceElasticBuffer  # noqa: E402
 
 __all__ = [
+    "Backend",
     "DeepEPPrepareFinalize",
     "DispatchHandle",
     "DispatchResult",
     "EPBuffer",
-    "ElasticBufferBackend",
     "ExactDispatchResult",
+    "PreparedTokens",
     "ReferenceElasticBuffer",
     "as_ep_buffer",
     "combine",
@@ -30,6 +33,5 @@ __all__ = [
     "dispatch",
     "dispatch_exact",
     "pow2_bucket",
-    "PreparedTokens",
     "token_bucket",
 ]

@@ -15,7 +15,6 @@ from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResul
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
 
 
-
 def dispatch(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
@@ -95,24 +94,6 @@ def dispatch_exact(
     )
 
 
-def _combine_args(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> tuple:
-    return (
-        x,
-        handle.topk_idx,
-        handle.psum_num_recv_tokens_per_scaleup_rank,
-        handle.psum_num_recv_tokens_per_expert,
-        handle.num_unaligned_recv_tokens_per_expert,
-        handle.recv_src_metadata,
-        handle.dst_buffer_slot_idx,
-        buffer,
-        handle.num_experts,
-        handle.num_max_tokens_per_rank,
-        handle.expert_alignment,
-        handle.do_expand,
-        handle.num_expanded_tokens,
-    )
-
-
 def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.Tensor:
     """Send expert outputs back and reduce them per token (spec §4, unweighted).
 
@@ -126,9 +107,9 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     Returns:
         [T, H] bf16.
     """
-    return torch.ops.deepep_ops.combine(*_combine_args(x, handle, buffer))
+    return torch.ops.deepep_ops.combine(x, buffer, *handle)
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    torch.ops.deepep_ops.combine_into(out, *_combine_args(x, handle, buffer))
+    torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)

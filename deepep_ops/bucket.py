@@ -50,7 +50,7 @@ def pow2_bucket(n: int, capacity: int) -> int:
 # ``deepep_ops::token_bucket`` op returns it as an unbacked SymInt. No guard is ever
 # installed on it (so no recompiles, cold or warm cache), compile cost is one
 # tiny node, and the DP-global maximum can be read on the host without a device
-# sync. Under CUDA graphs, Inductor runs this host-only node outside the graph
+# sync (the buffer's token source). Under CUDA graphs, Inductor runs this host-only node outside the graph
 # partition (it binds an unbacked symbol); it launches no kernel.
 #
 # Measured (benchmarks/bench_bucket_compile.py: decode MoE layer, CPU, torch
@@ -60,39 +60,18 @@ def pow2_bucket(n: int, capacity: int) -> int:
 # the unbacked M (from the fake's min/max).
 # ---------------------------------------------------------------------------
 
-from typing import Callable, Optional  # noqa: E402
-
 import torch  # noqa: E402
 
-_dp_num_tokens_provider: Optional[Callable[[int], int]] = None
 
-
-def set_dp_num_tokens_provider(provider: Optional[Callable[[int], int]]) -> None:
-    """Install ``provider(local_num_tokens) -> tokens to bucket`` for :func:`token_bucket`.
-
-    With a DP group, the bucket must be the same on every rank, so it has to come
-    from the DP-global maximum (vLLM: ``max(dp_metadata.num_tokens_across_dp_cpu)``
-    divided by ``sp_size``). The provider runs on the host at run time. ``None``
-    restores the default: the local token count, correct when every EP rank
-    holds the same number of tokens.
-    """
-    global _dp_num_tokens_provider
-    _dp_num_tokens_provider = provider
-
-
-def _token_bucket_impl(num_tokens: int, capacity: int) -> int:
-    n = num_tokens if _dp_num_tokens_provider is None else _dp_num_tokens_provider(num_tokens)
-    return pow2_bucket(n, capacity)
-
-
-def token_bucket(tokens: "torch.Tensor", capacity: int):
-    """``pow2_bucket`` of the (DP-global) token count, usable in a compiled graph.
+def token_bucket(tokens: "torch.Tensor", buffer) -> "int | torch.SymInt":
+    """``buffer.bucket(tokens.shape[0])``, usable in a compiled graph.
 
     Args:
         tokens: [T, ...]; only ``tokens.shape[0]`` is read (it also tells
             Inductor the device).
-        capacity: the buffer's ``num_max_tokens_per_rank``.
+        buffer: the :class:`deepep_ops.EPBuffer`; its token source gives the
+            count to bucket (the DP-global maximum with a DP group).
 
     Eager: returns an int. Compiled: an unbacked SymInt in [1, capacity].
     """
-    return torch.ops.deepep_ops.token_bucket(tokens, capacity)
+    return torch.ops.deepep_ops.token_bucket(tokens, buffer)

@@ -1,42 +1,60 @@
-"""The long-lived DeepEP buffer as an opaque custom-op argument.
+"""The long-lived EP buffer as an opaque custom-op argument, and its bucket.
 
 :class:`EPBuffer` is registered as an opaque *reference* type, so under
 ``torch.compile`` it becomes a graph input rather than a constant: one graph
 serves every layer and every process, and nothing per-process is baked in. The
-fake kernels read only ``num_ranks`` from it.
+fake kernels read only ``num_ranks`` and ``capacity`` from it.
+
+The buffer also owns the token count its bucket M is computed from (its
+*token source*), so the eager path (:meth:`EPBuffer.bucket`) and the compiled
+path (``deepep_ops::token_bucket``) of one caller always pick the same M.
 """
 
 from __future__ import annotations
 
-from torch._library.opaque_object import MemberType, get_opaque_type_name, register_opaque_type
-from torch._opaque_base import OpaqueBase
+from typing import Callable, Optional
 
-from deepep_ops.protocol import ElasticBufferBackend, handle_class_for, topk_idx_dtype_for
+from deepep_ops._torch_compat import OpaqueBase, opaque_type_name, register_reference_type
+from deepep_ops.backends import Backend, as_backend
+from deepep_ops.bucket import pow2_bucket
+
+#: ``source(local_num_tokens) -> tokens to bucket``, run on the host.
+TokenSource = Callable[[int], int]
 
 
 class EPBuffer(OpaqueBase):
-    """Wraps a backend (``deep_ep.ElasticBuffer`` or :class:`ReferenceElasticBuffer`).
+    """Wraps a backend (``deep_ep.ElasticBuffer``, :class:`ReferenceElasticBuffer`
+    or a :class:`deepep_ops.backends.Backend`).
+
+    Args:
+        buffer: the buffer to wrap.
+        num_tokens_source: ``source(local_num_tokens) -> int``, the token count
+            to bucket; with a DP group it must return the DP-global maximum
+            (the same on every rank). ``None``: the local count, right only when
+            every EP rank holds the same number of tokens.
 
     Attributes:
-        backend: the wrapped buffer.
+        backend: the :class:`~deepep_ops.backends.Backend`.
         num_ranks: R, the EP group size.
         rank: this process's rank in the EP group.
-        capacity: the backend's ``num_max_tokens_per_rank``, the largest M.
+        capacity: the largest M.
+        topk_idx_dtype: the dtype ``topk_idx`` must have.
     """
 
-    def __init__(self, backend: ElasticBufferBackend) -> None:
-        missing = [m for m in ("dispatch", "combine", "get_theoretical_num_sms", "num_ranks", "rank_idx") if not hasattr(backend, m)]
-        if missing:
-            raise TypeError(
-                f"EPBuffer: backend must implement deepep_ops.protocol.ElasticBufferBackend; "
-                f"{type(backend).__name__} lacks {missing}"
-            )
-        self.backend = backend
-        self.num_ranks: int = backend.num_ranks
-        self.rank: int = backend.rank_idx
-        self.capacity: int = backend.num_max_tokens_per_rank
-        self.handle_class = handle_class_for(backend)
-        self.topk_idx_dtype = topk_idx_dtype_for(backend)
+    def __init__(self, buffer: object, *, num_tokens_source: Optional[TokenSource] = None) -> None:
+        self.backend: Backend = as_backend(buffer)
+        self.num_ranks: int = self.backend.num_ranks
+        self.rank: int = self.backend.rank
+        self.capacity: int = self.backend.capacity
+        self.topk_idx_dtype = self.backend.topk_idx_dtype
+        self.num_tokens_source = num_tokens_source
+
+    def bucket(self, num_local_tokens: int) -> int:
+        """M for a step with ``num_local_tokens`` here: ``pow2_bucket`` of the
+        source's count (ValueError past the capacity)."""
+        source = self.num_tokens_source
+        n = num_local_tokens if source is None else source(num_local_tokens)
+        return pow2_bucket(n, self.capacity)
 
     def __obj_flatten__(self) -> tuple:
         # Nothing for Inductor to count: torch 2.11's Inductor sizes graph-input
@@ -51,22 +69,18 @@ class EPBuffer(OpaqueBase):
         )
 
 
-register_opaque_type(
-    EPBuffer,
-    typ="reference",
-    # Read at trace time and baked: these are the same on every rank and layer.
-    members={"num_ranks": MemberType.USE_REAL, "capacity": MemberType.USE_REAL},
-)
+# Read at trace time and baked: these are the same on every rank and layer.
+register_reference_type(EPBuffer, trace_time_members=("num_ranks", "capacity"))
 
 #: The name schemas use for the buffer argument.
-EP_BUFFER_TYPE = get_opaque_type_name(EPBuffer)
+EP_BUFFER_TYPE = opaque_type_name(EPBuffer)
 
 
-def as_ep_buffer(buffer) -> EPBuffer:
+def as_ep_buffer(buffer: object) -> EPBuffer:
     """Wrap a backend in :class:`EPBuffer` unless it already is one."""
     return buffer if isinstance(buffer, EPBuffer) else EPBuffer(buffer)
 
 
-def unwrap_ep_buffer(buffer) -> EPBuffer:
+def unwrap_ep_buffer(buffer: object) -> EPBuffer:
     """The real :class:`EPBuffer` behind a custom-op argument (fake kernels get a wrapper)."""
     return getattr(buffer, "real_obj", buffer)

@@ -1,7 +1,25 @@
-"""Shape formulas of DeepEP v2's direct-mode dispatch (spec §2, §3).
+"""Shape formulas of DeepEP v2's direct-mode dispatch (spec §2, §3), and the
+glossary of the shape letters every docstring uses.
 
 One place for every size the fake kernels, the reference buffer and the op
 layer agree on. Each function accepts Python ints or SymInts.
+
+Glossary:
+
+====  ==================================================================
+T     tokens on this rank (``x.shape[0]``)
+H     hidden size
+K     top-k: expert slots per token (``topk_idx.shape[1]``)
+E     experts, global
+EL    experts local to one rank: E / R
+R     ranks in the EP group
+M     ``num_max_tokens_per_rank``: receive slots per source rank, the same
+      on every rank (the bucket; at most the buffer capacity)
+A     ``expert_alignment``: prefill rows per local expert round up to it
+N     tokens this rank received (R·M in decode mode, data-dependent in prefill)
+X     expanded rows in prefill: one per (token, local expert), padded to A
+P     scale columns of fp8 tokens (H / 128 for block fp8)
+====  ==================================================================
 """
 
 from __future__ import annotations

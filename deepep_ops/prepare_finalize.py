@@ -115,6 +115,7 @@ class DeepEPPrepareFinalize:
         *,
         apply_router_weight_on_input: bool = False,
         num_max_tokens_per_rank: Optional[IntLike] = None,
+        defer_globalize: bool = False,
     ) -> PreparedTokens:
         """Quantize (block fp8) and dispatch; rewrite expert ids for the experts.
 
@@ -129,6 +130,10 @@ class DeepEPPrepareFinalize:
                 computed on the host (cheapest; a SymInt in the graph). ``None``
                 derives it in the graph with :func:`deepep_ops.token_bucket`.
                 Prefill always uses the buffer capacity.
+                (``EPBuffer.bucket`` computes the same M on the host.)
+            defer_globalize: decode only: return the local ids DeepEP received
+                (−1 for other ranks' experts; padding rows unspecified) for
+                experts that add ``rank_expert_offset`` themselves (vLLM 0.33).
         """
         if apply_router_weight_on_input:
             if topk_ids.shape[1] != 1:
@@ -144,7 +149,7 @@ class DeepEPPrepareFinalize:
         if not self.decode:
             return self._prepare_prefill(a1, scales, topk_weights, topk_ids)
         if num_max_tokens_per_rank is None:
-            num_max_tokens_per_rank = token_bucket(a1, self.capacity)
+            num_max_tokens_per_rank = token_bucket(a1, self.buffer)
         out = dispatch(
             a1,
             topk_ids,
@@ -155,6 +160,10 @@ class DeepEPPrepareFinalize:
             expert_alignment=self.expert_alignment,
             x_scales=scales,
         )
+        if defer_globalize:
+            return PreparedTokens(
+                out.recv_x, out.recv_x_scales, None, out.recv_topk_idx, out.recv_topk_weights, out.handle
+            )
         # Local ids → global; -1 stays -1, and so does every row past the real
         # count (DeepEP leaves those rows stale: they can alias local expert 0).
         rows = out.recv_topk_idx.shape[0]
@@ -211,10 +220,20 @@ class DeepEPPrepareFinalize:
             handle: from :meth:`prepare`.
         """
         reduced = weight_and_reduce(fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input)
+        self.finalize_reduced(output, reduced, handle)
+
+    def finalize_reduced(self, output: torch.Tensor, reduced: torch.Tensor, handle: DispatchHandle) -> None:
+        """Combine already weighted-and-reduced rows and write ``output``.
+
+        Args:
+            output: [T, H] bf16, written in place.
+            reduced: [rows, H] bf16, one row per received row (decode: R·M, prefill: X).
+            handle: from :meth:`prepare`.
+        """
         if reduced.dtype != torch.bfloat16:
             raise ValueError(
                 "finalize: DeepEP combine needs bfloat16 expert outputs, "
-                f"got fused_expert_output of dtype {fused_expert_output.dtype}"
+                f"got reduced expert outputs of dtype {reduced.dtype}"
             )
         output.copy_(combine(reduced, handle, self.buffer))
 

@@ -28,8 +28,8 @@ from deepep_ops.layout import (
     MAX_RANKS,
     MAX_TOPK,
     decode_num_recv_tokens,
-    recv_src_metadata_cols,
 )
+from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchHandle, handle_dims
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
 
@@ -148,18 +148,9 @@ def check_dispatch(
 def check_combine(
     op: str,
     x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    psum_rank: torch.Tensor,
-    psum_expert: torch.Tensor,
-    num_unaligned: torch.Tensor,
-    recv_src_metadata: torch.Tensor,
-    dst_buffer_slot_idx: torch.Tensor,
+    handle: DispatchHandle,
     *,
     num_ranks: int,
-    num_experts: int,
-    num_max_tokens_per_rank: int,
-    do_expand: bool,
-    num_expanded_tokens: int,
     out: Optional[torch.Tensor] = None,
 ) -> None:
     """Combine checks of spec §6 plus the consistency of the handle with its mode."""
@@ -168,31 +159,25 @@ def check_combine(
     H = x.shape[1]
     if H % COMBINE_HIDDEN_ALIGNMENT:
         _fail(op, "x.shape[1] (hidden)", f"a multiple of {COMBINE_HIDDEN_ALIGNMENT} (DeepEP combine kernels)", H)
-    _check_tensor(op, "topk_idx", topk_idx, 2, (torch.int64, torch.int32), device)
-    T, K = topk_idx.shape
-    EL = num_experts // num_ranks
-    M = num_max_tokens_per_rank
+    _check_tensor(op, "handle.topk_idx", handle.topk_idx, 2, (torch.int64, torch.int32), device)
+    T, K = handle.topk_idx.shape
+    M = handle.num_max_tokens_per_rank
     if T > M:
-        _fail(op, "topk_idx.shape[0] (tokens)", f"<= num_max_tokens_per_rank={M}", T)
-    expected_shapes = {
-        "psum_num_recv_tokens_per_scaleup_rank": (psum_rank, (num_ranks,)),
-        "psum_num_recv_tokens_per_expert": (psum_expert, (EL,)),
-        "num_unaligned_recv_tokens_per_expert": (num_unaligned, (EL,)),
-        "dst_buffer_slot_idx": (dst_buffer_slot_idx, (T, K)),
-    }
-    for name, (t, shape) in expected_shapes.items():
+        _fail(op, "handle.topk_idx.shape[0] (tokens)", f"<= num_max_tokens_per_rank={M}", T)
+    _check_tensor(op, "handle.recv_src_metadata", handle.recv_src_metadata, 2, (torch.int32,), device)
+    dims = handle_dims(handle, num_ranks)
+    for name, spec in HANDLE_TENSOR_SPECS.items():
+        t = getattr(handle, name)
+        shape = spec.shape(dims)
         _check_tensor(op, f"handle.{name}", t, len(shape), (torch.int32,), device)
         if tuple(t.shape) != shape:
             _fail(op, f"handle.{name}.shape", str(shape), tuple(t.shape))
-    _check_tensor(op, "handle.recv_src_metadata", recv_src_metadata, 2, (torch.int32,), device)
-    n_rows = recv_src_metadata.shape[0]
-    if recv_src_metadata.shape[1] != recv_src_metadata_cols(K):
-        _fail(op, "handle.recv_src_metadata.shape[1]", f"num_topk + 2 = {K + 2}", recv_src_metadata.shape[1])
-    if do_expand:
+    n_rows = dims.num_recv_tokens
+    if handle.do_expand:
         if n_rows > decode_num_recv_tokens(num_ranks, M):
             _fail(op, "handle.recv_src_metadata.shape[0]", f"<= R*M = {num_ranks * M} for an expand handle", n_rows)
-        if x.shape[0] != num_expanded_tokens:
-            _fail(op, "x.shape[0]", f"the {num_expanded_tokens} expanded rows dispatch_exact returned", x.shape[0])
+        if x.shape[0] != handle.num_expanded_tokens:
+            _fail(op, "x.shape[0]", f"the {handle.num_expanded_tokens} expanded rows dispatch_exact returned", x.shape[0])
     else:
         if n_rows != decode_num_recv_tokens(num_ranks, M):
             _fail(

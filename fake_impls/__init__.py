@@ -1,6 +1,28 @@
 """Fake (meta) kernels of the ``deepep_ops::`` ops.
 
-Importing this package registers them; ``import deepep_ops`` does so.
+:func:`register` attaches them to the ops (``import deepep_ops`` calls it once
+the ops are defined); importing this package registers nothing by itself.
 """
 
-from fake_impls import bucket, combine, dispatch  # noqa: F401  (registration side effects)
+from __future__ import annotations
+
+import torch
+
+from fake_impls.bucket import token_bucket_fake
+from fake_impls.combine import combine_fake, combine_into_fake
+from fake_impls.dispatch import dispatch_exact_fake, dispatch_fake
+
+#: op name -> fake kernel.
+FAKES = {
+    "dispatch": dispatch_fake,
+    "dispatch_exact": dispatch_exact_fake,
+    "combine": combine_fake,
+    "combine_into": combine_into_fake,
+    "token_bucket": token_bucket_fake,
+}
+
+
+def register(lib: torch.library.Library) -> None:
+    """Register every fake kernel on ``lib`` (the library that defines the ops)."""
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"{lib.ns}::{name}", fake, lib=lib)

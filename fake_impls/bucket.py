@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from deepep_ops.buffer import unwrap_ep_buffer
 
-@torch.library.register_fake("deepep_ops::token_bucket")
-def token_bucket_fake(tokens, capacity):
-    # The value depends on host state (the DP-global token count), so the graph
-    # must not derive it from tokens.shape[0]: it is a fresh unbacked symbol.
-    return torch.library.get_ctx().new_dynamic_size(min=1, max=capacity)
+
+def token_bucket_fake(tokens, buffer):
+    # The value depends on host state (the buffer's token source, e.g. the
+    # DP-global count), so the graph must not derive it from tokens.shape[0]:
+    # it is a fresh unbacked symbol.
+    return torch.library.get_ctx().new_dynamic_size(min=1, max=unwrap_ep_buffer(buffer).capacity)

@@ -94,7 +94,8 @@ def _meta(t: torch.Tensor):
 
 
 def _combine_args(x, handle_flat, topk_idx, buf, c: Config, M, do_expand, num_expanded):
-    return (x, topk_idx, *handle_flat, buf, c.E, M, c.A, do_expand, num_expanded)
+    # The combine schema: rows, buffer, then the handle's fields (DispatchHandle order).
+    return (x, buf, topk_idx, *handle_flat, c.E, M, c.A, do_expand, num_expanded)
 
 
 def real_metas(c: Config, rank: int, buf) -> dict:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import deepep_ops as D
-from deepep_ops.api import _combine_args as combine_op_args
 import dense_reference as ref
 
 H, K, E, CAP = 256, 2, 4, 16
@@ -73,8 +72,8 @@ def test_opcheck_int32_packed_scales(op):
 
 
 def _combine_args(handle, rows, buf):
-    # The flat argument list the Python API builds; a wrong order fails opcheck's schema test.
-    return combine_op_args(rows, handle, buf)
+    # The flat argument list of the combine schema: rows, buffer, then the handle's fields.
+    return (rows, buf) + tuple(handle)
 
 
 @pytest.mark.parametrize("T,M,A", [(5, 8, 1), (3, 4, 2), (0, 1, 1)])
@@ -119,10 +118,11 @@ def test_token_bucket_real_and_fake(T, cap, expected):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
     x = torch.zeros(T, H, dtype=torch.bfloat16)
-    assert torch.ops.deepep_ops.token_bucket(x, cap) == expected
+    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=cap, hidden=H, num_topk=K))
+    assert torch.ops.deepep_ops.token_bucket(x, buf) == expected
     shape_env = ShapeEnv()
     with FakeTensorMode(shape_env=shape_env) as mode:
-        fake = torch.ops.deepep_ops.token_bucket(mode.from_tensor(x), cap)
+        fake = torch.ops.deepep_ops.token_bucket(mode.from_tensor(x), buf)
     assert isinstance(fake, torch.SymInt) and free_unbacked_symbols(fake) == {fake.node.expr}
     vr = shape_env.var_to_range[fake.node.expr]
     assert int(vr.lower) == 1 and int(vr.upper) == cap and int(vr.lower) <= expected <= int(vr.upper)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from typing import Optional
 
 import pytest
 
@@ -51,14 +52,6 @@ def _apply(kernel, x, w, ids):
     return kernel.apply(x, w1, w2, w, ids, MoEActivation.SILU, E, None, False)
 
 
-@pytest.fixture(autouse=True)
-def _reset_provider():
-    yield
-    from deepep_ops.bucket import set_dp_num_tokens_provider
-
-    set_dp_num_tokens_provider(None)
-
-
 def test_import_deepep_ops_does_not_import_vllm():
     code = "import sys, deepep_ops; assert 'vllm' not in sys.modules and 'deepep_ops.vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -82,26 +75,32 @@ def test_interface():
 
 
 def test_dp_bucket_from_stub_forward_context(monkeypatch):
+    import deepep_ops.vllm._compat as compat
     import deepep_ops.vllm.prepare_finalize as vpf
+    import deepep_ops
     from deepep_ops import token_bucket
 
-    monkeypatch.setattr(vpf, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(compat, "is_forward_context_available", lambda: True)
     ctx = types.SimpleNamespace(dp_metadata=types.SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor([3, 17, 9])))
-    monkeypatch.setattr(vpf, "get_forward_context", lambda: ctx)
+    monkeypatch.setattr(compat, "get_forward_context", lambda: ctx)
     assert vpf.dp_num_tokens(3) == 17
     assert vpf.dp_num_tokens(3, sp_size=4) == 5  # cdiv(17, 4)
     assert vpf.dp_bucket(3, CAP) == 32
     assert vpf.dp_bucket(3, CAP, sp_size=4) == 8
     with pytest.raises(ValueError, match="exceed the buffer capacity"):
         vpf.dp_bucket(3, 16)
-    # the in-graph op, through the provider the adapter installs
-    vpf.DeepEPV2PrepareAndFinalize(_buffer(), 1, 1, 0, E, K, use_cudagraph=True, sp_size=2)
-    assert token_bucket(torch.empty(3, 1), CAP) == 16  # pow2(cdiv(17, 2) = 9)
+    # the in-graph op and the eager bucket, through the token source the adapter gives its buffer
+    buf = deepep_ops.EPBuffer(_buffer())
+    pf = vpf.DeepEPV2PrepareAndFinalize(buf, 1, 1, 0, E, K, use_cudagraph=True, sp_size=2)
+    assert token_bucket(torch.empty(3, 1), buf) == 16 == pf._bucket(torch.empty(3, 1))  # pow2(cdiv(17, 2) = 9)
+    assert token_bucket(torch.empty(3, 1), deepep_ops.EPBuffer(_buffer())) == 4  # another buffer: its own (local) count
     ctx.dp_metadata = None
-    assert token_bucket(torch.empty(3, 1), CAP) == 4  # no DP: local T
+    assert token_bucket(torch.empty(3, 1), buf) == 4  # no DP: local T
     ctx.dp_metadata = types.SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor([3, 70]))
     with pytest.raises(ValueError, match="capacity"):
-        token_bucket(torch.empty(3, 1), CAP)
+        token_bucket(torch.empty(3, 1), buf)
+    with pytest.raises(ValueError, match="sp_size"):
+        vpf.DeepEPV2PrepareAndFinalize(buf, 1, 1, 0, E, K, use_cudagraph=True, sp_size=4)
 
 
 @pytest.mark.parametrize("decode", [True, False])
@@ -149,12 +148,51 @@ def test_block_fp8_and_noop_reduce_and_unsupported_quant():
 
 
 def test_dbo_handle_slots(monkeypatch):
+    import deepep_ops.vllm._compat as compat
     import deepep_ops.vllm.prepare_finalize as vpf
     from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG as QC
 
     pf = vpf.DeepEPV2PrepareAndFinalize(_buffer(), 1, 1, 0, E, K, use_cudagraph=True)
-    monkeypatch.setattr(vpf, "dbo_enabled", lambda: True)
+    assert pf.supports_dbo()
+    monkeypatch.setattr(compat, "dbo_enabled", lambda: True)
     for ubatch, T in ((0, 3), (1, 5)):
-        monkeypatch.setattr(vpf, "dbo_current_ubatch_id", lambda u=ubatch: u)
+        monkeypatch.setattr(compat, "dbo_current_ubatch_id", lambda u=ubatch: u)
         pf.prepare(*_inputs(T, seed=T), E, None, False, QC)
     assert [h.topk_idx.shape[0] for h in pf.handles] == [3, 5]
+
+
+def test_defer_globalize(monkeypatch):
+    """vLLM 0.33's deferred globalize: local ids + ``rank_expert_offset`` in the metadata,
+    the same routing as the globalized ids once the offset is added (checked with a
+    0.33-shaped ``ExpertTokensMetadata`` on 0.32, and on the real class where it exists)."""
+    import dataclasses
+
+    import deepep_ops.vllm._compat as compat
+    from deepep_ops.vllm import DeepEPV2PrepareAndFinalize
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG as QC
+
+    if not compat.HAS_RANK_EXPERT_OFFSET:
+        pf = DeepEPV2PrepareAndFinalize(_buffer(), 1, 1, 0, E, K, use_cudagraph=True)
+        pf.defer_globalize = True
+        with pytest.raises(RuntimeError, match="0.33"):
+            pf.prepare(*_inputs(3, seed=3), E, None, False, QC)
+
+        @dataclasses.dataclass
+        class ExpertTokensMetadata033:  # the fields of vLLM 0.33's class
+            expert_num_tokens: Optional[torch.Tensor]
+            expert_num_tokens_cpu: Optional[torch.Tensor]
+            psum_recv_per_rank: Optional[torch.Tensor] = None
+            rank_expert_offset: Optional[int] = None
+
+        monkeypatch.setattr(compat, "HAS_RANK_EXPERT_OFFSET", True)
+        monkeypatch.setattr(compat, "mk", types.SimpleNamespace(ExpertTokensMetadata=ExpertTokensMetadata033))
+    x, w, ids = _inputs(5, seed=5)
+    plain = DeepEPV2PrepareAndFinalize(_buffer(), 1, 1, 0, E, K, use_cudagraph=True)
+    deferred = DeepEPV2PrepareAndFinalize(_buffer(), 1, 1, 0, E, K, use_cudagraph=True)
+    deferred.defer_globalize = True
+    _x0, _s0, meta0, ids0, w0 = plain.prepare(x, w, ids, E, None, False, QC)
+    _x1, _s1, meta1, ids1, w1 = deferred.prepare(x, w, ids, E, None, False, QC)
+    assert getattr(meta0, "rank_expert_offset", None) is None and meta1.rank_expert_offset == 0
+    real = torch.arange(ids1.shape[0]).unsqueeze(1) < meta1.psum_recv_per_rank[-1]
+    globalized = torch.where((ids1 >= 0) & real, ids1 + meta1.rank_expert_offset, -1)
+    assert torch.equal(globalized, ids0) and torch.equal(w1[real.squeeze(1)], w0[real.squeeze(1)])

@@ -162,8 +162,6 @@ class ReferenceElasticBuffer:
         self.allow_hybrid_mode = allow_hybrid_mode
         self.allow_multiple_reduction = allow_multiple_reduction
         self.explicitly_destroy = explicitly_destroy
-        #: ``combine(..., out=)`` writes the result in place (not in DeepEP's API).
-        self.combine_writes_out = True
         self.num_scaleout_ranks = 1
         self.num_scaleup_ranks = self.num_ranks
 
@@ -407,7 +405,7 @@ class ReferenceElasticBuffer:
         ``topk_idx``, ``psum_num_recv_tokens_per_scaleup_rank``, ``num_experts``,
         ``num_max_tokens_per_rank`` and ``do_expand``.
 
-        ``out`` (an extension, see ``combine_writes_out``): [T, H] bf16 to write
+        ``out`` (an extension, not in DeepEP's API): [T, H] bf16 to write
         the result into instead of allocating it.
 
         Returns ``(combined_x [T, H] bf16, combined_topk_weights [T, K] f32 or None, event)``.

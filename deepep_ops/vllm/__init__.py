@@ -1,6 +1,6 @@
 """vLLM integration of deepep-ops (needs ``vllm``; ``import deepep_ops`` does not).
 
-- :class:`DeepEPV2PrepareAndFinalize`: drop-in for vLLM 0.32's DeepEP v2
+- :class:`DeepEPV2PrepareAndFinalize`: drop-in for vLLM 0.32/0.33's DeepEP v2
   prepare/finalize, routed through ``torch.ops.deepep_ops``.
 - :mod:`deepep_ops.vllm.passes`: ``CombineIntoPass``, a post-grad pass that
   rewrites ``out.copy_(deepep_ops.combine(...))`` into ``deepep_ops.combine_into(out, ...)``.
@@ -15,17 +15,17 @@ import deepep_ops  # noqa: F401  (registers the ops)
 
 from deepep_ops.vllm.prepare_finalize import (
     DeepEPV2PrepareAndFinalize,
+    ForwardContextTokens,
     dp_bucket,
     dp_num_tokens,
-    install_forward_context_bucket,
 )
 from deepep_ops.vllm.splitting import NON_CAPTURABLE_OPS, splitting_ops
 
 __all__ = [
     "DeepEPV2PrepareAndFinalize",
+    "ForwardContextTokens",
     "NON_CAPTURABLE_OPS",
     "dp_bucket",
     "dp_num_tokens",
-    "install_forward_context_bucket",
     "splitting_ops",
 ]

@@ -46,9 +46,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
-
 import deepep_ops  # noqa: F401  (registers the ops)
+from deepep_ops.vllm._compat import VllmInductorPass
 
 COMBINE = torch.ops.deepep_ops.combine.default
 COMBINE_INTO = torch.ops.deepep_ops.combine_into.default

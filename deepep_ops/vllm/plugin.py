@@ -14,22 +14,9 @@ Idempotent: calling it again changes nothing.
 
 from __future__ import annotations
 
-#: name -> pass factory; what ``register`` made available.
-PASSES: dict = {}
-
-_registered = False
-
 
 def register() -> None:
-    global _registered
     import deepep_ops  # registers torch.ops.deepep_ops.* and the fake kernels
-    from deepep_ops.vllm.passes import CombineIntoPass, combine_into_pass
+    from deepep_ops.vllm.passes import combine_into_pass
 
-    PASSES.setdefault("deepep_combine_into", CombineIntoPass)
-    if getattr(deepep_ops, "vllm_combine_into_pass", None) is not combine_into_pass:
-        deepep_ops.vllm_combine_into_pass = combine_into_pass
-    _registered = True
-
-
-def is_registered() -> bool:
-    return _registered
+    deepep_ops.vllm_combine_into_pass = combine_into_pass

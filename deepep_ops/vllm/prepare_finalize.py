@@ -1,7 +1,7 @@
 """vLLM's ``DeepEPV2PrepareAndFinalize`` over the ``deepep_ops::`` ops.
 
 A drop-in for ``vllm.model_executor.layers.fused_moe.prepare_finalize.deepep_v2
-.DeepEPV2PrepareAndFinalize`` (vLLM 0.32): same constructor, same
+.DeepEPV2PrepareAndFinalize`` (vLLM 0.32 and 0.33): same constructor, same
 ``FusedMoEPrepareAndFinalizeModular`` methods, same results. The work is done by
 :class:`deepep_ops.DeepEPPrepareFinalize`, so everything between the modular
 kernel's ``prepare`` and ``finalize`` is plain torch plus ``deepep_ops::`` custom ops
@@ -17,21 +17,22 @@ from typing import Callable, Optional, Union
 
 import torch
 
-import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
-from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.bucket import pow2_bucket
+from deepep_ops.handle import DispatchHandle
+from deepep_ops.prepare_finalize import FP8_BLOCK, DeepEPPrepareFinalize, PreparedTokens
+from deepep_ops.vllm._compat import (
+    FusedMoEQuantConfig,
     TopKWeightAndReduceContiguous,
     TopKWeightAndReduceDelegate,
     TopKWeightAndReduceNoOP,
+    current_device_type,
+    dp_max_num_tokens,
+    expert_tokens_metadata,
+    mk,
+    quantize_input,
+    ubatch_id,
 )
-from vllm.v1.worker.ubatching import dbo_current_ubatch_id, dbo_enabled
-
-from deepep_ops.api import combine
-from deepep_ops.bucket import pow2_bucket, set_dp_num_tokens_provider
-from deepep_ops.buffer import EPBuffer, as_ep_buffer
-from deepep_ops.handle import DispatchHandle
-from deepep_ops.prepare_finalize import FP8_BLOCK, DeepEPPrepareFinalize, PreparedTokens
 
 #: DeepEP moves hidden rows in 512-byte atoms (32 lanes × 16 bytes).
 _XFER_ATOM_BYTES = 512
@@ -44,13 +45,8 @@ def dp_num_tokens(local_num_tokens: int, sp_size: int = 1) -> int:
     (the same on every rank, as DeepEP requires); the local token count when
     there is no forward context or no DP metadata.
     """
-    if not is_forward_context_available():
-        return local_num_tokens
-    dp_metadata = get_forward_context().dp_metadata
-    if dp_metadata is None:
-        return local_num_tokens
-    n = int(dp_metadata.num_tokens_across_dp_cpu.max())
-    return -(-n // sp_size)
+    n = dp_max_num_tokens()
+    return local_num_tokens if n is None else -(-n // sp_size)
 
 
 def dp_bucket(local_num_tokens: int, capacity: int, sp_size: int = 1) -> int:
@@ -58,30 +54,23 @@ def dp_bucket(local_num_tokens: int, capacity: int, sp_size: int = 1) -> int:
     return pow2_bucket(dp_num_tokens(local_num_tokens, sp_size), capacity)
 
 
-def install_forward_context_bucket(sp_size: int = 1) -> None:
-    """Make ``deepep_ops::token_bucket`` bucket the DP-global count from vLLM's forward context.
+class ForwardContextTokens:
+    """An :class:`EPBuffer` token source: :func:`dp_num_tokens` with a fixed ``sp_size``."""
 
-    The provider is process-global (every MoE layer of a model shares ``sp_size``).
-    """
-    set_dp_num_tokens_provider(_ForwardContextTokens(sp_size))
-
-
-class _ForwardContextTokens:
-    """``deepep_ops.bucket`` provider: ``dp_num_tokens`` with a fixed ``sp_size``."""
-
-    def __init__(self, sp_size: int) -> None:
+    def __init__(self, sp_size: int = 1) -> None:
         self.sp_size = sp_size
 
     def __call__(self, local_num_tokens: int) -> int:
         return dp_num_tokens(local_num_tokens, self.sp_size)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ForwardContextTokens) and other.sp_size == self.sp_size
+
+    def __hash__(self) -> int:
+        return hash((ForwardContextTokens, self.sp_size))
+
     def __repr__(self) -> str:
         return f"vLLM forward-context token count (sp_size={self.sp_size})"
-
-
-def _ubatch_id() -> int:
-    # Reading the thread id only under DBO keeps the common path traceable.
-    return dbo_current_ubatch_id() if dbo_enabled() else 0
 
 
 def _quantize_before_dispatch(quant_config: FusedMoEQuantConfig, defer_input_quant: bool) -> bool:
@@ -123,8 +112,15 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             capturable); False: prefill mode (expand + CPU sync, exact rows).
         sp_size: sequence-parallel size; each EP rank holds ``cdiv(n, sp_size)``
             of its DP rank's tokens.
-        install_bucket_provider: install :func:`install_forward_context_bucket`
-            (default), so compiled graphs bucket the DP-global token count.
+
+    The adapter sets ``buffer.num_tokens_source`` to :class:`ForwardContextTokens`,
+    so eager calls (``EPBuffer.bucket``) and compiled graphs (the in-graph
+    ``deepep_ops::token_bucket``) bucket the same DP-global token count; a buffer
+    shared by layers with another ``sp_size`` is a ValueError.
+
+    vLLM 0.33: ``defer_globalize`` (set by its modular kernel for experts that
+    take local ids) makes decode return local ids and pass
+    ``ExpertTokensMetadata.rank_expert_offset``; :meth:`supports_dbo` is True.
         device: where tokens live (default: vLLM's current platform device type).
     """
 
@@ -140,7 +136,6 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         use_cudagraph: bool = False,
         sp_size: int = 1,
         *,
-        install_bucket_provider: bool = True,
         device: Optional[Union[torch.device, str]] = None,
     ) -> None:
         super().__init__()
@@ -165,9 +160,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             )
         self.rank_expert_offset = rank_expert_offset
         if device is None:
-            from vllm.platforms import current_platform
-
-            device = current_platform.device_type
+            device = current_device_type()
         # bf16 dispatch and block-fp8 dispatch: the dtype follows each call's quant config.
         self._pf = {
             fp8: DeepEPPrepareFinalize(
@@ -177,8 +170,15 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         }
         # DBO: one handle per micro-batch.
         self.handles: list[Optional[DispatchHandle]] = [None, None]
-        if install_bucket_provider:
-            install_forward_context_bucket(sp_size)
+        source = ForwardContextTokens(sp_size)
+        if self.buffer.num_tokens_source not in (None, source):
+            raise ValueError(
+                f"DeepEPV2PrepareAndFinalize: the buffer already buckets {self.buffer.num_tokens_source!r}, "
+                f"this layer needs {source!r}; give layers with different sp_size their own EPBuffer"
+            )
+        self.buffer.num_tokens_source = source
+        #: vLLM 0.33's modular kernel sets this for experts that globalize ids themselves.
+        self.defer_globalize = False
 
     # ------------------------------------------------------------------ queries
 
@@ -208,13 +208,18 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     def supports_async(self) -> bool:
         return True
 
+    def supports_dbo(self) -> bool:
+        # One handle slot per DBO micro-batch.
+        return True
+
     # ------------------------------------------------------------------ prepare
 
     def _bucket(self, a1: torch.Tensor) -> Optional[int]:
-        """Decode M: host-side in eager; ``None`` (in-graph ``token_bucket``) when compiling."""
+        """Decode M: host-side in eager; ``None`` (in-graph ``token_bucket``) when
+        compiling. Both come from the buffer's token source."""
         if not self.use_cudagraph or torch.compiler.is_compiling():
             return None
-        return dp_bucket(a1.shape[0], self.buffer.capacity, self.sp_size)
+        return self.buffer.bucket(a1.shape[0])
 
     def prepare_async(
         self,
@@ -250,37 +255,27 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             topk_ids,
             apply_router_weight_on_input=apply_router_weight_on_input,
             num_max_tokens_per_rank=self._bucket(a1),
+            defer_globalize=self.use_cudagraph and self.defer_globalize,
         )
-        self.handles[_ubatch_id()] = prepared.handle
+        self.handles[ubatch_id()] = prepared.handle
         # The ops are synchronous: the receiver only repackages.
         return lambda: self._receive(prepared, quant_config, quantize_after=not fp8 and not defer_input_quant)
 
     def _receive(self, p: PreparedTokens, quant_config: FusedMoEQuantConfig, quantize_after: bool) -> mk.PrepareResultType:
         if self.use_cudagraph:
             # Decode: no counts (no CPU sync); the per-rank psum lets experts skip padding rows.
-            meta = mk.ExpertTokensMetadata(
-                expert_num_tokens=None,
-                expert_num_tokens_cpu=None,
+            meta = expert_tokens_metadata(
                 psum_recv_per_rank=p.handle.psum_num_recv_tokens_per_scaleup_rank,
+                rank_expert_offset=self.rank_expert_offset if self.defer_globalize else None,
             )
         else:
-            meta = mk.ExpertTokensMetadata(
+            meta = expert_tokens_metadata(
                 expert_num_tokens=p.expert_num_tokens,
                 expert_num_tokens_cpu=p.expert_num_tokens.to("cpu"),
             )
         expert_x, expert_x_scale = p.expert_x, p.expert_x_scale
         if quantize_after and quant_config.quant_dtype is not None:
-            from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
-
-            a1_scale = quant_config.a1_gscale if quant_config.quant_dtype == "nvfp4" else quant_config.a1_scale
-            expert_x, expert_x_scale = moe_kernel_quantize_input(
-                expert_x,
-                a1_scale,
-                quant_dtype=quant_config.quant_dtype,
-                per_act_token_quant=False,
-                block_shape=quant_config.block_shape,
-                is_scale_swizzled=quant_config.is_scale_swizzled,
-            )
+            expert_x, expert_x_scale = quantize_input(expert_x, quant_config)
         return expert_x, expert_x_scale, meta, p.topk_ids, p.topk_weights
 
     def prepare(
@@ -301,7 +296,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
 
     # ----------------------------------------------------------------- finalize
 
-    def _finalize(
+    def finalize(
         self,
         output: torch.Tensor,
         fused_expert_output: torch.Tensor,
@@ -310,7 +305,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         apply_router_weight_on_input: bool,
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
     ) -> None:
-        slot = _ubatch_id()
+        slot = ubatch_id()
         handle = self.handles[slot]
         if handle is None:
             raise RuntimeError("DeepEPV2PrepareAndFinalize.finalize: no dispatch handle (prepare was not called)")
@@ -330,34 +325,18 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                 return
             # No rows here (the modular kernel hands back [0, H]): nothing to reduce.
             reduced = fused_expert_output.new_empty((topk_ids.shape[0], output.shape[-1]))
-        elif isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP):
+        elif isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP) or _is_empty(fused_expert_output):
             # The experts already weighted and reduced: [rows, H].
             reduced = fused_expert_output
         else:
-            reduced = fused_expert_output
-            if not _is_empty(fused_expert_output):
-                reduced = weight_and_reduce_impl.apply(
-                    output=None,
-                    fused_expert_output=fused_expert_output,
-                    topk_weights=topk_weights,
-                    topk_ids=topk_ids,
-                    apply_router_weight_on_input=apply_router_weight_on_input,
-                )
-        if reduced.dtype != torch.bfloat16:
-            raise ValueError(f"DeepEP v2 combine requires bfloat16 input, got {reduced.dtype}")
-        output.copy_(combine(reduced, handle, self.buffer))
-
-    def finalize(
-        self,
-        output: torch.Tensor,
-        fused_expert_output: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        apply_router_weight_on_input: bool,
-        weight_and_reduce_impl: mk.TopKWeightAndReduce,
-    ) -> None:
-        self._finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
-                       weight_and_reduce_impl)
+            reduced = weight_and_reduce_impl.apply(
+                output=None,
+                fused_expert_output=fused_expert_output,
+                topk_weights=topk_weights,
+                topk_ids=topk_ids,
+                apply_router_weight_on_input=apply_router_weight_on_input,
+            )
+        pf.finalize_reduced(output, reduced, handle)
 
     def finalize_async(
         self,
@@ -369,8 +348,8 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
     ) -> Callable[[], None]:
         # combine is synchronous (one op in the graph); the receiver has nothing left to wait for.
-        self._finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
-                       weight_and_reduce_impl)
+        self.finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                      weight_and_reduce_impl)
         return _noop
 
 

@@ -39,13 +39,10 @@ def splitting_ops(compilation_config: Optional[Any] = None) -> List[str]:
     """
     if compilation_config is None:
         return list(NON_CAPTURABLE_OPS)
+    from deepep_ops.vllm._compat import attention_splitting_ops
+
     ops = compilation_config.splitting_ops
-    if ops is None:
-        ops = list(type(compilation_config)._attention_ops)
-        if not compilation_config.use_inductor_graph_partition:
-            ops += ["vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]
-    else:
-        ops = list(ops)
+    ops = attention_splitting_ops(compilation_config) if ops is None else list(ops)
     for op in NON_CAPTURABLE_OPS:
         if op not in ops:
             ops.append(op)

@@ -13,20 +13,17 @@ from typing import Optional
 
 import torch
 
-import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-from vllm.model_executor.layers.fused_moe.config import (
+from deepep_ops.vllm._compat import (
     FUSED_MOE_UNQUANTIZED_CONFIG,
     FusedMoEConfig,
     FusedMoEParallelConfig,
     FusedMoEQuantConfig,
+    MoEActivation,
     RoutingMethodType,
-)
-from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
     TopKWeightAndReduceDelegate,
     TopKWeightAndReduceNoOP,
+    mk,
 )
-
 from deepep_ops.prepare_finalize import FP8_BLOCK, dequantize_block_fp8
 
 

@@ -1,0 +1,39 @@
+"""Backends: one module per all-to-all implementation, behind :class:`Backend`.
+
+- :mod:`deepep_ops.backends.deep_ep`: real DeepEP v2 (``deep_ep.ElasticBuffer``).
+- :mod:`deepep_ops.backends.reference`: :class:`deepep_ops.ReferenceElasticBuffer`.
+
+:func:`as_backend` turns a user's buffer object into a :class:`Backend`. A new
+backend (a DeepEP API change, another all-to-all library) is one new module
+with a :class:`Backend` subclass and a ``from_object`` hook listed here.
+"""
+
+from __future__ import annotations
+
+from deepep_ops.backends import deep_ep as _deep_ep
+from deepep_ops.backends import reference as _reference
+from deepep_ops.backends.base import Backend, DispatchOutput
+
+#: ``from_object(obj) -> Backend | None`` of every backend module, tried in order.
+_FROM_OBJECT = (_reference.from_object, _deep_ep.from_object)
+
+
+def as_backend(obj: object) -> Backend:
+    """``obj`` if it is a :class:`Backend`, else the backend that wraps it.
+
+    Raises:
+        TypeError: no backend accepts ``obj``.
+    """
+    if isinstance(obj, Backend):
+        return obj
+    for from_object in _FROM_OBJECT:
+        backend = from_object(obj)
+        if backend is not None:
+            return backend
+    raise TypeError(
+        "EPBuffer: buffer must be a deep_ep.ElasticBuffer, a deepep_ops.ReferenceElasticBuffer or a "
+        f"deepep_ops.backends.Backend, got {type(obj).__module__}.{type(obj).__qualname__}"
+    )
+
+
+__all__ = ["Backend", "DispatchOutput", "as_backend"]

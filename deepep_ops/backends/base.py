@@ -1,0 +1,71 @@
+"""The interface the op kernels call: dispatch in, plain tensors and sizes out;
+combine from a :class:`~deepep_ops.handle.DispatchHandle` of plain tensors.
+
+Shape letters: see the glossary in :mod:`deepep_ops.layout`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple, Optional
+
+import torch
+
+from deepep_ops.handle import DispatchHandle
+
+
+class DispatchOutput(NamedTuple):
+    """What a backend's dispatch returns.
+
+    - ``recv_x`` [rows, H]; ``recv_x_scales`` [rows, P] or None without scales.
+    - ``recv_topk_idx`` [R·M, K] local ids (decode), None in expand mode.
+    - ``recv_topk_weights`` [R·M, K] (decode) or [X] (expand) float32.
+    - ``handle_tensors``: the five int32 handle tensors in
+      :data:`deepep_ops.handle.HANDLE_TENSORS` order.
+    - ``num_recv_tokens_per_expert``: expand mode only, the host list of aligned
+      rows per local expert [EL] (sum X).
+    """
+
+    recv_x: torch.Tensor
+    recv_x_scales: Optional[torch.Tensor]
+    recv_topk_idx: Optional[torch.Tensor]
+    recv_topk_weights: torch.Tensor
+    handle_tensors: tuple
+    num_recv_tokens_per_expert: Optional[list]
+
+
+class Backend(abc.ABC):
+    """One EP buffer of one all-to-all implementation.
+
+    Attributes:
+        num_ranks: R, the EP group size.
+        rank: this process's rank in the EP group.
+        capacity: the largest M a dispatch may use.
+        topk_idx_dtype: the dtype ``topk_idx`` must have.
+    """
+
+    num_ranks: int
+    rank: int
+    capacity: int
+    topk_idx_dtype: torch.dtype
+
+    @abc.abstractmethod
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: Optional[torch.Tensor],
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        num_experts: int,
+        num_max_tokens_per_rank: int,
+        expert_alignment: int,
+        expand: bool,
+    ) -> DispatchOutput:
+        """Direct-mode dispatch (spec §2); ``expand`` selects prefill mode
+        (expand + CPU sync + zeroed padding), otherwise decode (R·M rows, no host sync)."""
+
+    @abc.abstractmethod
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unweighted combine (spec §4) of ``x`` [rows, H] bf16 into [T, H] bf16,
+        written into ``out`` when given (and returned)."""

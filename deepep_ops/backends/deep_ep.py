@@ -1,0 +1,94 @@
+"""Real DeepEP v2: :class:`DeepEPBackend` over ``deep_ep.ElasticBuffer``.
+
+The only module that knows DeepEP's call keywords, its 5-tuple returns, the
+16-argument ``EPHandle`` constructor and ``get_theoretical_num_sms``. ``deep_ep``
+is imported lazily: nothing here runs unless a DeepEP buffer is wrapped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from deepep_ops.backends.base import Backend, DispatchOutput
+from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
+
+
+class DeepEPBackend(Backend):
+    """Wraps an object with ``deep_ep.ElasticBuffer``'s API.
+
+    Args:
+        buffer: the ``ElasticBuffer``.
+        handle_class: its ``EPHandle`` class.
+        topk_idx_dtype: ``deep_ep.topk_idx_t``.
+    """
+
+    def __init__(self, buffer: object, handle_class: type, topk_idx_dtype: torch.dtype) -> None:
+        self.buffer = buffer
+        self.handle_class = handle_class
+        self.topk_idx_dtype = topk_idx_dtype
+        self.num_ranks = buffer.num_ranks
+        self.rank = buffer.rank_idx
+        self.capacity = buffer.num_max_tokens_per_rank
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, *, num_experts, num_max_tokens_per_rank,
+                 expert_alignment, expand) -> DispatchOutput:
+        recv, recv_topk_idx, recv_topk_weights, handle, _event = self.buffer.dispatch(
+            x if x_scales is None else (x, x_scales),
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_experts=num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=expert_alignment,
+            # The graph keeps topk_idx alive until combine, which takes it as an input.
+            do_handle_copy=False,
+            do_cpu_sync=expand,
+            do_expand=expand,
+            # Zeroed padding rows keep garbage (NaN/Inf) out of expert compute.
+            do_zero_padding=expand,
+        )
+        recv_x, recv_x_scales = recv if isinstance(recv, tuple) else (recv, None)
+        return DispatchOutput(
+            recv_x,
+            recv_x_scales,
+            None if expand else recv_topk_idx,
+            recv_topk_weights,
+            tuple(getattr(handle, name) for name in HANDLE_TENSORS),
+            list(handle.num_recv_tokens_per_expert_list) if expand else None,
+        )
+
+    def _native_handle(self, handle: DispatchHandle) -> object:
+        """DeepEP's ``EPHandle`` with the fields combine reads."""
+        return self.handle_class(
+            handle.do_expand,
+            handle.num_experts,
+            handle.expert_alignment,
+            handle.num_max_tokens_per_rank,
+            # Dispatch ran with num_sms=0, i.e. this (cached) value; combine must match it.
+            self.buffer.get_theoretical_num_sms(handle.num_experts, handle.topk_idx.shape[1]),
+            handle.topk_idx,
+            handle.recv_src_metadata.shape[0],
+            handle.num_expanded_tokens,
+            [],  # the host-side per-expert list is only read by cached dispatch, not combine
+            *handle.tensors,
+            None,  # token_metadata_at_forward: hybrid mode only
+            None,  # channel_linked_list: hybrid mode only
+        )
+
+    def combine(self, x, handle, out=None):
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self._native_handle(handle))
+        if out is None:
+            return combined_x
+        # deep_ep's combine allocates its result; one copy, inside the op.
+        return out.copy_(combined_x)
+
+
+def from_object(obj: object) -> Optional[DeepEPBackend]:
+    """A :class:`DeepEPBackend` for a ``deep_ep.ElasticBuffer``, else None."""
+    if type(obj).__module__.split(".")[0] != "deep_ep":
+        return None
+    import deep_ep
+    from deep_ep.buffers.elastic import EPHandle
+
+    return DeepEPBackend(obj, EPHandle, getattr(deep_ep, "topk_idx_t", torch.int64))

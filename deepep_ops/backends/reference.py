@@ -1,0 +1,32 @@
+"""The pure-PyTorch reference: :class:`ReferenceBackend` over
+:class:`deepep_ops.ReferenceElasticBuffer`.
+
+The reference buffer has DeepEP's API, so it is driven through the very calls
+of :class:`~deepep_ops.backends.deep_ep.DeepEPBackend`: the CPU tests exercise
+the real backend's code path. It also writes combine results in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from deepep_ops.backends.deep_ep import DeepEPBackend
+from deepep_ops.reference.elastic import EPHandle, ReferenceElasticBuffer
+
+
+class ReferenceBackend(DeepEPBackend):
+    """:class:`DeepEPBackend` calls on a :class:`ReferenceElasticBuffer` (int64 ids)."""
+
+    def __init__(self, buffer: ReferenceElasticBuffer) -> None:
+        super().__init__(buffer, EPHandle, torch.int64)
+
+    def combine(self, x, handle, out=None):
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self._native_handle(handle), out=out)
+        return combined_x
+
+
+def from_object(obj: object) -> Optional[ReferenceBackend]:
+    """A :class:`ReferenceBackend` for a :class:`ReferenceElasticBuffer`, else None."""
+    return ReferenceBackend(obj) if isinstance(obj, ReferenceElasticBuffer) else None

@@ -1,0 +1,89 @@
+"""The seams: our own op namespace beside torchtitan's ``deepep::`` library, the
+version-specific torch API behind one module, backends behind one interface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deepep_ops as D
+import dense_reference as ref
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_beside_a_foreign_deepep_library():
+    """torchtitan defines ``deepep::dispatch`` and ``deepep::combine``; a process that
+    loaded it first still imports deepep_ops and runs dispatch -> combine correctly."""
+    code = """
+import torch
+lib = torch.library.Library("deepep", "DEF")
+lib.define("dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, int num_experts) -> (Tensor, Tensor, Tensor)")
+lib.define("combine(Tensor x, Tensor handle) -> Tensor")
+import deepep_ops as D
+buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
+x = torch.randn(5, 256).bfloat16()
+idx = torch.tensor([[0, 1], [1, 2], [3, -1], [2, 0], [-1, -1]])
+w = torch.rand(5, 2)
+r = D.dispatch(x, idx, w, buf, num_experts=4, num_max_tokens_per_rank=8)
+y = D.combine(r.recv_x, r.handle, buf)
+# identity experts at world size 1: each routed token comes back once (spec §8)
+expected = torch.where((idx >= 0).any(1, keepdim=True), x.float(), 0.0).bfloat16()
+assert torch.equal(y, expected), (y - expected).abs().max()
+assert torch.ops.deepep.dispatch.default._schema.arguments[1].name == "topk_idx"
+print("ok")
+"""
+    res = _run(code)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_import_logs_no_deprecation():
+    """torch 2.14+ logs a deprecation warning for the old opaque-object names; our
+    import must not use them (deepep_ops._torch_compat picks the current API)."""
+    res = _run("import deepep_ops")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "deprecated" not in res.stderr.lower(), res.stderr[-3000:]
+
+
+def test_unknown_buffer_is_a_clear_type_error():
+    with pytest.raises(TypeError, match=r"buffer must be a deep_ep.ElasticBuffer.*got builtins.object"):
+        D.EPBuffer(object())
+
+
+class _CountingBackend(D.Backend):
+    """A third backend in a few lines: delegates to the reference and counts calls."""
+
+    def __init__(self, inner):
+        self.inner = D.EPBuffer(inner).backend
+        self.num_ranks, self.rank, self.capacity = inner.num_ranks, 0, inner.num_max_tokens_per_rank
+        self.topk_idx_dtype = torch.int64
+        self.calls = []
+
+    def dispatch(self, *args, **kwargs):
+        self.calls.append(("dispatch", kwargs["num_max_tokens_per_rank"], kwargs["expand"]))
+        return self.inner.dispatch(*args, **kwargs)
+
+    def combine(self, x, handle, out=None):
+        self.calls.append(("combine", handle.num_max_tokens_per_rank, handle.do_expand))
+        return self.inner.combine(x, handle, out=out)
+
+
+def test_a_backend_is_one_class():
+    """The op kernels talk to any :class:`deepep_ops.Backend`; results match a dense MoE."""
+    H, K, E = 256, 2, 4
+    backend = _CountingBackend(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
+    buf = D.EPBuffer(backend)
+    inp = ref.make_global_inputs(0, [6], H, K, E, neg_frac=0.2)[0]
+    pf = D.DeepEPPrepareFinalize(buf, E, K, decode=False)
+    p = pf.prepare(inp.x, inp.topk_weights, inp.topk_idx)
+    out = torch.empty_like(inp.x)
+    # identity experts: finalize weights and reduces, so the result is sum_k w_k * x
+    pf.finalize(out, p.expert_x.unsqueeze(1), p.topk_weights, p.topk_ids, p.handle)
+    w = torch.where(inp.topk_idx >= 0, inp.topk_weights, 0.0).sum(1, keepdim=True)
+    torch.testing.assert_close(out.float(), inp.x.float() * w, rtol=2e-2, atol=2e-2)
+    assert backend.calls == [("dispatch", 16, True), ("combine", 16, True)]

@@ -87,3 +87,39 @@ def test_a_backend_is_one_class():
     w = torch.where(inp.topk_idx >= 0, inp.topk_weights, 0.0).sum(1, keepdim=True)
     torch.testing.assert_close(out.float(), inp.x.float() * w, rtol=2e-2, atol=2e-2)
     assert backend.calls == [("dispatch", 16, True), ("combine", 16, True)]
+
+
+
+def _same_bucket_eager_and_compiled(rank: int, world_size: int) -> list:
+    """Ranks hold T = 3 and 9 under a DP-global token source (the max over ranks):
+    the eager prepare (host bucket) and the compiled one (in-graph token_bucket)
+    both dispatch with M = pow2(9) = 16, on both ranks."""
+    import torch.distributed as dist
+
+    H, K, E = 256, 2, 4
+    Ts = [3, 9]
+    inner = D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=32, hidden=H, num_topk=K)
+    backend = _CountingBackend(inner)
+    backend.rank = rank
+    buf = D.EPBuffer(backend, num_tokens_source=lambda _local: max(Ts))
+    pf = D.DeepEPPrepareFinalize(buf, E, K, decode=True)
+    inp = ref.make_global_inputs(1, Ts, H, K, E, neg_frac=0.2)[rank]
+
+    def step(x, w, ids, m):
+        p = pf.prepare(x, w, ids, num_max_tokens_per_rank=m)
+        out = torch.empty_like(x)
+        pf.finalize(out, p.expert_x.unsqueeze(1).expand(-1, K, -1), p.topk_weights, p.topk_ids, p.handle)
+        return out
+
+    eager = step(inp.x, inp.topk_weights, inp.topk_idx, buf.bucket(inp.x.shape[0]))
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")(
+        inp.x, inp.topk_weights, inp.topk_idx, None
+    )
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    return [m for op, m, _ in backend.calls if op == "dispatch"]
+
+
+def test_eager_and_compiled_bucket_the_same_count_on_every_rank():
+    from _dist import run_distributed
+
+    assert run_distributed(_same_bucket_eager_and_compiled, 2) == [[16, 16], [16, 16]]

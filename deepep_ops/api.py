@@ -15,6 +15,15 @@ from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResul
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
 
 
+def _handle_topk_idx(topk_idx: torch.Tensor) -> torch.Tensor:
+    """The handle's own copy of the routing in eager mode, so that combine sees what
+    was dispatched even if the caller reuses or mutates ``topk_idx`` afterwards
+    ([T, K] ids: one small copy). Compiled graphs keep the caller's tensor: what
+    the compiler sees stays as it was (a mutation inside a compiled region between
+    dispatch and combine is then the caller's to avoid)."""
+    return topk_idx if torch.compiler.is_compiling() else topk_idx.clone()
+
+
 def dispatch(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
@@ -44,7 +53,7 @@ def dispatch(
     )
     recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
     handle = DispatchHandle(
-        topk_idx,
+        _handle_topk_idx(topk_idx),
         *out[4:],
         num_experts=num_experts,
         num_max_tokens_per_rank=num_max_tokens_per_rank,
@@ -81,7 +90,7 @@ def dispatch_exact(
     )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
     handle = DispatchHandle(
-        topk_idx,
+        _handle_topk_idx(topk_idx),
         *out[6:],
         num_experts=num_experts,
         num_max_tokens_per_rank=num_max_tokens_per_rank,

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from fake_impls._eager_meta import reject_eager_meta
+
 
 def combine_fake(x, buffer, topk_idx, *handle_rest):
+    reject_eager_meta("combine", x, topk_idx)
     return x.new_empty((topk_idx.shape[0], x.shape[1]), dtype=torch.bfloat16)
 
 
 def combine_into_fake(out, x, buffer, *handle):
+    reject_eager_meta("combine_into", out, x)
     return None

@@ -18,6 +18,7 @@ from deepep_ops.layout import (
     no_scales,
     num_local_experts,
 )
+from fake_impls._eager_meta import reject_eager_meta
 
 
 def _recv_scales(x, x_scales, rows):
@@ -28,6 +29,7 @@ def _recv_scales(x, x_scales, rows):
 
 def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     """Decode mode: R·M rows, a pure function of the SymInt M."""
+    reject_eager_meta("dispatch", x, topk_idx, topk_weights)
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
     rows = decode_num_recv_tokens(num_ranks, num_max_tokens_per_rank)
     T, K = topk_idx.shape
@@ -47,6 +49,7 @@ def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     Bounds: 0 <= N <= R·M; each received token has a local expert, so N <= X;
     X is at most the worst case of decode mode.
     """
+    reject_eager_meta("dispatch_exact", x, topk_idx, topk_weights)
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
     T, K = topk_idx.shape
     ctx = torch.library.get_ctx()

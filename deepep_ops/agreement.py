@@ -165,11 +165,14 @@ class Agreement:
             r, msg = failed[0]
             raise ValueError(f"{op}: rank {r} of {len(gathered)} rejected its input, so every rank stops: {msg}")
         signatures = [sig for _v, sig in gathered]
+        mismatches = []
         for i, name in enumerate(fields):
             values = [sig[i] for sig in signatures]
             if any(v != values[0] for v in values):
                 per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-                raise ValueError(f"{op}: {name} must be the same on every EP rank, got {per_rank}")
+                mismatches.append(f"{name} must be the same on every EP rank, got {per_rank}")
+        if mismatches:
+            raise ValueError(f"{op}: " + "; ".join(mismatches))
         self._seen.add(key)
 
     def max_over_ranks(self, value: int, device: Optional[torch.device] = None) -> int:

@@ -13,6 +13,7 @@ import torch
 from deepep_ops.buffer import EPBuffer
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
+from deepep_ops.validation import check_not_bool
 
 
 def _handle_topk_idx(topk_idx: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,8 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
+    check_not_bool("deepep_ops.dispatch", num_experts=num_experts, expert_alignment=expert_alignment,
+                   num_max_tokens_per_rank=num_max_tokens_per_rank)
     out = torch.ops.deepep_ops.dispatch(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
@@ -85,6 +88,8 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
+    check_not_bool("deepep_ops.dispatch_exact", num_experts=num_experts, expert_alignment=expert_alignment,
+                   num_max_tokens_per_rank=num_max_tokens_per_rank)
     out = torch.ops.deepep_ops.dispatch_exact(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )

@@ -246,6 +246,14 @@ def check_handle_values(op: str, handle: DispatchHandle, num_ranks: int, num_row
         _fail(op, "handle.topk_idx", f"-1 or in [0, num_experts={E})", f"values in [{int(ids.min())}, {int(ids.max())}]")
 
 
+def check_not_bool(op: str, **values: object) -> None:
+    """The op schemas take ``int``, which turns ``True`` into 1 before the kernel
+    sees it: the Python entry points reject bools themselves."""
+    for name, v in values.items():
+        if isinstance(v, bool):
+            _fail(op, name, "an int, not a bool", repr(v), TypeError)
+
+
 def check_token_bucket(tokens: object) -> None:
     """``token_bucket`` reads ``tokens.shape[0]``: a tensor of at least one dimension."""
     op = "deepep_ops.token_bucket"

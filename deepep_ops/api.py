@@ -49,8 +49,8 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    check_not_bool("deepep_ops.dispatch", num_experts=num_experts, expert_alignment=expert_alignment,
-                   num_max_tokens_per_rank=num_max_tokens_per_rank)
+    if not torch.compiler.is_compiling():
+        check_not_bool("deepep_ops.dispatch", num_experts=num_experts, expert_alignment=expert_alignment)
     out = torch.ops.deepep_ops.dispatch(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
@@ -88,8 +88,8 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    check_not_bool("deepep_ops.dispatch_exact", num_experts=num_experts, expert_alignment=expert_alignment,
-                   num_max_tokens_per_rank=num_max_tokens_per_rank)
+    if not torch.compiler.is_compiling():
+        check_not_bool("deepep_ops.dispatch_exact", num_experts=num_experts, expert_alignment=expert_alignment)
     out = torch.ops.deepep_ops.dispatch_exact(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )

@@ -8,7 +8,7 @@ FakeTensors (or a fake/proxy mode is active), which pass.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -16,10 +16,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from deepep_ops.buffer import unwrap_ep_buffer
 
 
-def reject_eager_meta(op: str, *tensors: object, buffer: object = None, agree: Optional[tuple] = None) -> None:
+def reject_eager_meta(op: str, *tensors: object, buffer: object = None, agree: Optional[Callable[[], tuple]] = None) -> None:
     """Raise if a real (non-fake) meta tensor is given while nothing traces.
 
-    With ``buffer`` and ``agree`` = ``(kind, fields, signature)`` the error first
+    With ``buffer`` and ``agree() -> (kind, fields, signature)`` (called only on
+    this error path: reading a SymInt's value while tracing would specialize it) the error first
     goes through the buffer's cross-rank agreement, so the peers (which called
     the real kernel) raise too instead of waiting in the collective.
     """
@@ -35,7 +36,7 @@ def reject_eager_meta(op: str, *tensors: object, buffer: object = None, agree: O
                     "meaningful under torch.compile or another tracer)"
                 )
                 if buffer is not None and agree is not None:
-                    kind, fields, signature = agree
+                    kind, fields, signature = agree()
                     # Meta tensors are host-side: the CPU default of check mode applies.
                     unwrap_ep_buffer(buffer).agreement.agree(
                         f"deepep_ops.{op}", kind, fields, signature, error, torch.device("cpu")

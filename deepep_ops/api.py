@@ -13,6 +13,16 @@ import torch
 from deepep_ops.buffer import EPBuffer
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
+from deepep_ops.validation import check_not_bool
+
+
+def _handle_topk_idx(topk_idx: torch.Tensor) -> torch.Tensor:
+    """The handle's own copy of the routing in eager mode, so that combine sees what
+    was dispatched even if the caller reuses or mutates ``topk_idx`` afterwards
+    ([T, K] ids: one small copy). Compiled graphs keep the caller's tensor: what
+    the compiler sees stays as it was (a mutation inside a compiled region between
+    dispatch and combine is then the caller's to avoid)."""
+    return topk_idx if torch.compiler.is_compiling() else topk_idx.clone()
 
 
 def dispatch(
@@ -39,12 +49,14 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
+    if not torch.compiler.is_compiling():
+        check_not_bool("deepep_ops.dispatch", num_experts=num_experts, expert_alignment=expert_alignment)
     out = torch.ops.deepep_ops.dispatch(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
     recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
     handle = DispatchHandle(
-        topk_idx,
+        _handle_topk_idx(topk_idx),
         *out[4:],
         num_experts=num_experts,
         num_max_tokens_per_rank=num_max_tokens_per_rank,
@@ -76,12 +88,14 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
+    if not torch.compiler.is_compiling():
+        check_not_bool("deepep_ops.dispatch_exact", num_experts=num_experts, expert_alignment=expert_alignment)
     out = torch.ops.deepep_ops.dispatch_exact(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
     )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
     handle = DispatchHandle(
-        topk_idx,
+        _handle_topk_idx(topk_idx),
         *out[6:],
         num_experts=num_experts,
         num_max_tokens_per_rank=num_max_tokens_per_rank,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from deepep_ops._torch_compat import OpaqueBase, opaque_type_name, register_reference_type
+from deepep_ops.agreement import Agreement
 from deepep_ops.backends import Backend, as_backend
 from deepep_ops.bucket import pow2_bucket
 
@@ -30,8 +31,11 @@ class EPBuffer(OpaqueBase):
         buffer: the buffer to wrap.
         num_tokens_source: ``source(local_num_tokens) -> int``, the token count
             to bucket; with a DP group it must return the DP-global maximum
-            (the same on every rank). ``None``: the local count, right only when
-            every EP rank holds the same number of tokens.
+            (the same on every rank). ``None``: the maximum of the local counts
+            over the EP group, exchanged on the host at every call (cheap over
+            gloo; on GPU give a source, e.g. vLLM's DP metadata).
+        check: cross-rank check mode (:mod:`deepep_ops.agreement`): ``None``
+            reads ``DEEPEP_OPS_CHECK``, else on for CPU tensors only.
 
     Attributes:
         backend: the :class:`~deepep_ops.backends.Backend`.
@@ -39,21 +43,32 @@ class EPBuffer(OpaqueBase):
         rank: this process's rank in the EP group.
         capacity: the largest M.
         topk_idx_dtype: the dtype ``topk_idx`` must have.
+        agreement: the :class:`~deepep_ops.agreement.Agreement` of this buffer.
     """
 
-    def __init__(self, buffer: object, *, num_tokens_source: Optional[TokenSource] = None) -> None:
+    def __init__(
+        self, buffer: object, *, num_tokens_source: Optional[TokenSource] = None, check: Optional[bool] = None
+    ) -> None:
         self.backend: Backend = as_backend(buffer)
         self.num_ranks: int = self.backend.num_ranks
         self.rank: int = self.backend.rank
         self.capacity: int = self.backend.capacity
         self.topk_idx_dtype = self.backend.topk_idx_dtype
         self.num_tokens_source = num_tokens_source
+        self.agreement = Agreement(self.backend, check)
 
     def bucket(self, num_local_tokens: int) -> int:
         """M for a step with ``num_local_tokens`` here: ``pow2_bucket`` of the
         source's count (ValueError past the capacity)."""
         source = self.num_tokens_source
-        n = num_local_tokens if source is None else source(num_local_tokens)
+        if source is not None:
+            n = source(num_local_tokens)
+        elif self.num_ranks > 1:
+            # Ranks may hold different T: a bucket of the local T would give each
+            # rank its own M, and the collective aborts (gloo) or hangs.
+            n = self.agreement.max_over_ranks(num_local_tokens)
+        else:
+            n = num_local_tokens
         return pow2_bucket(n, self.capacity)
 
     def __obj_flatten__(self) -> tuple:
@@ -82,5 +97,15 @@ def as_ep_buffer(buffer: object) -> EPBuffer:
 
 
 def unwrap_ep_buffer(buffer: object) -> EPBuffer:
-    """The real :class:`EPBuffer` behind a custom-op argument (fake kernels get a wrapper)."""
-    return getattr(buffer, "real_obj", buffer)
+    """The real :class:`EPBuffer` behind a custom-op argument (fake kernels get a wrapper).
+
+    Raises:
+        TypeError: ``buffer`` is not an :class:`EPBuffer` (e.g. a raw backend).
+    """
+    real = getattr(buffer, "real_obj", buffer)
+    if not isinstance(real, EPBuffer):
+        raise TypeError(
+            "deepep_ops: buffer must be a deepep_ops.EPBuffer (wrap the backend: "
+            f"deepep_ops.EPBuffer(buffer)), got {type(real).__module__}.{type(real).__qualname__}"
+        )
+    return real

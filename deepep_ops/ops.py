@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from deepep_ops import schemas
+from deepep_ops.agreement import COMBINE_FIELDS, DISPATCH_FIELDS, combine_signature, dispatch_signature
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
 from deepep_ops.layout import no_scales
-from deepep_ops.validation import check_combine, check_dispatch
+from deepep_ops.validation import check_combine, check_dispatch, check_token_bucket
 
 lib = torch.library.Library(schemas.NAMESPACE, "DEF")
 lib.define(schemas.DISPATCH)
@@ -28,6 +29,24 @@ lib.define(schemas.TOKEN_BUCKET)
 
 
 _RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
+
+
+def _device_of(x: object) -> torch.device:
+    """x's device (CPU for a non-tensor: its validation error reports it)."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D, ``is_contiguous()``) as a view with row-major strides.
+
+    ``is_contiguous()`` ignores the strides of size-1 and empty dims: K=1 weights
+    from ``torch.topk(...).values * c`` with T=0 have strides (1, 0), which byte
+    views (and DeepEP's pointer arithmetic) reject. Same elements, no copy.
+    """
+    rows, cols = t.shape
+    if t.stride(1) == 1 and (t.stride(0) == cols or rows <= 1):
+        return t
+    return t.as_strided((rows, cols), (cols, 1))
 
 
 def _qualname(op: str) -> str:
@@ -47,12 +66,20 @@ def _dispatch(
     exact: bool,
 ) -> tuple:
     buf = unwrap_ep_buffer(buffer)
-    check_dispatch(
-        op, x, x_scales, topk_idx, topk_weights,
-        num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
-        num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
-        expert_alignment=expert_alignment, exact=exact,
-    )
+    error = None
+    try:
+        check_dispatch(
+            op, x, x_scales, topk_idx, topk_weights,
+            num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
+            num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=expert_alignment, exact=exact,
+        )
+    except (ValueError, TypeError) as e:
+        error = e
+    # Every rank raises together, before the payload collective (deepep_ops.agreement).
+    signature = dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact)
+    buf.agreement.agree(op, "dispatch", DISPATCH_FIELDS, signature, error, _device_of(x))
+    x, topk_idx, topk_weights = _row_major(x), _row_major(topk_idx), _row_major(topk_weights)
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
@@ -93,7 +120,16 @@ def run_combine(
 ) -> torch.Tensor:
     """Validate and call the backend's combine (into ``out`` when given)."""
     buf = unwrap_ep_buffer(buffer)
-    check_combine(op, x, handle, num_ranks=buf.num_ranks, out=out)
+    device = _device_of(x)
+    error = None
+    try:
+        check_combine(
+            op, x, handle, num_ranks=buf.num_ranks, out=out,
+            check_values=buf.agreement.check_mode(device),
+        )
+    except (ValueError, TypeError) as e:
+        error = e
+    buf.agreement.agree(op, "combine", COMBINE_FIELDS, combine_signature(x, handle), error, device)
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -109,4 +145,5 @@ def combine_into_impl(out, x, buffer, *handle):
 
 @torch.library.register_kernel(_qualname("token_bucket"), None, lib=lib)
 def token_bucket_impl(tokens, buffer):
+    check_token_bucket(tokens)
     return unwrap_ep_buffer(buffer).bucket(tokens.shape[0])

@@ -37,6 +37,13 @@ def quantize_block_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # inputs under dynamic=True, which restarts tracing (a second compile).
     fp8_max = torch.finfo(_FP8_DTYPE).max
     T, H = x.shape
+    # Eager only: under torch.compile the view below fails at trace time anyway,
+    # and a check here would add a guard to the graph.
+    if not torch.compiler.is_compiling() and H % FP8_BLOCK:
+        raise ValueError(
+            f"quantize_block_fp8: the hidden size x.shape[1] must be a multiple of {FP8_BLOCK} "
+            f"for block-fp8 dispatch, got {H}"
+        )
     groups = x.float().view(T, H // FP8_BLOCK, FP8_BLOCK)
     scales = groups.abs().amax(dim=-1).clamp(min=1e-10) / fp8_max
     q = (groups / scales.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(_FP8_DTYPE)
@@ -250,6 +257,14 @@ def weight_and_reduce(
     expert output holds, so stale padding rows cannot leak NaN into real rows.
     """
     rows, k = topk_ids.shape
+    # Eager only: rows may be unbacked under torch.compile (prefill X), where a
+    # Python comparison would be a data-dependent guard; the view checks it there.
+    if not torch.compiler.is_compiling() and fused_expert_output.numel() != rows * k * fused_expert_output.shape[-1]:
+        raise ValueError(
+            f"finalize: fused_expert_output must hold rows*k = {rows}*{k} rows of hidden "
+            f"{fused_expert_output.shape[-1]} (as topk_ids {tuple(topk_ids.shape)}), got shape "
+            f"{tuple(fused_expert_output.shape)}"
+        )
     out = fused_expert_output.view(rows, k, fused_expert_output.shape[-1])  # not -1: rows may be 0 (prefill)
     routed = (topk_ids >= 0).unsqueeze(-1)
     terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)

@@ -34,6 +34,11 @@ from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchHandle, handle_dims
 _SCALE_DTYPES = (torch.float32, torch.int32)
 
 
+def _is_int(v: object) -> bool:
+    """A Python int (SymInts included: M may be symbolic), not a bool."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def _fail(op: str, arg: str, expected: str, got: object, exc: type = ValueError) -> None:
     raise exc(f"{op}: {arg} must be {expected}, got {got}")
 
@@ -108,6 +113,8 @@ def check_dispatch(
         _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
         if x_scales.shape[0] != T:
             _fail(op, "x_scales.shape[0]", f"x.shape[0]={T}", x_scales.shape[0])
+        if x_scales.shape[1] < 1:
+            _fail(op, "x_scales.shape[1] (scale columns)", ">= 1", x_scales.shape[1])
 
     _check_tensor(op, "topk_idx", topk_idx, 2, (topk_idx_dtype,), device)
     if topk_idx.shape[0] != T:
@@ -121,17 +128,19 @@ def check_dispatch(
 
     if num_ranks > MAX_RANKS:
         _fail(op, "the EP group size", f"<= {MAX_RANKS}", num_ranks)
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        _fail(op, "num_experts", "a positive int", num_experts)
+    if not _is_int(num_experts) or num_experts <= 0:
+        _fail(op, "num_experts", "a positive int", repr(num_experts))
     if num_experts % num_ranks:
         _fail(op, "num_experts", f"divisible by the EP group size {num_ranks}", num_experts)
     if num_experts > MAX_EXPERTS:
         _fail(op, "num_experts", f"<= {MAX_EXPERTS}", num_experts)
     if num_experts // num_ranks > MAX_LOCAL_EXPERTS:
         _fail(op, "num_experts / num_ranks", f"<= {MAX_LOCAL_EXPERTS} local experts", num_experts // num_ranks)
-    if not isinstance(expert_alignment, int) or expert_alignment < 1:
-        _fail(op, "expert_alignment", ">= 1", expert_alignment)
+    if not _is_int(expert_alignment) or expert_alignment < 1:
+        _fail(op, "expert_alignment", ">= 1 (an int)", repr(expert_alignment))
     M = num_max_tokens_per_rank
+    if not _is_int(M):
+        _fail(op, "num_max_tokens_per_rank", "an int", repr(M), TypeError)
     if M <= 0:
         _fail(op, "num_max_tokens_per_rank", "> 0", M)
     if T > M:
@@ -152,8 +161,10 @@ def check_combine(
     *,
     num_ranks: int,
     out: Optional[torch.Tensor] = None,
+    check_values: bool = False,
 ) -> None:
-    """Combine checks of spec §6 plus the consistency of the handle with its mode."""
+    """Combine checks of spec §6 plus the consistency of the handle with its mode;
+    with ``check_values`` also the handle's values (:func:`check_handle_values`, a host read)."""
     device = x.device
     _check_tensor(op, "x", x, 2, (torch.bfloat16,), device)
     H = x.shape[1]
@@ -192,3 +203,64 @@ def check_combine(
         _check_tensor(op, "out", out, 2, (torch.bfloat16,), device)
         if tuple(out.shape) != (T, H):
             _fail(op, "out.shape", f"{(T, H)} (tokens, hidden)", tuple(out.shape))
+    for name in ("num_experts", "expert_alignment"):
+        if not _is_int(getattr(handle, name)) or getattr(handle, name) < 1:
+            _fail(op, f"handle.{name}", "a positive int", repr(getattr(handle, name)))
+    if handle.num_experts % num_ranks:
+        _fail(op, "handle.num_experts", f"divisible by the EP group size {num_ranks}", handle.num_experts)
+    if check_values and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        check_handle_values(op, handle, num_ranks, x.shape[0])
+
+
+def check_handle_values(op: str, handle: DispatchHandle, num_ranks: int, num_rows: int) -> None:
+    """The handle's values are those a dispatch of this mode returns (spec §3), so a
+    relabelled, hand-made or corrupted handle fails here rather than combining to
+    zeros or indexing out of bounds after the collective."""
+    M = int(handle.num_max_tokens_per_rank)
+    E = int(handle.num_experts)
+    psum = handle.psum_num_recv_tokens_per_scaleup_rank.tolist()
+    n_rows = handle.recv_src_metadata.shape[0]
+    if psum and (psum[0] < 0 or any(b < a for a, b in zip(psum, psum[1:])) or psum[-1] > n_rows):
+        _fail(op, "handle.psum_num_recv_tokens_per_scaleup_rank",
+              f"a non-decreasing prefix sum in [0, {n_rows}] (rows of recv_src_metadata)", psum)
+    n = psum[-1] if psum else 0
+    if handle.do_expand and n != n_rows:
+        _fail(op, "handle.psum_num_recv_tokens_per_scaleup_rank[-1]",
+              f"the {n_rows} rows of recv_src_metadata for an expand handle; is this a dispatch (decode) handle?", n)
+    meta = handle.recv_src_metadata[:n]
+    src = meta[:, 0]
+    if n and bool(((src < 0) | (src >= num_ranks * M)).any()):
+        _fail(op, "handle.recv_src_metadata[:, 0] (source token ids)", f"in [0, R*M={num_ranks * M})",
+              f"values in [{int(src.min())}, {int(src.max())}]")
+    if handle.do_expand and n:
+        slots = meta[:, 2:]
+        if bool(((slots < -1) | (slots >= num_rows)).any()):
+            _fail(op, "handle.recv_src_metadata[:, 2:] (expanded slots)", f"-1 or in [0, {num_rows})",
+                  f"values in [{int(slots.min())}, {int(slots.max())}]")
+        if not bool((slots >= 0).any(dim=1).all()):
+            _fail(op, "handle.recv_src_metadata[:, 2:] (expanded slots)",
+                  "a slot >= 0 in every received row of an expand handle; is this a dispatch (decode) handle?",
+                  "a row without one")
+    ids = handle.topk_idx
+    if ids.numel() and bool(((ids < -1) | (ids >= E)).any()):
+        _fail(op, "handle.topk_idx", f"-1 or in [0, num_experts={E})", f"values in [{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_not_bool(op: str, **values: object) -> None:
+    """The op schemas take ``int``, which turns ``True`` into 1 before the kernel
+    sees it: the Python entry points reject bools themselves. Eager only: under
+    Dynamo an isinstance test on a symbolic int specializes it."""
+    if torch.compiler.is_compiling():
+        return
+    for name, v in values.items():
+        if isinstance(v, bool):
+            _fail(op, name, "an int, not a bool", repr(v), TypeError)
+
+
+def check_token_bucket(tokens: object) -> None:
+    """``token_bucket`` reads ``tokens.shape[0]``: a tensor of at least one dimension."""
+    op = "deepep_ops.token_bucket"
+    if not isinstance(tokens, torch.Tensor):
+        _fail(op, "tokens", "a torch.Tensor", type(tokens).__name__, TypeError)
+    if tokens.dim() < 1:
+        _fail(op, "tokens", "a tensor of >= 1 dimension (its shape[0] is the token count)", "a 0-D tensor")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from deepep_ops.agreement import DISPATCH_FIELDS, dispatch_signature
 from deepep_ops.buffer import unwrap_ep_buffer
 from deepep_ops.handle import HandleDims, empty_handle_tensors
 from deepep_ops.layout import (
@@ -18,6 +19,7 @@ from deepep_ops.layout import (
     no_scales,
     num_local_experts,
 )
+from fake_impls._eager_meta import reject_eager_meta
 
 
 def _recv_scales(x, x_scales, rows):
@@ -28,6 +30,8 @@ def _recv_scales(x, x_scales, rows):
 
 def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     """Decode mode: R·M rows, a pure function of the SymInt M."""
+    reject_eager_meta("dispatch", x, topk_idx, topk_weights, buffer=buffer, agree=lambda: (
+        "dispatch", DISPATCH_FIELDS, dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, False)))
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
     rows = decode_num_recv_tokens(num_ranks, num_max_tokens_per_rank)
     T, K = topk_idx.shape
@@ -47,6 +51,8 @@ def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     Bounds: 0 <= N <= R·M; each received token has a local expert, so N <= X;
     X is at most the worst case of decode mode.
     """
+    reject_eager_meta("dispatch_exact", x, topk_idx, topk_weights, buffer=buffer, agree=lambda: (
+        "dispatch", DISPATCH_FIELDS, dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, True)))
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
     T, K = topk_idx.shape
     ctx = torch.library.get_ctx()

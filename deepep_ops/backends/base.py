@@ -69,3 +69,10 @@ class Backend(abc.ABC):
     def combine(self, x: torch.Tensor, handle: DispatchHandle, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Unweighted combine (spec §4) of ``x`` [rows, H] bf16 into [T, H] bf16,
         written into ``out`` when given (and returned)."""
+
+    def all_gather_object(self, obj: object) -> Optional[list]:
+        """Every EP rank's ``obj`` (a small picklable host value), in rank order,
+        exchanged on the host; used by :mod:`deepep_ops.agreement` before the
+        first payload collective. ``None``: this backend cannot exchange (its
+        ranks then skip cross-rank agreement). The default knows only world size 1."""
+        return [obj] if self.num_ranks == 1 else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed
 
 from deepep_ops.backends.base import Backend, DispatchOutput
 from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
@@ -82,6 +83,19 @@ class DeepEPBackend(Backend):
             return combined_x
         # deep_ep's combine allocates its result; one copy, inside the op.
         return out.copy_(combined_x)
+
+
+    def all_gather_object(self, obj: object) -> Optional[list]:
+        """Over the buffer's ``group`` (DeepEP and the reference buffer keep their
+        process group there); None without one."""
+        if self.num_ranks == 1:
+            return [obj]
+        group = getattr(self.buffer, "group", None)
+        if group is None:
+            return None
+        out = [None] * self.num_ranks
+        torch.distributed.all_gather_object(out, obj, group=group)
+        return out
 
 
 def from_object(obj: object) -> Optional[DeepEPBackend]:

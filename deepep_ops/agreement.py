@@ -4,8 +4,9 @@ A collective whose ranks disagree on its sizes does not raise: gloo aborts the
 process (``EnforceNotMet``, uncatchable), NCCL hangs or reads garbage, and a
 rank that rejects its own input leaves its peers waiting for the whole
 process-group timeout. Before the first payload collective of an op, the ranks
-therefore exchange (over the EP group, on the host, through
-:meth:`Backend.all_gather_object`) a small tuple of the values that must match
+therefore exchange (over the EP group, on the host: a fixed-size digest through
+:meth:`Backend.all_gather_ints`, and only when something differs the values
+themselves through :meth:`Backend.all_gather_object`) a small tuple of the values that must match
 (:data:`DISPATCH_FIELDS`, :data:`COMBINE_FIELDS`) plus their local validation
 verdict, and all raise the same error when anything is off.
 
@@ -30,6 +31,7 @@ ranks into different collectives; only check mode catches it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional, Sequence
 
@@ -96,6 +98,16 @@ def combine_signature(x, handle) -> tuple:
     )
 
 
+def _digest(ok: bool, signature: tuple) -> tuple:
+    """(ok, 63-bit digest of the signature): what the fast path exchanges.
+
+    ``repr`` of a tuple of ints, strings and None is the same in every process
+    (``hash()`` of strings is not: it is salted per process).
+    """
+    h = int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=8).digest(), "little") >> 1
+    return (int(ok), h)
+
+
 def _env_check() -> Optional[bool]:
     v = os.environ.get("DEEPEP_OPS_CHECK")
     return None if v in (None, "") else v not in ("0", "false", "False")
@@ -152,6 +164,16 @@ class Agreement:
             if error is not None:
                 raise error
             return
+        # Fast path: one small fixed-size exchange. Every rank sees the same
+        # digests, so all of them take the slow path (names and messages) together.
+        digests = self._backend.all_gather_ints(_digest(error is None, signature))
+        if digests is None:  # the backend cannot exchange (no group): local checks only
+            if error is not None:
+                raise error
+            return
+        if all(d == digests[0] for d in digests) and digests[0][0]:
+            self._seen.add(key)
+            return
         verdict = None if error is None else f"{type(error).__name__}: {error}"
         gathered = self._backend.all_gather_object((verdict, signature))
         if gathered is None:  # the backend cannot exchange (no group): local checks only
@@ -180,5 +202,5 @@ class Agreement:
         itself without a group, or during CUDA-graph capture."""
         if device is not None and _capturing(device):
             return value
-        gathered = self._backend.all_gather_object(value)
-        return value if gathered is None else max(gathered)
+        gathered = self._backend.all_gather_ints((value,))
+        return value if gathered is None else max(v for (v,) in gathered)

@@ -54,6 +54,7 @@ def spy(monkeypatch):
     # The stub peer agrees with whatever this rank sends in the cross-rank check
     # (deepep_ops.agreement, a host exchange, not a payload collective).
     buf.backend.all_gather_object = lambda obj: [obj] * buf.num_ranks
+    buf.backend.all_gather_ints = lambda values: [tuple(values)] * buf.num_ranks
     assert buf.num_ranks == 2 and buf.rank == 0
     return buf, calls
 

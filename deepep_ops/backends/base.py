@@ -76,3 +76,9 @@ class Backend(abc.ABC):
         first payload collective. ``None``: this backend cannot exchange (its
         ranks then skip cross-rank agreement). The default knows only world size 1."""
         return [obj] if self.num_ranks == 1 else None
+
+    def all_gather_ints(self, values: tuple) -> Optional[list]:
+        """Every EP rank's ``values`` (a fixed-length tuple of int64s), in rank order:
+        the cheap exchange (one small collective, no pickling) that
+        :mod:`deepep_ops.agreement` uses on its fast path. ``None``: cannot exchange."""
+        return [tuple(values)] if self.num_ranks == 1 else None

@@ -84,7 +84,6 @@ class DeepEPBackend(Backend):
         # deep_ep's combine allocates its result; one copy, inside the op.
         return out.copy_(combined_x)
 
-
     def all_gather_object(self, obj: object) -> Optional[list]:
         """Over the buffer's ``group`` (DeepEP and the reference buffer keep their
         process group there); None without one."""
@@ -96,6 +95,20 @@ class DeepEPBackend(Backend):
         out = [None] * self.num_ranks
         torch.distributed.all_gather_object(out, obj, group=group)
         return out
+
+    def all_gather_ints(self, values: tuple) -> Optional[list]:
+        if self.num_ranks == 1:
+            return [tuple(values)]
+        group = getattr(self.buffer, "group", None)
+        if group is None:
+            return None
+        # NCCL moves device tensors only; gloo host tensors.
+        nccl = torch.distributed.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
+        out = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+        torch.distributed.all_gather(out, mine, group=group)
+        return [tuple(t.tolist()) for t in out]
 
 
 def from_object(obj: object) -> Optional[DeepEPBackend]:

@@ -16,7 +16,12 @@ from deepep_ops import schemas
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
 from deepep_ops.layout import no_scales
-from deepep_ops.validation import check_combine, check_dispatch
+from deepep_ops.validation import (
+    check_cached_dispatch,
+    check_combine,
+    check_combine_with_weights,
+    check_dispatch,
+)
 
 lib = torch.library.Library(schemas.NAMESPACE, "DEF")
 lib.define(schemas.DISPATCH)
@@ -25,6 +30,8 @@ lib.define(schemas.DISPATCH_EXACT, tags=(torch.Tag.cudagraph_unsafe,))
 lib.define(schemas.COMBINE)
 lib.define(schemas.COMBINE_INTO)
 lib.define(schemas.TOKEN_BUCKET)
+lib.define(schemas.CACHED_DISPATCH)
+lib.define(schemas.COMBINE_WITH_WEIGHTS)
 
 
 _RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
@@ -110,3 +117,21 @@ def combine_into_impl(out, x, buffer, *handle):
 @torch.library.register_kernel(_qualname("token_bucket"), None, lib=lib)
 def token_bucket_impl(tokens, buffer):
     return unwrap_ep_buffer(buffer).bucket(tokens.shape[0])
+
+
+# --- training (issue 14): the ops the backward passes call (autograd: deepep_ops.autograd) -------
+@torch.library.register_kernel(_qualname("cached_dispatch"), None, lib=lib)
+def cached_dispatch_impl(x, x_scales, buffer, *handle):
+    handle = DispatchHandle(*handle)
+    buf = unwrap_ep_buffer(buffer)
+    check_cached_dispatch("deepep_ops.cached_dispatch", x, x_scales, handle, num_ranks=buf.num_ranks)
+    recv_x, recv_x_scales = buf.backend.cached_dispatch(x, x_scales, handle)
+    return recv_x, no_scales(x) if recv_x_scales is None else recv_x_scales
+
+
+@torch.library.register_kernel(_qualname("combine_with_weights"), None, lib=lib)
+def combine_with_weights_impl(x, topk_weights, buffer, *handle):
+    handle = DispatchHandle(*handle)
+    buf = unwrap_ep_buffer(buffer)
+    check_combine_with_weights("deepep_ops.combine_with_weights", x, topk_weights, handle, num_ranks=buf.num_ranks)
+    return buf.backend.combine_with_weights(x, topk_weights, handle)

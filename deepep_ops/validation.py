@@ -192,3 +192,55 @@ def check_combine(
         _check_tensor(op, "out", out, 2, (torch.bfloat16,), device)
         if tuple(out.shape) != (T, H):
             _fail(op, "out.shape", f"{(T, H)} (tokens, hidden)", tuple(out.shape))
+
+
+# --- training (issue 14): the ops the backward passes call ---------------------------------------
+def check_cached_dispatch(
+    op: str, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle, *, num_ranks: int
+) -> None:
+    """``x`` [T, H] (bf16, or fp8 with scales) has the handle's T tokens; the handle is well formed."""
+    if not isinstance(x, torch.Tensor):
+        _fail(op, "x", "a torch.Tensor", type(x).__name__, TypeError)
+    device = x.device
+    _check_tensor(op, "x", x, 2, DISPATCH_DTYPES, device)
+    row_alignment = DISPATCH_ROW_BYTES_ALIGNMENT // x.element_size()
+    if x.shape[1] % row_alignment:
+        _fail(op, "x.shape[1] (hidden)", f"a multiple of {row_alignment} for {x.dtype}", x.shape[1])
+    if (x.dtype == torch.float8_e4m3fn) != (x_scales is not None):
+        _fail(op, "x_scales", "given exactly when x is float8_e4m3fn", None if x_scales is None else x_scales.dtype)
+    if x_scales is not None:
+        _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
+        if x_scales.shape[0] != x.shape[0]:
+            _fail(op, "x_scales.shape[0]", f"x.shape[0]={x.shape[0]}", x_scales.shape[0])
+    _check_handle(op, handle, num_ranks, device)
+    if x.shape[0] != handle.topk_idx.shape[0]:
+        _fail(op, "x.shape[0] (tokens)", f"the handle's {handle.topk_idx.shape[0]} dispatched tokens", x.shape[0])
+
+
+def check_combine_with_weights(
+    op: str, x: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle, *, num_ranks: int
+) -> None:
+    """:func:`check_combine`, plus ``topk_weights`` float32 [rows, K] (decode) or [X] (prefill)."""
+    check_combine(op, x, handle, num_ranks=num_ranks)
+    K = handle.topk_idx.shape[1]
+    shape = (x.shape[0],) if handle.do_expand else (x.shape[0], K)
+    _check_tensor(op, "topk_weights", topk_weights, len(shape), (torch.float32,), x.device)
+    if tuple(topk_weights.shape) != shape:
+        _fail(op, "topk_weights.shape", f"{shape} (rows of x{'' if handle.do_expand else ', K'})",
+              tuple(topk_weights.shape))
+
+
+def _check_handle(op: str, handle: DispatchHandle, num_ranks: int, device: torch.device) -> None:
+    _check_tensor(op, "handle.topk_idx", handle.topk_idx, 2, (torch.int64, torch.int32), device)
+    _check_tensor(op, "handle.recv_src_metadata", handle.recv_src_metadata, 2, (torch.int32,), device)
+    dims = handle_dims(handle, num_ranks)
+    for name, spec in HANDLE_TENSOR_SPECS.items():
+        t = getattr(handle, name)
+        shape = spec.shape(dims)
+        _check_tensor(op, f"handle.{name}", t, len(shape), (torch.int32,), device)
+        if tuple(t.shape) != shape:
+            _fail(op, f"handle.{name}.shape", str(shape), tuple(t.shape))
+    if not handle.do_expand and dims.num_recv_tokens != decode_num_recv_tokens(num_ranks, handle.num_max_tokens_per_rank):
+        _fail(op, "handle.recv_src_metadata.shape[0]",
+              f"R*M = {num_ranks * handle.num_max_tokens_per_rank} for a decode (do_expand=False) handle",
+              dims.num_recv_tokens)

@@ -159,15 +159,20 @@ def _inputs(seed, Ts, E):
     return inputs, G
 
 
-def _step(block, inp, G, ckpt=False, fn=None):
-    """One forward + backward; returns (x.grad, w.grad, [expert grads]) and zeroes the module grads."""
-    fn = fn or block
+def _checkpointed(block):
+    def fn(x, w, idx):
+        return torch.utils.checkpoint.checkpoint(block, x, w, idx, use_reentrant=False)
+
+    return fn
+
+
+def _step(block, inp, G, fn=None):
+    """One forward + backward of ``fn`` (default ``block``); returns (x.grad, w.grad,
+    [expert grads]) and zeroes the module's grads."""
+    fn = block if fn is None else fn
     x = inp.x.clone().requires_grad_()
     w = inp.topk_weights.clone().requires_grad_()
-    if ckpt:
-        out = torch.utils.checkpoint.checkpoint(fn, x, w, inp.topk_idx, use_reentrant=False)
-    else:
-        out = fn(x, w, inp.topk_idx)
+    out = fn(x, w, inp.topk_idx)
     (out.float() * G).sum().backward()
     params = [p.grad.clone() for p in block.experts.parameters()]
     block.zero_grad(set_to_none=True)
@@ -211,13 +216,15 @@ def _compiled_case(rank, world, *, decode, backend, ckpt, Ts):
     torch._dynamo.reset()
     counters.clear()
     cnt = CompileCounterWithBackend(backend)
-    compiled = torch.compile(s.block, backend=cnt, fullgraph=True, dynamic=True)
+    eager = _checkpointed(s.block) if ckpt else s.block
+    # With ckpt the checkpoint is inside the compiled region (Dynamo's checkpoint HOP).
+    compiled = torch.compile(eager, backend=cnt, fullgraph=True, dynamic=True)
     worst = 0.0
     for i, base in enumerate(Ts):
         step_ts = _ts_for(world, base)
         inputs, G = _inputs(100 + i, step_ts, s.E)
-        want = _step(s.block, inputs[rank], G[rank], ckpt=ckpt)
-        got = _step(s.block, inputs[rank], G[rank], ckpt=ckpt, fn=compiled)
+        want = _step(s.block, inputs[rank], G[rank], fn=eager)
+        got = _step(s.block, inputs[rank], G[rank], fn=compiled)
         for a, b, name in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2]), ("x", "w", "gate", "up", "down")):
             worst = max(worst, _assert_rel(a, b, f"rank {rank} T={step_ts[rank]} {name}.grad (compiled vs eager)",
                                            COMPILED_RTOL))

@@ -12,12 +12,14 @@
 - ``torch.compile(fullgraph=True, dynamic=True)`` of forward + backward, with and
   without ``torch.utils.checkpoint`` around the block, on 2 ranks with T differing
   per rank: 0 graph breaks, at most 2 frames, gradients equal to eager within
-  ``COMPILED_RTOL``. aot_eager sweeps T over :data:`SWEEP_TS` (1..16, then
-  powers of two and odd sizes up to 256); inductor (slow to compile on 2 cores)
-  a shorter :data:`INDUCTOR_TS`.
+  ``COMPILED_RTOL`` (aot_eager: bitwise). aot_eager sweeps T over :data:`SWEEP_TS` (1, 2, 3, 5, 9, 16, then
+  57, 128, 256, T − 3·rank on each rank); inductor (slow to compile on 2 cores)
+  a shorter :data:`INDUCTOR_TS`, decode only unless ``DEEPEP_OPS_SLOW_TESTS=1``.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -28,9 +30,13 @@ from _dist import assert_scenario_passed
 
 H, I, K, CAP = 256, 32, 2, 256
 GRAD_RTOL = 2e-2
-COMPILED_RTOL = 1e-2
-SWEEP_TS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 32, 57, 64, 100, 128, 201, 256)
+#: Compiled vs eager gradients: aot_eager runs the same kernels (bitwise equal);
+#: Inductor fuses and reorders fp32/bf16 math, so bf16-level (measured ≤ 1e-2).
+COMPILED_RTOL = {"aot_eager": 0.0, "inductor": GRAD_RTOL}
+SWEEP_TS = (1, 2, 3, 5, 9, 16, 57, 128, 256)
 INDUCTOR_TS = (1, 2, 9, 64, 256)
+#: Inductor scenarios beyond plain decode take minutes to compile on 2 cores.
+SLOW = os.environ.get("DEEPEP_OPS_SLOW_TESTS") == "1"
 
 
 # ------------------------------------------------------------------------------ opcheck (world size 1)
@@ -227,7 +233,7 @@ def _compiled_case(rank, world, *, decode, backend, ckpt, Ts):
         got = _step(s.block, inputs[rank], G[rank], fn=compiled)
         for a, b, name in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2]), ("x", "w", "gate", "up", "down")):
             worst = max(worst, _assert_rel(a, b, f"rank {rank} T={step_ts[rank]} {name}.grad (compiled vs eager)",
-                                           COMPILED_RTOL))
+                                           COMPILED_RTOL[backend]))
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= cnt.frame_count <= 2, f"{cnt.frame_count} frames"
     print(f"COMPILED rank {rank} {backend} decode={decode} ckpt={ckpt}: {cnt.frame_count} frames over "
@@ -260,12 +266,19 @@ SCENARIOS.update(COMPILE_SCENARIOS)
 EAGER_NAMES = ("decode", "decode_T0", "prefill_aligned", "prefill_T0")
 
 
+_FAST_COMPILE = tuple(n for n in COMPILE_SCENARIOS if n.startswith("aot_eager") or n == "inductor_decode")
+#: World size 2 runs the eager and the compiled scenarios in one spawn.
+_WORLD2 = EAGER_NAMES + (tuple(COMPILE_SCENARIOS) if SLOW else _FAST_COMPILE)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", EAGER_NAMES)
 def test_eager_gradients_match_dense_float64(world, name):
-    assert_scenario_passed(__name__.split(".")[-1], EAGER_NAMES, world, name)
+    assert_scenario_passed(__name__.split(".")[-1], _WORLD2 if world == 2 else EAGER_NAMES, world, name)
 
 
 @pytest.mark.parametrize("name", tuple(COMPILE_SCENARIOS))
 def test_compiled_forward_backward(name):
-    assert_scenario_passed(__name__.split(".")[-1], tuple(COMPILE_SCENARIOS), 2, name)
+    if name not in _WORLD2:
+        pytest.skip("inductor prefill/checkpoint compiles take minutes on CPU: set DEEPEP_OPS_SLOW_TESTS=1")
+    assert_scenario_passed(__name__.split(".")[-1], _WORLD2, 2, name)

@@ -10,7 +10,11 @@ from deepep_ops import ops as _ops
 
 _fake_impls.register(_ops.lib)
 
-from deepep_ops.api import combine, combine_into, dispatch, dispatch_exact  # noqa: E402
+from deepep_ops import autograd as _autograd  # noqa: E402
+
+_autograd.register(_ops.lib.ns)
+
+from deepep_ops.api import cached_dispatch, combine, combine_into, dispatch, dispatch_exact  # noqa: E402
 from deepep_ops.backends import Backend  # noqa: E402
 from deepep_ops.bucket import pow2_bucket, token_bucket  # noqa: E402
 from deepep_ops.buffer import EPBuffer, as_ep_buffer  # noqa: E402
@@ -28,6 +32,7 @@ __all__ = [
     "PreparedTokens",
     "ReferenceElasticBuffer",
     "as_ep_buffer",
+    "cached_dispatch",
     "combine",
     "combine_into",
     "dispatch",

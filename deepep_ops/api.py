@@ -127,3 +127,21 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
     torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)
+
+
+def cached_dispatch(
+    x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer, *, x_scales: Optional[torch.Tensor] = None
+) -> tuple:
+    """Dispatch ``x`` along ``handle``'s routing (DeepEP's ``dispatch(x, handle=...)``).
+
+    Args:
+        x: [T, H] bf16 (or float8_e4m3fn with ``x_scales`` [T, P]), T the handle's tokens.
+        handle: from :func:`dispatch` or :func:`dispatch_exact`; its mode is kept.
+
+    Returns:
+        ``(recv_x, recv_x_scales or None)``: [R·M, H] rows in decode mode (rows ≥
+        ``psum_num_recv_tokens_per_scaleup_rank[-1]`` unspecified), [X, H] in
+        prefill mode (padding rows zero); the rows of the original dispatch.
+    """
+    recv_x, recv_x_scales = torch.ops.deepep_ops.cached_dispatch(x, x_scales, buffer, *handle)
+    return recv_x, None if x_scales is None else recv_x_scales

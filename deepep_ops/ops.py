@@ -17,7 +17,13 @@ from deepep_ops.agreement import COMBINE_FIELDS, DISPATCH_FIELDS, combine_signat
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
 from deepep_ops.layout import no_scales
-from deepep_ops.validation import check_combine, check_dispatch, check_token_bucket
+from deepep_ops.validation import (
+    check_cached_dispatch,
+    check_combine,
+    check_combine_with_weights,
+    check_dispatch,
+    check_token_bucket,
+)
 
 lib = torch.library.Library(schemas.NAMESPACE, "DEF")
 lib.define(schemas.DISPATCH)
@@ -26,6 +32,8 @@ lib.define(schemas.DISPATCH_EXACT, tags=(torch.Tag.cudagraph_unsafe,))
 lib.define(schemas.COMBINE)
 lib.define(schemas.COMBINE_INTO)
 lib.define(schemas.TOKEN_BUCKET)
+lib.define(schemas.CACHED_DISPATCH)
+lib.define(schemas.COMBINE_WITH_WEIGHTS)
 
 
 _RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
@@ -49,6 +57,18 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((rows, cols), (cols, 1))
 
 
+def _check_and_agree(op: str, buf: EPBuffer, kind: str, fields: tuple, signature: tuple,
+                     device: torch.device, check, *args, **kwargs) -> None:
+    """Run this rank's ``check(op, *args, **kwargs)``, then agree with every rank
+    (:mod:`deepep_ops.agreement`): all raise together, before the payload collective."""
+    error = None
+    try:
+        check(op, *args, **kwargs)
+    except (ValueError, TypeError) as e:
+        error = e
+    buf.agreement.agree(op, kind, fields, signature, error, device)
+
+
 def _qualname(op: str) -> str:
     return f"{schemas.NAMESPACE}::{op}"
 
@@ -66,19 +86,14 @@ def _dispatch(
     exact: bool,
 ) -> tuple:
     buf = unwrap_ep_buffer(buffer)
-    error = None
-    try:
-        check_dispatch(
-            op, x, x_scales, topk_idx, topk_weights,
-            num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
-            num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
-            expert_alignment=expert_alignment, exact=exact,
-        )
-    except (ValueError, TypeError) as e:
-        error = e
-    # Every rank raises together, before the payload collective (deepep_ops.agreement).
-    signature = dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact)
-    buf.agreement.agree(op, "dispatch", DISPATCH_FIELDS, signature, error, _device_of(x))
+    _check_and_agree(
+        op, buf, "dispatch", DISPATCH_FIELDS,
+        dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact),
+        _device_of(x), check_dispatch, x, x_scales, topk_idx, topk_weights,
+        num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
+        num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+        expert_alignment=expert_alignment, exact=exact,
+    )
     x, topk_idx, topk_weights = _row_major(x), _row_major(topk_idx), _row_major(topk_weights)
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
@@ -121,15 +136,10 @@ def run_combine(
     """Validate and call the backend's combine (into ``out`` when given)."""
     buf = unwrap_ep_buffer(buffer)
     device = _device_of(x)
-    error = None
-    try:
-        check_combine(
-            op, x, handle, num_ranks=buf.num_ranks, out=out,
-            check_values=buf.agreement.check_mode(device),
-        )
-    except (ValueError, TypeError) as e:
-        error = e
-    buf.agreement.agree(op, "combine", COMBINE_FIELDS, combine_signature(x, handle), error, device)
+    _check_and_agree(
+        op, buf, "combine", COMBINE_FIELDS, combine_signature(x, handle), device, check_combine, x, handle,
+        num_ranks=buf.num_ranks, out=out, check_values=buf.agreement.check_mode(device),
+    )
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -147,3 +157,29 @@ def combine_into_impl(out, x, buffer, *handle):
 def token_bucket_impl(tokens, buffer):
     check_token_bucket(tokens)
     return unwrap_ep_buffer(buffer).bucket(tokens.shape[0])
+
+
+# --- training (issue 14): the ops the backward passes call (autograd: deepep_ops.autograd) -------
+@torch.library.register_kernel(_qualname("cached_dispatch"), None, lib=lib)
+def cached_dispatch_impl(x, x_scales, buffer, *handle):
+    handle = DispatchHandle(*handle)
+    buf = unwrap_ep_buffer(buffer)
+    op = "deepep_ops.cached_dispatch"
+    _check_and_agree(
+        op, buf, "cached_dispatch", COMBINE_FIELDS, combine_signature(x, handle), _device_of(x),
+        check_cached_dispatch, x, x_scales, handle, num_ranks=buf.num_ranks,
+    )
+    recv_x, recv_x_scales = buf.backend.cached_dispatch(x, x_scales, handle)
+    return recv_x, no_scales(x) if recv_x_scales is None else recv_x_scales
+
+
+@torch.library.register_kernel(_qualname("combine_with_weights"), None, lib=lib)
+def combine_with_weights_impl(x, topk_weights, buffer, *handle):
+    handle = DispatchHandle(*handle)
+    buf = unwrap_ep_buffer(buffer)
+    op = "deepep_ops.combine_with_weights"
+    _check_and_agree(
+        op, buf, "combine", COMBINE_FIELDS, combine_signature(x, handle), _device_of(x),
+        check_combine_with_weights, x, topk_weights, handle, num_ranks=buf.num_ranks,
+    )
+    return buf.backend.combine_with_weights(x, topk_weights, handle)

@@ -151,6 +151,13 @@ class DeepEPPrepareFinalize:
             a1 = a1 * topk_weights.to(a1.dtype)
         scales = None
         if self.use_fp8_dispatch:
+            if torch.is_grad_enabled() and a1.requires_grad:
+                # Block-fp8 dispatch has no gradient (deepep_ops.autograd): fp8 rows
+                # cannot carry a bf16 gradient, so a1 would silently get none.
+                raise ValueError(
+                    "prepare: use_fp8_dispatch=True is inference-only; a1 requires grad "
+                    "(train with bf16 dispatch, or detach a1)"
+                )
             a1, scales = quantize_block_fp8(a1)
 
         if not self.decode:

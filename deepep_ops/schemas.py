@@ -46,6 +46,24 @@ COMBINE = f"combine({_COMBINE_ARGS}) -> Tensor"
 #: post-grad pass turns ``copy_(out, combine(...))`` into.
 COMBINE_INTO = f"combine_into(Tensor(a!) out, {_COMBINE_ARGS}) -> ()"
 
+#: DeepEP's cached-handle dispatch (``dispatch(x, handle=...)``): the routing
+#: comes from the handle, so every size does too (R·M rows in decode mode, the
+#: handle's X in prefill): nothing new is data-dependent. The backward of
+#: ``combine``.
+CACHED_DISPATCH = (
+    f"cached_dispatch(Tensor x, Tensor? x_scales, {EP_BUFFER_TYPE} buffer, {_handle.schema_args()}) "
+    "-> (Tensor recv_x, Tensor recv_x_scales)"
+)
+
+#: Combine that also carries per-lane weights back (DeepEP combine's
+#: ``topk_weights=``): ``topk_weights`` [R·M, K] (decode) or [X] (prefill) float32
+#: -> ``combined_topk_weights`` [T, K], lane k taken from the rank owning its
+#: expert, 0 at −1 lanes. The backward of both dispatch ops.
+COMBINE_WITH_WEIGHTS = (
+    f"combine_with_weights(Tensor x, Tensor topk_weights, {EP_BUFFER_TYPE} buffer, {_handle.schema_args()}) "
+    "-> (Tensor combined_x, Tensor combined_topk_weights)"
+)
+
 #: The buffer's bucket of tokens.shape[0] (never its data), computed on the host
 #: at run time from the buffer's token source and returned as an unbacked SymInt
 #: (see :func:`deepep_ops.bucket.token_bucket`).

@@ -170,44 +170,19 @@ def check_combine(
     H = x.shape[1]
     if H % COMBINE_HIDDEN_ALIGNMENT:
         _fail(op, "x.shape[1] (hidden)", f"a multiple of {COMBINE_HIDDEN_ALIGNMENT} (DeepEP combine kernels)", H)
-    _check_tensor(op, "handle.topk_idx", handle.topk_idx, 2, (torch.int64, torch.int32), device)
-    T, K = handle.topk_idx.shape
-    M = handle.num_max_tokens_per_rank
-    if T > M:
-        _fail(op, "handle.topk_idx.shape[0] (tokens)", f"<= num_max_tokens_per_rank={M}", T)
-    _check_tensor(op, "handle.recv_src_metadata", handle.recv_src_metadata, 2, (torch.int32,), device)
-    dims = handle_dims(handle, num_ranks)
-    for name, spec in HANDLE_TENSOR_SPECS.items():
-        t = getattr(handle, name)
-        shape = spec.shape(dims)
-        _check_tensor(op, f"handle.{name}", t, len(shape), (torch.int32,), device)
-        if tuple(t.shape) != shape:
-            _fail(op, f"handle.{name}.shape", str(shape), tuple(t.shape))
-    n_rows = dims.num_recv_tokens
+    check_handle(op, handle, num_ranks, device)
+    T = handle.topk_idx.shape[0]
     if handle.do_expand:
-        if n_rows > decode_num_recv_tokens(num_ranks, M):
-            _fail(op, "handle.recv_src_metadata.shape[0]", f"<= R*M = {num_ranks * M} for an expand handle", n_rows)
         if x.shape[0] != handle.num_expanded_tokens:
             _fail(op, "x.shape[0]", f"the {handle.num_expanded_tokens} expanded rows dispatch_exact returned", x.shape[0])
     else:
-        if n_rows != decode_num_recv_tokens(num_ranks, M):
-            _fail(
-                op,
-                "handle.recv_src_metadata.shape[0]",
-                f"R*M = {num_ranks * M} for a decode (do_expand=False) handle; is this a dispatch_exact handle?",
-                n_rows,
-            )
+        n_rows = handle.recv_src_metadata.shape[0]
         if x.shape[0] != n_rows:
             _fail(op, "x.shape[0]", f"the {n_rows} rows dispatch returned", x.shape[0])
     if out is not None:
         _check_tensor(op, "out", out, 2, (torch.bfloat16,), device)
         if tuple(out.shape) != (T, H):
             _fail(op, "out.shape", f"{(T, H)} (tokens, hidden)", tuple(out.shape))
-    for name in ("num_experts", "expert_alignment"):
-        if not _is_int(getattr(handle, name)) or getattr(handle, name) < 1:
-            _fail(op, f"handle.{name}", "a positive int", repr(getattr(handle, name)))
-    if handle.num_experts % num_ranks:
-        _fail(op, "handle.num_experts", f"divisible by the EP group size {num_ranks}", handle.num_experts)
     if check_values and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         check_handle_values(op, handle, num_ranks, x.shape[0])
 
@@ -264,3 +239,73 @@ def check_token_bucket(tokens: object) -> None:
         _fail(op, "tokens", "a torch.Tensor", type(tokens).__name__, TypeError)
     if tokens.dim() < 1:
         _fail(op, "tokens", "a tensor of >= 1 dimension (its shape[0] is the token count)", "a 0-D tensor")
+
+
+# --- training (issue 14): the ops the backward passes call ---------------------------------------
+def check_cached_dispatch(
+    op: str, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle, *, num_ranks: int
+) -> None:
+    """``x`` [T, H] (bf16, or fp8 with scales) has the handle's T tokens; the handle is well formed."""
+    if not isinstance(x, torch.Tensor):
+        _fail(op, "x", "a torch.Tensor", type(x).__name__, TypeError)
+    device = x.device
+    _check_tensor(op, "x", x, 2, DISPATCH_DTYPES, device)
+    row_alignment = DISPATCH_ROW_BYTES_ALIGNMENT // x.element_size()
+    if x.shape[1] % row_alignment:
+        _fail(op, "x.shape[1] (hidden)", f"a multiple of {row_alignment} for {x.dtype}", x.shape[1])
+    if (x.dtype == torch.float8_e4m3fn) != (x_scales is not None):
+        _fail(op, "x_scales", "given exactly when x is float8_e4m3fn", None if x_scales is None else x_scales.dtype)
+    if x_scales is not None:
+        _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
+        if x_scales.shape[0] != x.shape[0]:
+            _fail(op, "x_scales.shape[0]", f"x.shape[0]={x.shape[0]}", x_scales.shape[0])
+    check_handle(op, handle, num_ranks, device)
+    if x.shape[0] != handle.topk_idx.shape[0]:
+        _fail(op, "x.shape[0] (tokens)", f"the handle's {handle.topk_idx.shape[0]} dispatched tokens", x.shape[0])
+
+
+def check_combine_with_weights(
+    op: str, x: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle, *, num_ranks: int
+) -> None:
+    """:func:`check_combine`, plus ``topk_weights`` float32 [rows, K] (decode) or [X] (prefill)."""
+    check_combine(op, x, handle, num_ranks=num_ranks)
+    K = handle.topk_idx.shape[1]
+    shape = (x.shape[0],) if handle.do_expand else (x.shape[0], K)
+    _check_tensor(op, "topk_weights", topk_weights, len(shape), (torch.float32,), x.device)
+    if tuple(topk_weights.shape) != shape:
+        _fail(op, "topk_weights.shape", f"{shape} (rows of x{'' if handle.do_expand else ', K'})",
+              tuple(topk_weights.shape))
+
+
+def check_handle(op: str, handle: DispatchHandle, num_ranks: int, device: torch.device) -> None:
+    """The handle's tensors have the shapes, dtypes and device of its mode (the codec's
+    :data:`~deepep_ops.handle.HANDLE_TENSOR_SPECS`); T <= M; N fits the mode."""
+    for name in ("num_experts", "expert_alignment"):
+        if not _is_int(getattr(handle, name)) or getattr(handle, name) < 1:
+            _fail(op, f"handle.{name}", "a positive int", repr(getattr(handle, name)))
+    if handle.num_experts % num_ranks:
+        _fail(op, "handle.num_experts", f"divisible by the EP group size {num_ranks}", handle.num_experts)
+    _check_tensor(op, "handle.topk_idx", handle.topk_idx, 2, (torch.int64, torch.int32), device)
+    T = handle.topk_idx.shape[0]
+    M = handle.num_max_tokens_per_rank
+    if T > M:
+        _fail(op, "handle.topk_idx.shape[0] (tokens)", f"<= num_max_tokens_per_rank={M}", T)
+    _check_tensor(op, "handle.recv_src_metadata", handle.recv_src_metadata, 2, (torch.int32,), device)
+    dims = handle_dims(handle, num_ranks)
+    for name, spec in HANDLE_TENSOR_SPECS.items():
+        t = getattr(handle, name)
+        shape = spec.shape(dims)
+        _check_tensor(op, f"handle.{name}", t, len(shape), (torch.int32,), device)
+        if tuple(t.shape) != shape:
+            _fail(op, f"handle.{name}.shape", str(shape), tuple(t.shape))
+    n_rows = dims.num_recv_tokens
+    if handle.do_expand:
+        if n_rows > decode_num_recv_tokens(num_ranks, M):
+            _fail(op, "handle.recv_src_metadata.shape[0]", f"<= R*M = {num_ranks * M} for an expand handle", n_rows)
+    elif n_rows != decode_num_recv_tokens(num_ranks, M):
+        _fail(
+            op,
+            "handle.recv_src_metadata.shape[0]",
+            f"R*M = {num_ranks * M} for a decode (do_expand=False) handle; is this a dispatch_exact handle?",
+            n_rows,
+        )

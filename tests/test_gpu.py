@@ -195,3 +195,98 @@ def test_prefill_only_exact_dispatch_leaves_cuda_graphs():
     exact = "deepep_ops.dispatch_exact.default"
     assert exact in ops, partitioned
     assert ops <= {exact, f"output of {exact}", "AssertScalar"}, partitioned
+
+
+# ============================================================================================
+# Issue 14 (training): cached dispatch and the backward on real DeepEP at R = 1, compared
+# with the reference buffer. Skips without deep_ep. Kept in this block on its own.
+# ============================================================================================
+def _deep_ep_buffer():
+    deep_ep = pytest.importorskip("deep_ep")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import deepep_ops
+
+    return deepep_ops.EPBuffer(
+        deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
+    )
+
+
+def _reference_buffer():
+    import deepep_ops
+
+    return deepep_ops.EPBuffer(
+        deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
+    )
+
+
+def _routing(T: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K]
+    ids = torch.where(torch.rand(T, K, generator=g) < 0.2, -1, ids)
+    w = torch.rand(T, K, generator=g)
+    return ids.to("cuda"), w.to("cuda")
+
+
+def _dispatch(buffer, x, ids, w, exact: bool, A: int):
+    import deepep_ops
+
+    if exact:
+        return deepep_ops.dispatch_exact(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=CAPACITY,
+                                         expert_alignment=A)
+    return deepep_ops.dispatch(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=32)
+
+
+class TestTrainingOnDeepEP:
+    @pytest.mark.parametrize("exact,A", [(False, 1), (True, 1), (True, 4)])
+    def test_cached_dispatch_matches_reference(self, exact, A):
+        import deepep_ops
+
+        real, refb = _deep_ep_buffer(), _reference_buffer()
+        x = _tokens(20, seed=1)
+        ids, w = _routing(20, seed=1)
+        for buffer in (real, refb):
+            r = _dispatch(buffer, x, ids, w, exact, A)
+            got, _ = deepep_ops.cached_dispatch(x * 3, r.handle, buffer)
+            n = r.recv_x.shape[0] if exact else int(r.handle.psum_num_recv_tokens_per_scaleup_rank[-1])
+            again = _dispatch(buffer, x * 3, ids, w, exact, A).recv_x
+            torch.testing.assert_close(got[:n], again[:n], atol=0, rtol=0)
+            if buffer is refb:
+                want = got[:n]
+            else:
+                real_rows = got[:n]
+        torch.testing.assert_close(real_rows, want, atol=0, rtol=0)
+
+    @pytest.mark.parametrize("exact", [False, True])
+    def test_backward_matches_reference(self, exact):
+        """Grads of x and topk_weights through dispatch → weighting → combine, DeepEP vs reference."""
+        import deepep_ops
+
+        grads = []
+        for buffer in (_deep_ep_buffer(), _reference_buffer()):
+            x = _tokens(20, seed=2).requires_grad_()
+            ids, w = _routing(20, seed=2)
+            w = w.requires_grad_()
+            r = _dispatch(buffer, x, ids, w, exact, 2 if exact else 1)
+            if exact:
+                rows = (r.recv_x.float() * r.recv_topk_weights.unsqueeze(1)).bfloat16()
+            else:
+                n = r.handle.psum_num_recv_tokens_per_scaleup_rank[-1]
+                real = (torch.arange(r.recv_x.shape[0], device="cuda") < n).unsqueeze(1)
+                lanes = ((r.recv_topk_idx >= 0) & real).unsqueeze(2)
+                terms = r.recv_x.float().unsqueeze(1) * r.recv_topk_weights.unsqueeze(2)
+                rows = torch.where(lanes, terms, 0.0).sum(dim=1).bfloat16()
+            out = deepep_ops.combine(rows, r.handle, buffer)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to("cuda")
+            (out.float() * g).sum().backward()
+            grads.append((x.grad, w.grad))
+        (rx, rw), (fx, fw) = grads
+        torch.testing.assert_close(rx.float(), fx.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(rw, fw, atol=2e-2, rtol=2e-2)

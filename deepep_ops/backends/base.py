@@ -82,3 +82,35 @@ class Backend(abc.ABC):
         the cheap exchange (one small collective, no pickling) that
         :mod:`deepep_ops.agreement` uses on its fast path. ``None``: cannot exchange."""
         return [tuple(values)] if self.num_ranks == 1 else None
+
+    # Training (issue 14): the two calls the backward passes make. Not abstract,
+    # so forward-only backends keep working; the op kernels raise their error.
+    def cached_dispatch(
+        self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle
+    ) -> tuple:
+        """Dispatch reusing ``handle``'s routing (DeepEP's ``dispatch(x, handle=...)``).
+
+        Args:
+            x: [T, H] (T = ``handle.topk_idx.shape[0]``); x_scales [T, P] or None.
+        Returns:
+            ``(recv_x, recv_x_scales or None)`` with the rows of the handle's
+            dispatch: [R·M, H] in decode mode (rows >= psum[-1] unspecified),
+            [X, H] in prefill mode (padding rows zero).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement cached_dispatch (needed for backward)")
+
+    def combine_with_weights(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle
+    ) -> tuple:
+        """:meth:`combine` that also carries ``topk_weights`` back (DeepEP combine's ``topk_weights=``).
+
+        Args:
+            x: [rows, H] bf16; topk_weights: [R·M, K] (decode) or [X] (prefill) float32.
+        Returns:
+            ``(combined_x [T, H] bf16, combined_topk_weights [T, K] float32)``:
+            lane k of token t comes from the rank owning its expert, 0 where
+            ``topk_idx[t, k] < 0``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement combine_with_weights (needed for backward)"
+        )

@@ -59,8 +59,9 @@ class DeepEPBackend(Backend):
             list(handle.num_recv_tokens_per_expert_list) if expand else None,
         )
 
-    def _native_handle(self, handle: DispatchHandle) -> object:
-        """DeepEP's ``EPHandle`` with the fields combine reads."""
+    def _native_handle(self, handle: DispatchHandle, per_expert_list: Optional[list] = None) -> object:
+        """DeepEP's ``EPHandle`` with the fields combine reads (and, given
+        ``per_expert_list``, those cached dispatch reads)."""
         return self.handle_class(
             handle.do_expand,
             handle.num_experts,
@@ -71,7 +72,8 @@ class DeepEPBackend(Backend):
             handle.topk_idx,
             handle.recv_src_metadata.shape[0],
             handle.num_expanded_tokens,
-            [],  # the host-side per-expert list is only read by cached dispatch, not combine
+            # The host-side per-expert list is only read by cached dispatch, not combine.
+            [] if per_expert_list is None else per_expert_list,
             *handle.tensors,
             None,  # token_metadata_at_forward: hybrid mode only
             None,  # channel_linked_list: hybrid mode only
@@ -109,6 +111,33 @@ class DeepEPBackend(Backend):
         out = [torch.empty_like(mine) for _ in range(self.num_ranks)]
         torch.distributed.all_gather(out, mine, group=group)
         return [tuple(t.tolist()) for t in out]
+
+
+    def cached_dispatch(self, x, x_scales, handle):
+        per_expert_list = []
+        if handle.do_expand:
+            # Cached expand dispatch sizes its per-expert groups from the host list,
+            # which the handle's graph values do not carry: rebuild it from the
+            # device counts (one host sync; prefill already synced in forward).
+            a = handle.expert_alignment
+            unaligned = handle.num_unaligned_recv_tokens_per_expert.to(torch.int64)
+            per_expert_list = ((unaligned + a - 1) // a * a).tolist()
+        recv, _recv_topk_idx, _recv_topk_weights, _handle, _event = self.buffer.dispatch(
+            x if x_scales is None else (x, x_scales),
+            handle=self._native_handle(handle, per_expert_list),
+            do_handle_copy=False,
+            do_cpu_sync=False,
+            # DeepEP does not check do_expand against the handle's (spec §1): pass the handle's.
+            do_expand=handle.do_expand,
+            do_zero_padding=handle.do_expand,
+        )
+        return recv if isinstance(recv, tuple) else (recv, None)
+
+    def combine_with_weights(self, x, topk_weights, handle):
+        combined_x, combined_weights, _event = self.buffer.combine(
+            x, handle=self._native_handle(handle), topk_weights=topk_weights
+        )
+        return combined_x, combined_weights
 
 
 def from_object(obj: object) -> Optional[DeepEPBackend]:

@@ -81,6 +81,10 @@ class _NoEvent:
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """View a 2-D tensor's rows as raw bytes: [n, c] dtype -> [n, c * itemsize] uint8."""
     t = t.contiguous()
+    if t.numel() == 0:
+        # An empty tensor counts as contiguous whatever its strides (e.g. an expanded
+        # [0, H] gradient with stride 0), and view(uint8) needs a unit last stride.
+        return t.new_empty((t.shape[0], t.shape[1] * t.element_size()), dtype=torch.uint8)
     # Explicit width, not -1: a rank may hold 0 rows (T = 0, or N = 0 received).
     return t.view(torch.uint8).reshape(t.shape[0], t.shape[1] * t.element_size())
 
@@ -204,13 +208,24 @@ class ReferenceElasticBuffer:
         do_zero_padding: bool = False,
         use_tma_aligned_col_major_sf: bool = False,
     ):
-        """DeepEP's ``ElasticBuffer.dispatch`` (direct mode, no cached handle).
+        """DeepEP's ``ElasticBuffer.dispatch`` (direct mode).
 
-        Returns ``(recv_x | (recv_x, recv_sf), recv_topk_idx, recv_topk_weights,
+        With ``handle=`` (cached mode) the routing comes from the handle:
+        ``topk_idx``/``num_experts`` are ignored, ``do_expand`` must equal the
+        handle's, and only ``recv_x`` (and its scales) is returned, with the
+        handle itself. Returns ``(recv_x | (recv_x, recv_sf), recv_topk_idx, recv_topk_weights,
         handle, event)`` with the shapes of spec §2.
         """
         if handle is not None:
-            raise NotImplementedError("ReferenceElasticBuffer: cached-handle dispatch is not implemented")
+            if do_expand != handle.do_expand:
+                # DeepEP does not check this (spec §1); a wrong mode reads unwritten metadata.
+                raise RuntimeError(
+                    f"Assertion exception: cached dispatch do_expand={do_expand} but the handle has "
+                    f"do_expand={handle.do_expand}"
+                )
+            recv_x, recv_sf = self._cached_dispatch(x, handle)
+            recv_x_ret = recv_x if recv_sf is None else (recv_x, recv_sf)
+            return recv_x_ret, None, None, handle, _NoEvent()
         if topk_idx is None or num_experts is None:
             raise ValueError("ReferenceElasticBuffer.dispatch needs topk_idx and num_experts")
         if do_zero_padding and not do_expand:
@@ -383,6 +398,58 @@ class ReferenceElasticBuffer:
         )
         recv_x_ret = recv_x_out if recv_sf_out is None else (recv_x_out, recv_sf_out)
         return recv_x_ret, recv_topk_idx, recv_topk_weights, handle, _NoEvent()
+
+    def _cached_dispatch(self, x: TensorOrPair, handle: EPHandle) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Dispatch ``x`` along the routing a previous dispatch stored in ``handle``.
+
+        Sender slots come from ``dst_buffer_slot_idx`` (set on the last lane per
+        destination rank), receiver rows from ``recv_src_metadata`` and the
+        per-rank psum, expand slots from ``recv_src_metadata[:, 2:]``: no
+        routing is recomputed and no count is exchanged. Rows: the handle's N
+        (decode) or X (expand, padding rows zero).
+        """
+        x, sf = x if isinstance(x, tuple) else (x, None)
+        R, rank = self.num_ranks, self.rank_idx
+        M = handle.num_max_tokens_per_rank
+        T, H = x.shape
+        K = handle.topk_idx.shape[1]
+        EL = handle.num_experts // R
+        device = x.device
+        if T != handle.topk_idx.shape[0]:
+            raise RuntimeError(f"Assertion exception: cached dispatch x has {T} tokens, the handle {handle.topk_idx.shape[0]}")
+
+        # ---- sender: the slot each (token, rank) pair got at dispatch
+        dst = handle.dst_buffer_slot_idx.to(torch.int64)  # [T, K], rank * M + slot or -1
+        lane_valid = dst >= 0
+        dest_rank = torch.where(lane_valid, handle.topk_idx.to(torch.int64) // EL, 0)
+        flat_dest = (dest_rank * M + dst - rank * M).reshape(-1)
+        parts = [_as_bytes(x)] + ([] if sf is None else [_as_bytes(sf)])
+        payload = torch.cat(parts, dim=1)  # [T, B]
+        B = payload.shape[1]
+        send = _scatter_rows(payload.repeat_interleave(K, 0), flat_dest, lane_valid.reshape(-1), R * M)
+        recv = self._all_to_all(send.reshape(R, M, B)).reshape(R * M, B)  # [R(src) * M, B]
+
+        # ---- receiver: row r holds slot r - (rows of earlier sources) of its source
+        metadata = handle.recv_src_metadata
+        n_rows = metadata.shape[0]
+        psum = handle.psum_num_recv_tokens_per_scaleup_rank.to(torch.int64)
+        excl = torch.cat([psum.new_zeros(1), psum[:-1]])
+        r_idx = torch.arange(n_rows, device=device)
+        row_valid = r_idx < psum[-1]
+        src_rank = (metadata[:, 0].to(torch.int64) // M).clamp(0, R - 1)
+        src_flat = (src_rank * M + r_idx - excl[src_rank]).clamp(0, R * M - 1)
+        rows = torch.where(row_valid.unsqueeze(1), recv[src_flat], 0)  # [N, B]
+        if handle.do_expand:
+            slots = metadata[:, 2:].to(torch.int64)
+            slot_valid = (slots >= 0) & row_valid.unsqueeze(1)
+            rows = _scatter_rows(rows.repeat_interleave(K, 0), slots.reshape(-1), slot_valid.reshape(-1),
+                                 handle.num_expanded_tokens)
+        recv_x = _from_bytes(rows[:, : H * x.element_size()], x.dtype, H)
+        recv_sf = None
+        if sf is not None:
+            P = sf.shape[1]
+            recv_sf = _from_bytes(rows[:, H * x.element_size() :], sf.dtype, P)
+        return recv_x, recv_sf
 
     # --------------------------------------------------------------- combine
     def combine(

@@ -1,0 +1,159 @@
+"""Autograd of the ``deepep_ops::`` ops (``torch.library.register_autograd``).
+
+DeepEP moves rows; its backward moves gradients the opposite way along the same
+routing, so every backward is the other op with the forward's handle:
+
+- ``dispatch`` / ``dispatch_exact``: ``recv_x[row] = x[t]`` for each (token,
+  destination rank) pair (decode) or (token, local lane) pair (prefill), so
+  ``grad_x[t] = Σ_rows grad_recv_x[row]``, which is ``combine`` of the
+  received-row gradients. ``recv_topk_weights`` carries ``topk_weights[t, k]``;
+  its gradient comes back through DeepEP combine's ``topk_weights=``
+  (``deepep_ops::combine_with_weights``): lane k takes the gradient of the
+  rank that owns its expert. In decode mode the lanes of *other* ranks' experts
+  are unspecified outputs (:class:`~deepep_ops.handle.DispatchResult`), so the
+  gradient flowing into them is dropped, as are padding rows' gradients.
+  ``x_scales`` and fp8 ``x`` get no gradient (``None``): quantized dispatch is
+  not differentiable here (see :class:`deepep_ops.DeepEPPrepareFinalize` for
+  the straight-through rule of block-fp8 prepare).
+- ``combine``: ``out[t] = Σ_rows x[row]`` over the rows of token t, so
+  ``grad_x[row] = grad_out[t]``: ``cached_dispatch`` of the output gradient
+  (zero on decode padding rows ≥ psum[-1] and on prefill alignment padding).
+- ``cached_dispatch``: as dispatch, ``grad_x = combine(grad_recv_x)``.
+
+Saved state is graph values only: the handle's tensors and ints and the opaque
+buffer (a graph input under ``torch.compile``). ``combine_into`` mutates its
+``out`` and has no autograd (training uses ``combine``); ``combine_with_weights``
+exists for the backward and has none either (no double backward).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
+from deepep_ops.layout import decode_num_expanded_tokens
+
+_NUM_HANDLE_TENSORS = len(HANDLE_TENSORS)
+_NUM_HANDLE_FIELDS = len(DispatchHandle._fields)
+
+
+def _save_handle(ctx, buffer, handle: DispatchHandle) -> None:
+    ctx.save_for_backward(handle.topk_idx, *handle.tensors)
+    ctx.buffer = buffer
+    ctx.handle_ints = (
+        handle.num_experts, handle.num_max_tokens_per_rank, handle.expert_alignment,
+        handle.do_expand, handle.num_expanded_tokens,
+    )
+
+
+def _saved_handle(ctx) -> DispatchHandle:
+    return DispatchHandle(*ctx.saved_tensors, *ctx.handle_ints)
+
+
+def _received_rows_grad(recv: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    """Zero the decode padding rows (≥ psum[-1]): DeepEP leaves them stale.
+    Prefill padding rows are already zero (``do_zero_padding``)."""
+    if handle.do_expand:
+        return recv
+    rows = recv.shape[0]
+    real = torch.arange(rows, device=recv.device) < handle.psum_num_recv_tokens_per_scaleup_rank[-1]
+    return torch.where(real.unsqueeze(1), recv, 0)
+
+
+def _dispatch_backward(ctx, grad_recv_x: Optional[torch.Tensor], grad_recv_w: Optional[torch.Tensor]):
+    handle = _saved_handle(ctx)
+    rows = ctx.recv_rows
+    if grad_recv_x is None:
+        grad_recv_x = handle.topk_idx.new_zeros((rows, ctx.hidden), dtype=torch.bfloat16)
+    if grad_recv_w is None:
+        w_shape = (rows,) if handle.do_expand else (rows, handle.topk_idx.shape[1])
+        grad_recv_w = handle.topk_idx.new_zeros(w_shape, dtype=torch.float32)
+    grad_x, grad_w = torch.ops.deepep_ops.combine_with_weights(
+        grad_recv_x.to(torch.bfloat16).contiguous(), grad_recv_w.to(torch.float32).contiguous(),
+        ctx.buffer, *handle,
+    )
+    grad_x = grad_x.to(ctx.x_dtype) if ctx.x_differentiable else None
+    return grad_x, grad_w
+
+
+# ------------------------------------------------------------------------------ dispatch (decode)
+def _dispatch_setup_context(ctx, inputs, output) -> None:
+    x, _x_scales, topk_idx, _w, buffer, num_experts, m, a = inputs
+    handle_tensors = output[4 : 4 + _NUM_HANDLE_TENSORS]
+    num_ranks = handle_tensors[0].shape[0]
+    handle = DispatchHandle(
+        topk_idx, *handle_tensors, num_experts, m, a, False,
+        decode_num_expanded_tokens(num_ranks, m, topk_idx.shape[1], num_experts, a),
+    )
+    _save_handle(ctx, buffer, handle)
+    ctx.recv_rows = output[0].shape[0]
+    ctx.hidden = x.shape[1]
+    ctx.x_dtype = x.dtype
+    ctx.x_differentiable = x.dtype.is_floating_point and x.dtype.itemsize > 1  # not fp8
+
+
+def _dispatch_backward_decode(ctx, grad_recv_x, _g_scales, _g_idx, grad_recv_w, *_g_handle):
+    grad_x, grad_w = _dispatch_backward(ctx, grad_recv_x, grad_recv_w)
+    return grad_x, None, None, grad_w, None, None, None, None
+
+
+# ------------------------------------------------------------------------------ dispatch_exact (prefill)
+def _dispatch_exact_setup_context(ctx, inputs, output) -> None:
+    x, _x_scales, topk_idx, _w, buffer, num_experts, m, a = inputs
+    handle = DispatchHandle(topk_idx, *output[6 : 6 + _NUM_HANDLE_TENSORS], num_experts, m, a, True, output[1])
+    _save_handle(ctx, buffer, handle)
+    ctx.recv_rows = output[1]
+    ctx.hidden = x.shape[1]
+    ctx.x_dtype = x.dtype
+    ctx.x_differentiable = x.dtype.is_floating_point and x.dtype.itemsize > 1
+
+
+def _dispatch_exact_backward(ctx, _g_n, _g_x_rows, grad_recv_x, _g_scales, grad_recv_w, _g_counts, *_g_handle):
+    grad_x, grad_w = _dispatch_backward(ctx, grad_recv_x, grad_recv_w)
+    return grad_x, None, None, grad_w, None, None, None, None
+
+
+# ------------------------------------------------------------------------------ combine
+def _combine_setup_context(ctx, inputs, output) -> None:
+    x, buffer, *handle = inputs
+    _save_handle(ctx, buffer, DispatchHandle(*handle))
+    ctx.x_dtype = x.dtype
+
+
+def _combine_backward(ctx, grad_out):
+    handle = _saved_handle(ctx)
+    recv, _ = torch.ops.deepep_ops.cached_dispatch(
+        grad_out.to(torch.bfloat16).contiguous(), None, ctx.buffer, *handle
+    )
+    return (_received_rows_grad(recv, handle).to(ctx.x_dtype), None) + (None,) * _NUM_HANDLE_FIELDS
+
+
+# ------------------------------------------------------------------------------ cached_dispatch
+def _cached_dispatch_setup_context(ctx, inputs, output) -> None:
+    x, _x_scales, buffer, *handle = inputs
+    _save_handle(ctx, buffer, DispatchHandle(*handle))
+    ctx.x_dtype = x.dtype
+    ctx.x_differentiable = x.dtype.is_floating_point and x.dtype.itemsize > 1
+
+
+def _cached_dispatch_backward(ctx, grad_recv_x, _g_scales):
+    grad_x = None
+    if ctx.x_differentiable and grad_recv_x is not None:
+        handle = _saved_handle(ctx)
+        grad_x = torch.ops.deepep_ops.combine(
+            grad_recv_x.to(torch.bfloat16).contiguous(), ctx.buffer, *handle
+        ).to(ctx.x_dtype)
+    return (grad_x, None, None) + (None,) * _NUM_HANDLE_FIELDS
+
+
+def register(ns: str) -> None:
+    """Attach the backward formulas to the ops of namespace ``ns`` (called once by ``import deepep_ops``)."""
+    for name, backward, setup in (
+        ("dispatch", _dispatch_backward_decode, _dispatch_setup_context),
+        ("dispatch_exact", _dispatch_exact_backward, _dispatch_exact_setup_context),
+        ("combine", _combine_backward, _combine_setup_context),
+        ("cached_dispatch", _cached_dispatch_backward, _cached_dispatch_setup_context),
+    ):
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)

@@ -1,0 +1,25 @@
+"""Fake kernels of the ops the backward passes call: ``deepep_ops::cached_dispatch``
+and ``deepep_ops::combine_with_weights``. Every size follows from the handle
+(R·M or its X rows, its T tokens): nothing new is unbacked."""
+
+from __future__ import annotations
+
+import torch
+
+from deepep_ops.layout import no_scales
+
+
+def cached_dispatch_fake(x, x_scales, buffer, topk_idx, psum_rank, psum_expert, unaligned, recv_src_metadata,
+                         dst_buffer_slot_idx, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
+                         num_expanded_tokens):
+    rows = num_expanded_tokens if do_expand else recv_src_metadata.shape[0]
+    scales = no_scales(x) if x_scales is None else x_scales.new_empty((rows, x_scales.shape[1]))
+    return x.new_empty((rows, x.shape[1])), scales
+
+
+def combine_with_weights_fake(x, topk_weights, buffer, topk_idx, *handle_rest):
+    T, K = topk_idx.shape
+    return (
+        x.new_empty((T, x.shape[1]), dtype=torch.bfloat16),
+        topk_weights.new_empty((T, K), dtype=torch.float32),
+    )

@@ -18,6 +18,7 @@ order on each.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
@@ -68,9 +69,39 @@ def warm_key(
 
 
 def warmed_up(buffer: EPBuffer) -> set:
-    """The :func:`warm_key` values :func:`warmup` has completed on this buffer
-    (held by the buffer object itself: it lives as long as the kernels it warmed)."""
-    return vars(buffer).setdefault("_deepep_ops_warmed_up", set())
+    """The :func:`warm_key` values :func:`warmup` has completed on this buffer.
+
+    Held by the wrapped buffer object itself (a ``deep_ep.ElasticBuffer`` lives
+    as long as the kernels it warmed, and every layer's :class:`EPBuffer`
+    wraps the same one), so layers sharing it warm up once.
+    """
+    owner = getattr(buffer.backend, "buffer", buffer.backend)
+    return vars(owner).setdefault("_deepep_ops_warmed_up", set())
+
+
+#: The switch: ``0`` off, ``1`` on; unset: on for real DeepEP, off for the reference.
+WARMUP_ENV = "DEEPEP_OPS_WARMUP"
+
+
+def warmup_enabled(buffer: EPBuffer, override: Optional[bool] = None) -> bool:
+    """Whether start-up warm-up runs: ``override`` if given, else ``DEEPEP_OPS_WARMUP``
+    (``0``/``1``), else True exactly when the buffer is real DeepEP (the reference
+    and other backends have no JIT to warm).
+
+    Raises:
+        ValueError: ``DEEPEP_OPS_WARMUP`` is set to something other than 0 or 1.
+    """
+    if override is not None:
+        return bool(override)
+    value = os.environ.get(WARMUP_ENV)
+    if value is not None and value.strip() != "":
+        if value.strip() not in ("0", "1"):
+            raise ValueError(f"{WARMUP_ENV} must be 0 or 1, got {value!r}")
+        return value.strip() == "1"
+    from deepep_ops.backends.deep_ep import DeepEPBackend
+    from deepep_ops.backends.reference import ReferenceBackend
+
+    return isinstance(buffer.backend, DeepEPBackend) and not isinstance(buffer.backend, ReferenceBackend)
 
 
 def _check_args(buf: EPBuffer, hidden, num_topk, num_experts, expert_alignment, dispatch_dtypes, modes,

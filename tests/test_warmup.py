@@ -133,3 +133,41 @@ def test_two_ranks_warm_every_bucket_and_sweep_finds_none_cold():
         warmed = {m for mode, m in r["warm"] if mode == "decode"}
         assert swept <= warmed, f"cold buckets in the sweep: {swept - warmed}"
         assert swept == set(EXPECTED_DECODE)  # the sweep really used every bucket
+
+
+@pytest.mark.parametrize(
+    "env, override, use_cudagraph, fp8, expected",
+    [
+        (None, None, True, False, []),  # reference buffer: off by default
+        ("0", True, True, False, [("decode", m) for m in (1, 2, 4, 8)]),  # the argument wins over the env
+        ("1", None, True, True, [("decode", m) for m in (1, 2, 4, 8)] * 2),  # bf16 and block fp8
+        ("1", None, False, False, [("prefill", 8)]),
+        ("0", None, True, False, []),
+    ],
+)
+def test_vllm_adapter_warms_up_at_construction(monkeypatch, env, override, use_cudagraph, fp8, expected):
+    pytest.importorskip("vllm")
+    from deepep_ops.vllm import DeepEPV2PrepareAndFinalize
+
+    if env is None:
+        monkeypatch.delenv("DEEPEP_OPS_WARMUP", raising=False)
+    else:
+        monkeypatch.setenv("DEEPEP_OPS_WARMUP", env)
+    rec, buf = _buffer(None, 8)
+
+    def build(**kw):
+        return DeepEPV2PrepareAndFinalize(buf, 1, 1, 0, E, K, use_fp8_dispatch=fp8, use_cudagraph=use_cudagraph,
+                                          device="cpu", warmup=override, **kw)
+
+    build()
+    assert _steps(rec.calls) == expected
+    build()  # a second layer on the same buffer: nothing more
+    assert _steps(rec.calls) == expected
+
+
+def test_warmup_switch_rejects_bad_env(monkeypatch):
+    from deepep_ops.warmup import warmup_enabled
+
+    monkeypatch.setenv("DEEPEP_OPS_WARMUP", "yes")
+    with pytest.raises(ValueError, match="DEEPEP_OPS_WARMUP must be 0 or 1, got 'yes'"):
+        warmup_enabled(_buffer(None, 8)[1])

@@ -138,7 +138,7 @@ def _check_args(buf: EPBuffer, hidden, num_topk, num_experts, expert_alignment, 
 
 
 def _inputs(num_tokens: int, hidden: int, num_topk: int, num_experts: int, rank: int, device: torch.device,
-            dtype: torch.dtype):
+            dtype: torch.dtype, idx_dtype: torch.dtype):
     """``num_tokens`` tokens routed to ``num_topk`` distinct experts spread over the ranks."""
     x = torch.zeros(num_tokens, hidden, dtype=torch.bfloat16, device=device)
     scales = None
@@ -146,7 +146,7 @@ def _inputs(num_tokens: int, hidden: int, num_topk: int, num_experts: int, rank:
         x, scales = quantize_block_fp8(x)
     stride = max(num_experts // num_topk, 1)
     ids = [(rank + j * stride) % num_experts for j in range(num_topk)]
-    topk_idx = torch.tensor([ids] * num_tokens, dtype=torch.int64, device=device).view(num_tokens, num_topk)
+    topk_idx = torch.tensor([ids] * num_tokens, dtype=idx_dtype, device=device).view(num_tokens, num_topk)
     topk_weights = torch.full((num_tokens, num_topk), 1.0 / num_topk, dtype=torch.float32, device=device)
     return x, scales, topk_idx, topk_weights
 
@@ -211,7 +211,8 @@ def warmup(
              for m in (buckets if mode == "decode" else [buf.capacity])]
     rows: List[WarmupRow] = []
     for i, (mode, dtype, m) in enumerate(steps, 1):
-        x, scales, topk_idx, topk_weights = _inputs(num_tokens, hidden, num_topk, num_experts, buf.rank, device, dtype)
+        x, scales, topk_idx, topk_weights = _inputs(num_tokens, hidden, num_topk, num_experts, buf.rank, device, dtype,
+                                                    buf.topk_idx_dtype)
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad():

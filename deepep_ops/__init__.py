@@ -21,6 +21,8 @@ from deepep_ops.buffer import EPBuffer, as_ep_buffer  # noqa: E402
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult  # noqa: E402
 from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PreparedTokens  # noqa: E402
 from deepep_ops.reference import ReferenceElasticBuffer  # noqa: E402
+# The function shadows its module as an attribute: import helpers from deepep_ops.warmup.
+from deepep_ops.warmup import WarmupRow, format_warmup_table, warmup  # noqa: E402
 
 __all__ = [
     "Backend",
@@ -31,12 +33,15 @@ __all__ = [
     "ExactDispatchResult",
     "PreparedTokens",
     "ReferenceElasticBuffer",
+    "WarmupRow",
     "as_ep_buffer",
     "cached_dispatch",
     "combine",
     "combine_into",
     "dispatch",
     "dispatch_exact",
+    "format_warmup_table",
     "pow2_bucket",
     "token_bucket",
+    "warmup",
 ]

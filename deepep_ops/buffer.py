@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from deepep_ops._torch_compat import OpaqueBase, opaque_type_name, register_reference_type
+from deepep_ops._torch_compat import (
+    STABLE_CACHE_KEY_METHOD,
+    OpaqueBase,
+    install_stable_cache_keys,
+    opaque_type_name,
+    register_reference_type,
+)
 from deepep_ops.agreement import Agreement
 from deepep_ops.backends import Backend, as_backend
 from deepep_ops.bucket import pow2_bucket
@@ -77,6 +83,26 @@ class EPBuffer(OpaqueBase):
         # types; 2.13 skips opaque types. No tensors here belong to the graph.
         return ()
 
+    # --- identity across copies and processes (compile caches; issue 17) ---
+
+    def cache_description(self) -> tuple:
+        """What a compiled graph may depend on, as plain data: the backend type,
+        R, the capacity and the id dtype. Not the rank (one graph serves every
+        rank), not the token source (read at run time), never the ProcessGroup."""
+        backend = type(self.backend)
+        return (f"{backend.__module__}.{backend.__qualname__}", self.num_ranks, self.capacity, str(self.topk_idx_dtype))
+
+    def __deepcopy__(self, memo: dict) -> "EPBuffer":
+        # A long-lived communication resource: copies of a module or graph share it.
+        return self
+
+    def __copy__(self) -> "EPBuffer":
+        return self
+
+    def __reduce__(self) -> tuple:
+        # Pickles (for compile-cache keys) as its description; loading it fails clearly.
+        return (_unpickle_ep_buffer, self.cache_description())
+
     def __repr__(self) -> str:
         return (
             f"EPBuffer({type(self.backend).__name__}, rank={self.rank}/{self.num_ranks}, "
@@ -84,8 +110,18 @@ class EPBuffer(OpaqueBase):
         )
 
 
+def _unpickle_ep_buffer(*description: object) -> EPBuffer:
+    raise TypeError(
+        f"EPBuffer{description} cannot be unpickled: it wraps a live communication buffer; "
+        "build an EPBuffer in the receiving process instead"
+    )
+
+
 # Read at trace time and baked: these are the same on every rank and layer.
 register_reference_type(EPBuffer, trace_time_members=("num_ranks", "capacity"))
+# Compile caches key graphs by cache_description(), the same in every process.
+setattr(EPBuffer, STABLE_CACHE_KEY_METHOD, EPBuffer.cache_description)
+install_stable_cache_keys()
 
 #: The name schemas use for the buffer argument.
 EP_BUFFER_TYPE = opaque_type_name(EPBuffer)

@@ -13,6 +13,7 @@ Dynamo guards would freeze.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Union
 
 import torch
@@ -21,6 +22,7 @@ from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.bucket import pow2_bucket
 from deepep_ops.handle import DispatchHandle
 from deepep_ops.prepare_finalize import FP8_BLOCK, DeepEPPrepareFinalize, PreparedTokens
+from deepep_ops.warmup import format_warmup_table, warm_key, warmed_up, warmup, warmup_enabled
 from deepep_ops.vllm._compat import (
     FusedMoEQuantConfig,
     TopKWeightAndReduceContiguous,
@@ -33,6 +35,8 @@ from deepep_ops.vllm._compat import (
     quantize_input,
     ubatch_id,
 )
+
+_log = logging.getLogger(__name__)
 
 #: DeepEP moves hidden rows in 512-byte atoms (32 lanes × 16 bytes).
 _XFER_ATOM_BYTES = 512
@@ -122,6 +126,16 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     take local ids) makes decode return local ids and pass
     ``ExpertTokensMetadata.rank_expert_offset``; :meth:`supports_dbo` is True.
         device: where tokens live (default: vLLM's current platform device type).
+
+    Start-up warm-up (keyword-only): vLLM builds prepare/finalize after loading
+    weights, on every rank in the same order, before compiling and CUDA-graph
+    capture; so the constructor runs :func:`deepep_ops.warmup` there (the
+    adapter's buckets: decode with ``use_cudagraph``, else prefill; bf16, plus
+    block fp8 with ``use_fp8_dispatch``), once per underlying buffer.
+        warmup: True/False; None: ``DEEPEP_OPS_WARMUP`` (0/1), else on for real
+            DeepEP and off for the reference buffer.
+        hidden: H to warm (default: the wrapped buffer's ``hidden``; warm-up is
+            skipped with a warning when neither is known).
     """
 
     def __init__(
@@ -137,6 +151,8 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         sp_size: int = 1,
         *,
         device: Optional[Union[torch.device, str]] = None,
+        warmup: Optional[bool] = None,
+        hidden: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.buffer = as_ep_buffer(buffer)
@@ -179,6 +195,27 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         self.buffer.num_tokens_source = source
         #: vLLM 0.33's modular kernel sets this for experts that globalize ids themselves.
         self.defer_globalize = False
+        if warmup_enabled(self.buffer, warmup):
+            self._warm_up(hidden, device)
+
+    def _warm_up(self, hidden: Optional[int], device: Union[torch.device, str]) -> None:
+        """Issue 17: warm every bucket this adapter will use, once per underlying buffer."""
+        if hidden is None:
+            hidden = getattr(getattr(self.buffer.backend, "buffer", None), "hidden", None)
+        if not hidden:
+            _log.warning("deepep_ops: DeepEP warm-up skipped: hidden size unknown (pass hidden=)")
+            return
+        kwargs = dict(
+            hidden=hidden, num_topk=self.num_topk, num_experts=self.num_experts,
+            dispatch_dtypes=(torch.bfloat16, torch.float8_e4m3fn) if self.use_fp8_dispatch else (torch.bfloat16,),
+            modes=("decode",) if self.use_cudagraph else ("prefill",),
+        )
+        key = warm_key(expert_alignment=1, **kwargs)
+        if key in warmed_up(self.buffer):
+            return
+        rows = warmup(self.buffer, device=device, **kwargs)
+        _log.info("deepep_ops: DeepEP warm-up (%d steps, %.1f s):\n%s", len(rows),
+                  sum(r.seconds for r in rows), format_warmup_table(rows))
 
     # ------------------------------------------------------------------ queries
 

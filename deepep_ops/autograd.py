@@ -13,8 +13,9 @@ routing, so every backward is the other op with the forward's handle:
   are unspecified outputs (:class:`~deepep_ops.handle.DispatchResult`), so the
   gradient flowing into them is dropped, as are padding rows' gradients.
   ``x_scales`` and fp8 ``x`` get no gradient (``None``): quantized dispatch is
-  not differentiable here (see :class:`deepep_ops.DeepEPPrepareFinalize` for
-  the straight-through rule of block-fp8 prepare).
+  not differentiable (fp8 rows cannot carry a bf16 gradient), and
+  :meth:`deepep_ops.DeepEPPrepareFinalize.prepare` refuses
+  ``use_fp8_dispatch=True`` on inputs that require grad rather than return none.
 - ``combine``: ``out[t] = Σ_rows x[row]`` over the rows of token t, so
   ``grad_x[row] = grad_out[t]``: ``cached_dispatch`` of the output gradient
   (zero on decode padding rows ≥ psum[-1] and on prefill alignment padding).
@@ -40,16 +41,14 @@ _NUM_HANDLE_FIELDS = len(DispatchHandle._fields)
 
 
 def _save_handle(ctx, buffer, handle: DispatchHandle) -> None:
+    # Tensors through save_for_backward; the static ints (E, M, A, mode, X) as ctx values.
     ctx.save_for_backward(handle.topk_idx, *handle.tensors)
     ctx.buffer = buffer
-    ctx.handle_ints = (
-        handle.num_experts, handle.num_max_tokens_per_rank, handle.expert_alignment,
-        handle.do_expand, handle.num_expanded_tokens,
-    )
+    ctx.handle_statics = handle[1 + _NUM_HANDLE_TENSORS :]
 
 
 def _saved_handle(ctx) -> DispatchHandle:
-    return DispatchHandle(*ctx.saved_tensors, *ctx.handle_ints)
+    return DispatchHandle(*ctx.saved_tensors, *ctx.handle_statics)
 
 
 def _received_rows_grad(recv: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

@@ -28,6 +28,14 @@ def register() -> None:
     PASSES.setdefault("deepep_combine_into", CombineIntoPass)
     if getattr(deepep_ops, "vllm_combine_into_pass", None) is not combine_into_pass:
         deepep_ops.vllm_combine_into_pass = combine_into_pass
+    # --- engine hooks (issue 15): opt-in, see deepep_ops/vllm/engine.py ---
+    import os
+
+    if os.environ.get("DEEPEP_OPS_VLLM", "0").strip().lower() in ("1", "true", "yes", "on"):
+        from deepep_ops.vllm.engine import install
+
+        install()
+    # --- end engine hooks ---
     _registered = True
 
 

@@ -189,54 +189,73 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
+class Engines:
+    """``dp_size`` engine processes (offline SPMD DP), each in its own process group."""
 
-def launch(model, out_prefix, *, dp_size: int, ep: bool, eager: bool, env_extra=None, timeout: float = 240.0,
-           port: Optional[int] = None, extra_args=()):
-    """Run ``dp_size`` engine processes (offline SPMD DP) to completion.
+    def __init__(self, model, out_prefix, *, dp_size: int, ep: bool, eager: bool, env_extra=None,
+                 timeout: float = 240.0, port: Optional[int] = None, extra_args=()):
+        import socket
+        import subprocess
 
-    Each in its own process group, killed as a group on timeout. Returns
-    ``(results, wall_s, logs)``; raises on a timeout or a non-zero exit.
-    """
-    import signal
-    import socket
-    import subprocess
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        bind = "|".join(str(r % (os.cpu_count() or 1)) for r in range(dp_size))
+        self.out_prefix, self.dp_size, self.timeout = out_prefix, dp_size, timeout
+        self.procs, self.logs = [], []
+        self.t0 = time.monotonic()
+        for r in range(dp_size):
+            env = dict(os.environ)
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            env.update(dp_env(r, dp_size, port, bind) if dp_size > 1 else {"VLLM_CPU_OMP_THREADS_BIND": "0"})
+            env.update(env_extra or {})
+            log = open(f"{out_prefix}.rank{r}.log", "w")
+            self.logs.append(log.name)
+            cmd = [sys.executable, __file__, "--model", str(model), "--out", f"{out_prefix}.rank{r}.json",
+                   *(["--eager"] if eager else []), *(["--ep"] if ep else []), *extra_args]
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+            log.close()
 
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    bind = "|".join(str(r % (os.cpu_count() or 1)) for r in range(dp_size))
-    procs, logs = [], []
-    t0 = time.monotonic()
-    for r in range(dp_size):
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.update(dp_env(r, dp_size, port, bind) if dp_size > 1 else {"VLLM_CPU_OMP_THREADS_BIND": "0"})
-        env.update(env_extra or {})
-        log = open(f"{out_prefix}.rank{r}.log", "w")
-        logs.append(log.name)
-        cmd = [sys.executable, __file__, "--model", str(model), "--out", f"{out_prefix}.rank{r}.json",
-               *(["--eager"] if eager else []), *(["--ep"] if ep else []), *extra_args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = t0 + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        for p in procs:
+    def kill(self) -> None:
+        import signal
+
+        for p in self.procs:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in procs:
+        for p in self.procs:
             p.wait()
-        raise TimeoutError(f"engines did not exit within {timeout}s; logs: {logs}")
-    wall = time.monotonic() - t0
-    bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        raise RuntimeError(f"engine ranks exited with {bad}; logs: {logs}")
-    results = [json.loads(Path(f"{out_prefix}.rank{r}.json").read_text()) for r in range(dp_size)]
-    return results, wall, logs
+
+    def wait(self):
+        """``(results, wall_s, logs)``; raises on a timeout (after killing every group) or a non-zero exit."""
+        import subprocess
+
+        deadline = self.t0 + self.timeout
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TimeoutError(f"engines did not exit within {self.timeout}s; logs: {self.logs}")
+        finally:
+            # Engine children (workers) of an exited rank must not outlive it.
+            self.kill()
+        wall = time.monotonic() - self.t0
+        bad = [(r, p.returncode) for r, p in enumerate(self.procs) if p.returncode != 0]
+        if bad:
+            raise RuntimeError(f"engine ranks exited with {bad}; logs: {self.logs}")
+        results = [json.loads(Path(f"{self.out_prefix}.rank{r}.json").read_text()) for r in range(self.dp_size)]
+        return results, wall, self.logs
+
+
+def launch(model, out_prefix, **kwargs):
+    """Start :class:`Engines` and wait for them."""
+    return Engines(model, out_prefix, **kwargs).wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -122,14 +122,35 @@ class EngineDeepEPV2PrepareAndFinalize(DeepEPV2PrepareAndFinalize):
 
         return receive_checked
 
+    def finalize(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                 weight_and_reduce_impl):
+        self._finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                       weight_and_reduce_impl)
+        _debug_nonfinite("finalize in", fused_expert_output, topk_ids=topk_ids)
+        _debug_nonfinite("finalize out", output)
+
+    def finalize_async(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                       weight_and_reduce_impl):
+        self.finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                      weight_and_reduce_impl)
+        return lambda: None
+
     def _receive(self, p, quant_config, quantize_after):
         a1q, a1q_scale, meta, topk_ids, topk_weights = super()._receive(p, quant_config, quantize_after)
+        _debug_nonfinite("dispatched tokens", a1q, topk_ids=topk_ids)
         if self.expert_ids == "local_int32":
             routed = topk_ids >= 0
+            # vLLM's cpu_fused_moe lets one non-finite row poison the other rows
+            # of its batch, and an idle DP rank's dummy batch sends non-finite
+            # hidden states: keep only finite values (rows of real tokens are
+            # finite; a dummy token's output is discarded by its own rank).
+            keep = torch.isfinite(a1q)
             if self.use_cudagraph:
+                # Decode padding rows (past the received count) hold stale data.
                 num_recv = p.handle.psum_num_recv_tokens_per_scaleup_rank[-1]
                 real = torch.arange(a1q.shape[0], device=a1q.device) < num_recv
-                a1q = torch.where(real.unsqueeze(1), a1q, torch.zeros((), dtype=a1q.dtype, device=a1q.device))
+                keep = keep & real.unsqueeze(1)
+            a1q = torch.where(keep, a1q, torch.zeros((), dtype=a1q.dtype, device=a1q.device))
             offset = self._pf[False].rank_expert_offset
             topk_ids = torch.where(routed, topk_ids - offset, 0).to(torch.int32)
             topk_weights = torch.where(routed, topk_weights.float(), 0.0)
@@ -153,6 +174,18 @@ class _RecordingForwardContextTokens:
 
     def __repr__(self) -> str:
         return f"vLLM forward-context token count (sp_size={self.sp_size}, recording)"
+
+
+def _debug_nonfinite(where: str, t: torch.Tensor, **info) -> None:
+    """``DEEPEP_OPS_VLLM_DEBUG=1``: log tensors with non-finite values (eager only)."""
+    if not _flag("DEEPEP_OPS_VLLM_DEBUG") or torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(t.float())
+    if bool(bad.any()):
+        rows = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if t.dim() else []
+        logger.warning("deepep_ops debug: non-finite %s shape=%s rows=%s %s", where, tuple(t.shape), rows[:16],
+                       {k: v[rows[:4]].tolist() if isinstance(v, torch.Tensor) and rows else v
+                        for k, v in info.items()})
 
 
 # ------------------------------------------------------------- all2all manager

@@ -153,7 +153,8 @@ class EngineDeepEPV2PrepareAndFinalize(DeepEPV2PrepareAndFinalize):
             a1q = torch.where(keep, a1q, torch.zeros((), dtype=a1q.dtype, device=a1q.device))
             offset = self._pf[False].rank_expert_offset
             topk_ids = torch.where(routed, topk_ids - offset, 0).to(torch.int32)
-            topk_weights = torch.where(routed, topk_weights.float(), 0.0)
+            # Non-finite router weights (a dummy token's) would turn its expert row into NaN.
+            topk_weights = torch.where(routed & torch.isfinite(topk_weights), topk_weights.float(), 0.0)
         return a1q, a1q_scale, meta, topk_ids, topk_weights
 
 

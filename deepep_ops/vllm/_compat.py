@@ -7,6 +7,10 @@ them is detected here by feature, not by version number:
   classes whose ``defer_globalize`` the modular kernel sets) and
   ``FusedMoEPrepareAndFinalize.supports_dbo``.
 
+The engine hooks (:mod:`deepep_ops.vllm.engine`) rebind module globals of
+``all2all_utils`` and ``MoERunner._select_forward`` that vLLM looks up at call
+time; both modules are exported here.
+
 A new vLLM version should touch this file only.
 """
 
@@ -17,8 +21,13 @@ from typing import Optional
 
 import torch
 
+import vllm.model_executor.layers.fused_moe.all2all_utils as all2all_utils
 import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+import vllm.model_executor.layers.fused_moe.runner.moe_runner as moe_runner
 from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+from vllm.config import get_current_vllm_config
+from vllm.distributed import get_ep_group
+from vllm.distributed.device_communicators.base_device_communicator import All2AllManagerBase
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import (
@@ -33,12 +42,14 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
     TopKWeightAndReduceDelegate,
     TopKWeightAndReduceNoOP,
 )
+from vllm.platforms import current_platform
 from vllm.v1.worker.ubatching import dbo_current_ubatch_id, dbo_enabled
 
 #: vLLM >= 0.33: experts may take local ids plus ``rank_expert_offset``.
 HAS_RANK_EXPERT_OFFSET = "rank_expert_offset" in {f.name for f in dataclasses.fields(mk.ExpertTokensMetadata)}
 
 __all__ = [
+    "All2AllManagerBase",
     "FUSED_MOE_UNQUANTIZED_CONFIG",
     "FusedMoEConfig",
     "FusedMoEParallelConfig",
@@ -50,6 +61,11 @@ __all__ = [
     "TopKWeightAndReduceDelegate",
     "TopKWeightAndReduceNoOP",
     "VllmInductorPass",
+    "all2all_utils",
+    "current_platform",
+    "get_current_vllm_config",
+    "get_ep_group",
+    "moe_runner",
     "attention_splitting_ops",
     "current_device_type",
     "dp_max_num_tokens",
@@ -102,8 +118,6 @@ def ubatch_id() -> int:
 
 def current_device_type() -> str:
     """vLLM's current platform device type (``"cuda"``, ``"cpu"``, ...)."""
-    from vllm.platforms import current_platform
-
     return current_platform.device_type
 
 

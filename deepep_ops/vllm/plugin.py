@@ -14,9 +14,17 @@ Idempotent: calling it again changes nothing.
 
 from __future__ import annotations
 
+import os
+
 
 def register() -> None:
     import deepep_ops  # registers torch.ops.deepep_ops.* and the fake kernels
     from deepep_ops.vllm.passes import combine_into_pass
 
     deepep_ops.vllm_combine_into_pass = combine_into_pass
+    # Engine hooks, opt-in (deepep_ops/vllm/engine.py): vLLM's deepep_v2 all2all
+    # backend through our adapter and buffer.
+    if os.environ.get("DEEPEP_OPS_VLLM", "0").strip().lower() in ("1", "true", "yes", "on"):
+        from deepep_ops.vllm.engine import install
+
+        install()

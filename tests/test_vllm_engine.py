@@ -1,0 +1,206 @@
+"""End to end: vLLM engines on CPU with ``--all2all-backend deepep_v2`` through deepep-ops.
+
+A tiny random-weight Mixtral-style model (hidden 256, 4 experts, top-2, 2
+layers, written by the test with a local WordLevel tokenizer) is served by
+
+- one DP=1 engine without expert parallel, eager: the reference;
+- two engine processes, DP=2 + expert parallel + ``deepep_v2`` (offline SPMD,
+  ``VLLM_DP_*``), with the plugin's engine hooks (``DEEPEP_OPS_VLLM=1``):
+  eager (``enforce_eager``: vLLM picks our prefill layout) and compiled
+  (``VLLM_COMPILE``, Inductor: vLLM picks the decode layout), the latter with
+  vLLM's CUDA-style opaque ``vllm::moe_forward`` forced on CPU, with and without
+  ``DEEPEP_OPS_VLLM_UNWRAP_MOE=1``.
+
+Greedy tokens must equal the reference's. Where they differ, the reference
+must have had a near tie there (top-2 logprob gap < ``TIE_NATS``: bf16 rounding
+of the two layouts may pick either) and the rest of that sequence is not
+compared; logprobs of compared tokens agree within ``LOGPROB_TOL``. Every
+engine process must exit 0 within its time limit (process groups are killed
+on timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import vllm_tiny_model as tiny  # noqa: E402
+
+#: bf16 tolerance: a greedy choice may flip where the reference's top-2 logprob gap is below this.
+TIE_NATS = 0.3
+#: bf16 tolerance on the logprob of an agreed token.
+LOGPROB_TOL = 0.25
+EAGER_TIMEOUT_S = 240
+COMPILED_TIMEOUT_S = 360
+
+_OP_RE = re.compile(r"torch\.ops\.(deepep_ops|vllm)\.(\w+)")
+
+WALL: dict = {}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm_engine")
+    tiny.write_tiny_mixtral(d / "model")
+    return d
+
+
+def _env(work: Path, name: str, **extra) -> dict:
+    env = {
+        # Cold compiles, and nothing shared with other runs.
+        "VLLM_CACHE_ROOT": str(work / f"cache_{name}"),
+        "VLLM_DISABLE_COMPILE_CACHE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_LOGGING_LEVEL": "INFO",
+        # Engine core in the launching process (DP still runs its own DP group
+        # and dummy batches there): one Python start-up less per rank.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    env.update(extra)
+    return env
+
+
+def _start(work: Path, name: str, *, dp_size: int, ep: bool, eager: bool, timeout: float, **env):
+    return name, tiny.Engines(
+        work / "model", work / name, dp_size=dp_size, ep=ep, eager=eager,
+        env_extra=_env(work, name, **env), timeout=timeout,
+    )
+
+
+def _wait(started):
+    name, engines = started
+    results, wall, logs = engines.wait()
+    WALL[name] = round(wall, 1)
+    print(f"\n[{name}] wall {wall:.1f}s, tokens {[r['tokens'] for r in results]}")
+    return results, logs
+
+
+def _run(work: Path, name: str, **kwargs):
+    return _wait(_start(work, name, **kwargs))
+
+
+def _by_prompt(results) -> dict:
+    out = {}
+    for r in results:
+        for p, t, lp in zip(r["prompts"], r["tokens"], r["logprobs"]):
+            out[p] = (t, lp)
+    return out
+
+
+def _compare(ref_results, got_results) -> int:
+    """Assert greedy agreement up to bf16 near-ties; return the number of compared tokens."""
+    ref, got = _by_prompt(ref_results), _by_prompt(got_results)
+    assert sorted(ref) == sorted(got) == sorted(tiny.PROMPTS)
+    compared = 0
+    for prompt in tiny.PROMPTS:
+        (rt, rlp), (gt, glp) = ref[prompt], got[prompt]
+        for i, (a, b) in enumerate(zip(rt, gt)):
+            if a != b:
+                gap = rlp[i][0] - rlp[i][1]
+                assert gap < TIE_NATS, (
+                    f"prompt {prompt!r}: token {i} is {b}, reference {a} with a top-2 gap of {gap:.3f} nats "
+                    f"(ref {rt}, got {gt})"
+                )
+                break
+            assert abs(rlp[i][0] - glp[i][0]) < LOGPROB_TOL, (prompt, i, rlp[i], glp[i])
+            compared += 1
+    total = sum(len(ref[p][0]) for p in tiny.PROMPTS)
+    assert compared >= total * 3 // 4, f"only {compared} of {total} tokens compared"
+    return compared
+
+
+def _reports(work: Path, name: str) -> list:
+    reps = [json.loads(p.read_text()) for p in sorted(work.glob(f"{name}.report.*.json"))]
+    assert len(reps) == 2, f"expected a report per worker, got {len(reps)}"
+    return reps
+
+
+def _graph_ops(logs) -> set:
+    ops = set()
+    for log in logs:
+        ops |= {f"{ns}::{name}" for ns, name in _OP_RE.findall(Path(log).read_text())}
+    return ops
+
+
+@pytest.fixture(scope="module")
+def eager_runs(work):
+    """The DP=1 reference and the DP=2 + EP eager engines, run at the same time (3 processes)."""
+    ref = _start(work, "dp1_eager", dp_size=1, ep=False, eager=True, timeout=EAGER_TIMEOUT_S)
+    name = "dp2_ep_eager"
+    ep = _start(
+        work, name, dp_size=2, ep=True, eager=True, timeout=EAGER_TIMEOUT_S,
+        DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_REPORT=str(work / f"{name}.report.{{pid}}.json"),
+    )
+    try:
+        ref_results, _ = _wait(ref)
+    except BaseException:
+        ep[1].kill()
+        raise
+    ep_results, _ = _wait(ep)
+    return ref_results, ep_results
+
+
+@pytest.fixture(scope="module")
+def reference(eager_runs):
+    return eager_runs[0]
+
+
+def test_dp2_ep_eager_prefill_layout(work, eager_runs):
+    name = "dp2_ep_eager"
+    reference, results = eager_runs
+    _compare(reference, results)
+    for rep in _reports(work, name):
+        assert rep["installed"] and rep["buffers"] == ["ReferenceElasticBuffer"]
+        assert rep["adapters"] and all(not a["use_cudagraph"] for a in rep["adapters"])  # prefill layout
+        assert all(a["capacity"] == 64 and a["num_ranks"] == 2 for a in rep["adapters"])  # max_num_batched_tokens
+
+
+@pytest.fixture(scope="module")
+def compiled_unwrapped(work):
+    name = "dp2_ep_compiled_unwrap"
+    results, logs = _run(
+        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
+        DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_REPORT=str(work / f"{name}.report.{{pid}}.json"),
+        DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", DEEPEP_OPS_VLLM_UNWRAP_MOE="1", TORCH_LOGS="graph_code",
+    )
+    return name, results, logs
+
+
+def test_dp2_ep_compiled_decode_layout_unwrapped(work, reference, compiled_unwrapped):
+    name, results, logs = compiled_unwrapped
+    _compare(reference, results)
+    ops = _graph_ops(logs)
+    print(f"[{name}] graph ops: {sorted(ops)}")
+    assert {"deepep_ops::dispatch", "deepep_ops::combine", "deepep_ops::token_bucket"} <= ops
+    assert "vllm::moe_forward" not in ops
+    reps = _reports(work, name)
+    for rep in reps:
+        assert rep["adapters"] and all(a["use_cudagraph"] for a in rep["adapters"])  # decode layout
+    # The bucket is DP-global: both ranks bucketed the same DP counts, and some
+    # step ran on a rank with fewer local tokens than the DP max.
+    pairs = [p for rep in reps for p in rep["bucket_inputs"]]
+    assert {dp for _, dp in reps[0]["bucket_inputs"]} == {dp for _, dp in reps[1]["bucket_inputs"]}
+    assert any(local < dp for local, dp in pairs), pairs
+
+
+def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwrapped):
+    name = "dp2_ep_compiled_opaque"
+    results, logs = _run(
+        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
+        DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", TORCH_LOGS="graph_code",
+    )
+    ops = _graph_ops(logs)
+    print(f"[{name}] graph ops: {sorted(ops)}")
+    assert "vllm::moe_forward" in ops and "deepep_ops::dispatch" not in ops
+    _compare(reference, results)
+    _compare(compiled_unwrapped[1], results)
+    print(f"\nengine wall times (s): {WALL}")

@@ -28,10 +28,26 @@ from deepep_ops.layout import (
     MAX_RANKS,
     MAX_TOPK,
     decode_num_recv_tokens,
+    recv_src_metadata_cols,
 )
-from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchHandle, handle_dims
+from deepep_ops.handle import HANDLE_TENSOR_SPECS, HANDLE_TENSORS, DispatchHandle, HandleDims, handle_dims
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
+# The int32 handle tensors as a slice of DispatchHandle, and their specs in that order.
+_FIRST_HANDLE_TENSOR = DispatchHandle._fields.index(HANDLE_TENSORS[0])
+_END_HANDLE_TENSORS = _FIRST_HANDLE_TENSOR + len(HANDLE_TENSORS)
+
+
+def _handle_shapes(R: int, EL: int, N: int, T: int, K: int) -> tuple:
+    """The int32 handle tensors' shapes, in :data:`HANDLE_TENSORS` order (hot path)."""
+    return ((R,), (EL,), (EL,), (N, recv_src_metadata_cols(K)), (T, K))
+
+
+_dims = HandleDims(2, 3, 5, 7, 11)
+assert HANDLE_TENSORS[3] == "recv_src_metadata" and _handle_shapes(*_dims) == tuple(
+    spec.shape(_dims) for spec in HANDLE_TENSOR_SPECS.values()
+), "validation._handle_shapes has drifted from handle.HANDLE_TENSOR_SPECS"
+del _dims
 
 
 def _fail(op: str, arg: str, expected: str, got: object, exc: type = ValueError) -> None:
@@ -55,9 +71,12 @@ def _check_tensor(
 
 def value_checks_enabled(device: torch.device, exact: bool) -> bool:
     """Whether checks that read tensor values on the host run (see module doc)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cpu":
+        return True
+    # GPU decode, the hot path: one dict lookup, no query of the capture state.
+    if not exact and os.environ.get("DEEPEP_OPS_CHECK_VALUES") != "1":
         return False
-    return device.type == "cpu" or exact or os.environ.get("DEEPEP_OPS_CHECK_VALUES") == "1"
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_topk_idx_values(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
@@ -91,6 +110,102 @@ def check_dispatch(
     exact: bool,
 ) -> None:
     """Every dispatch check of spec §6 that this rank can make on its own."""
+    if not _dispatch_is_valid(
+        x, x_scales, topk_idx, topk_weights, num_ranks, capacity, topk_idx_dtype, num_experts,
+        num_max_tokens_per_rank, expert_alignment,
+    ):
+        _explain_dispatch(
+            op, x, x_scales, topk_idx, topk_weights, num_ranks=num_ranks, capacity=capacity,
+            topk_idx_dtype=topk_idx_dtype, num_experts=num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank, expert_alignment=expert_alignment,
+        )
+    if value_checks_enabled(x.device, exact):
+        check_topk_idx_values(op, topk_idx, num_experts)
+
+
+# Each check runs twice over: a predicate that is one chain of attribute reads and
+# comparisons (the hot path, ~1 µs a call), and, only when it fails, the
+# explaining checker that finds the first violated rule and raises its message.
+# The predicate accepts a subset of what the explaining checker accepts (when in
+# doubt it says no), so a wrong predicate costs time, never a missed error.
+
+
+def _dispatch_is_valid(
+    x, x_scales, topk_idx, topk_weights, num_ranks, capacity, topk_idx_dtype, num_experts, M, alignment
+) -> bool:
+    """True if every shape, dtype, device and size rule of :func:`check_dispatch` holds."""
+    # Non-tensors and wrong ranks raise here (AttributeError, TypeError, ValueError or
+    # IndexError): the explaining checker then names them.
+    try:
+        if x.dim() != 2 or not x.is_contiguous():
+            return False
+        device = x.device
+        T, H = x.shape
+        K = topk_idx.shape[1]
+        if x_scales is None:
+            if x.dtype != torch.bfloat16 or H % (DISPATCH_ROW_BYTES_ALIGNMENT // 2):
+                return False
+        elif not (
+            x.dtype == torch.float8_e4m3fn
+            and H % DISPATCH_ROW_BYTES_ALIGNMENT == 0
+            and x_scales.dim() == 2
+            and x_scales.dtype in _SCALE_DTYPES
+            and x_scales.device == device
+            and x_scales.shape[0] == T
+        ):
+            return False
+        return _dispatch_rest_is_valid(
+            topk_idx, topk_weights, device, T, K, num_ranks, capacity, topk_idx_dtype, num_experts, M, alignment
+        )
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
+def _dispatch_rest_is_valid(
+    topk_idx, topk_weights, device, T, K, num_ranks, capacity, topk_idx_dtype, num_experts, M, alignment
+) -> bool:
+    """The routing tensors' and the sizes' part of :func:`_dispatch_is_valid`."""
+    return (
+        topk_idx.dim() == 2
+        and topk_idx.dtype == topk_idx_dtype
+        and topk_idx.device == device
+        and topk_idx.shape[0] == T
+        and 1 <= K <= MAX_TOPK
+        and topk_idx.is_contiguous()
+        and topk_weights.dtype == torch.float32
+        and topk_weights.device == device
+        and topk_weights.shape == (T, K)
+        and topk_weights.is_contiguous()
+        and num_ranks <= MAX_RANKS
+        and type(num_experts) is int
+        and 0 < num_experts <= MAX_EXPERTS
+        and num_experts % num_ranks == 0
+        and num_experts // num_ranks <= MAX_LOCAL_EXPERTS
+        and type(alignment) is int
+        and alignment >= 1
+        and type(M) is int
+        and 0 < M
+        and T <= M
+        and (capacity <= 0 or M <= capacity)
+        and decode_num_recv_tokens(num_ranks, M) <= INT32_MAX
+    )
+
+
+def _explain_dispatch(
+    op: str,
+    x: torch.Tensor,
+    x_scales: Optional[torch.Tensor],
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    num_ranks: int,
+    capacity: int,
+    topk_idx_dtype: torch.dtype,
+    num_experts: int,
+    num_max_tokens_per_rank: int,
+    expert_alignment: int,
+) -> None:
+    """Raise the error of the first dispatch rule the arguments break (none: return)."""
     if not isinstance(x, torch.Tensor):
         _fail(op, "x", "a torch.Tensor", type(x).__name__, TypeError)
     device = x.device
@@ -141,9 +256,6 @@ def check_dispatch(
     if decode_num_recv_tokens(num_ranks, M) > INT32_MAX:
         _fail(op, "num_ranks * num_max_tokens_per_rank", f"<= {INT32_MAX} (int32 token ids)", num_ranks * M)
 
-    if value_checks_enabled(device, exact):
-        check_topk_idx_values(op, topk_idx, num_experts)
-
 
 def check_combine(
     op: str,
@@ -154,6 +266,77 @@ def check_combine(
     out: Optional[torch.Tensor] = None,
 ) -> None:
     """Combine checks of spec §6 plus the consistency of the handle with its mode."""
+    if not _combine_is_valid(x, handle, num_ranks, out):
+        _explain_combine(op, x, handle, num_ranks=num_ranks, out=out)
+
+
+def _combine_is_valid(x, handle: DispatchHandle, num_ranks: int, out) -> bool:
+    """True if every rule of :func:`check_combine` holds (see :func:`_dispatch_is_valid`)."""
+    # A non-tensor anywhere raises AttributeError/TypeError here: the explaining
+    # checker then names it (cheaper than an isinstance per tensor).
+    try:
+        int32 = torch.int32
+        topk_idx, recv_src_metadata = handle.topk_idx, handle.recv_src_metadata
+        rows, H = x.shape
+        T, K = topk_idx.shape
+        n_rows = recv_src_metadata.shape[0]
+        device = x.device
+        M = handle.num_max_tokens_per_rank
+        if not (
+            x.dtype == torch.bfloat16
+            and x.is_contiguous()
+            and H % COMBINE_HIDDEN_ALIGNMENT == 0
+            and topk_idx.dtype in (torch.int64, int32)
+            and topk_idx.device == device
+            and topk_idx.is_contiguous()
+            and T <= M
+        ):
+            return False
+        if handle.do_expand:
+            if not (n_rows <= decode_num_recv_tokens(num_ranks, M) and rows == handle.num_expanded_tokens):
+                return False
+        elif not (n_rows == decode_num_recv_tokens(num_ranks, M) and rows == n_rows):
+            return False
+        psum_rank, psum_expert, unaligned, _, slots = handle[_FIRST_HANDLE_TENSOR:_END_HANDLE_TENSORS]
+        EL = handle.num_experts // num_ranks
+        # Unrolled (one tuple compare per property) for speed; _handle_shapes is
+        # checked against HANDLE_TENSOR_SPECS at import.
+        if not (
+            (psum_rank.shape, psum_expert.shape, unaligned.shape, recv_src_metadata.shape, slots.shape)
+            == _handle_shapes(num_ranks, EL, n_rows, T, K)
+            and psum_rank.dtype is int32
+            and psum_expert.dtype is int32
+            and unaligned.dtype is int32
+            and recv_src_metadata.dtype is int32
+            and slots.dtype is int32
+            and psum_rank.device == device
+            and psum_expert.device == device
+            and unaligned.device == device
+            and recv_src_metadata.device == device
+            and slots.device == device
+            and psum_rank.is_contiguous()
+            and psum_expert.is_contiguous()
+            and unaligned.is_contiguous()
+            and recv_src_metadata.is_contiguous()
+            and slots.is_contiguous()
+        ):
+            return False
+        if out is None:
+            return True
+        return out.dtype == torch.bfloat16 and out.device == device and out.shape == (T, H) and out.is_contiguous()
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
+def _explain_combine(
+    op: str,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    num_ranks: int,
+    out: Optional[torch.Tensor] = None,
+) -> None:
+    """Raise the error of the first combine rule the arguments break (none: return)."""
     device = x.device
     _check_tensor(op, "x", x, 2, (torch.bfloat16,), device)
     H = x.shape[1]

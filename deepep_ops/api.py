@@ -10,9 +10,24 @@ from typing import Optional
 
 import torch
 
+from deepep_ops import ops
+from deepep_ops._torch_compat import dispatcher_is_a_no_op
 from deepep_ops.buffer import EPBuffer
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
+
+
+def _plain_eager(a: torch.Tensor, b: Optional[torch.Tensor], c: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether these wrappers may call the op's kernel directly (:mod:`deepep_ops.ops`'s
+    eager fast path): the dispatcher would add nothing but ~5 µs.
+
+    Only the handle's ``topk_idx`` and ``recv_src_metadata`` stand for its
+    tensors: a handle's tensors come from one dispatch, so they are all plain
+    or all not.
+    """
+    if b is None:
+        return dispatcher_is_a_no_op(a, c, d)
+    return dispatcher_is_a_no_op(a, b, c, d)
 
 
 def dispatch(
@@ -39,9 +54,14 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    out = torch.ops.deepep_ops.dispatch(
-        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-    )
+    if _plain_eager(x, x_scales, topk_idx, topk_weights):
+        out = ops.eager_dispatch(
+            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
+    else:
+        out = torch.ops.deepep_ops.dispatch(
+            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
     recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
     handle = DispatchHandle(
         topk_idx,
@@ -76,9 +96,14 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    out = torch.ops.deepep_ops.dispatch_exact(
-        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-    )
+    if _plain_eager(x, x_scales, topk_idx, topk_weights):
+        out = ops.eager_dispatch_exact(
+            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
+    else:
+        out = torch.ops.deepep_ops.dispatch_exact(
+            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
     handle = DispatchHandle(
         topk_idx,
@@ -107,9 +132,14 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     Returns:
         [T, H] bf16.
     """
+    if _plain_eager(x, None, handle.topk_idx, handle.recv_src_metadata):
+        return ops.eager_combine("deepep_ops.combine", x, buffer, handle)
     return torch.ops.deepep_ops.combine(x, buffer, *handle)
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)
+    if _plain_eager(x, out, handle.topk_idx, handle.recv_src_metadata):
+        ops.eager_combine("deepep_ops.combine_into", x, buffer, handle, out)
+    else:
+        torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from deepep_ops import schemas
+from deepep_ops._torch_compat import without_dynamo
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
 from deepep_ops.layout import no_scales
@@ -30,10 +31,6 @@ lib.define(schemas.TOKEN_BUCKET)
 _RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
 
 
-def _qualname(op: str) -> str:
-    return f"{schemas.NAMESPACE}::{op}"
-
-
 def _dispatch(
     op: str,
     x: torch.Tensor,
@@ -45,7 +42,14 @@ def _dispatch(
     num_max_tokens_per_rank: int,
     expert_alignment: int,
     exact: bool,
+    scales_placeholder: bool = True,
 ) -> tuple:
+    """Validate, dispatch, pack the op's outputs (see ``schemas.DISPATCH*``).
+
+    ``scales_placeholder=False`` (the eager fast path of :mod:`deepep_ops.api`,
+    which drops the scales without ``x_scales``) returns None for missing scales
+    instead of the op's empty placeholder tensor, an allocation saved.
+    """
     buf = unwrap_ep_buffer(buffer)
     check_dispatch(
         op, x, x_scales, topk_idx, topk_weights,
@@ -58,7 +62,9 @@ def _dispatch(
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
         expert_alignment=expert_alignment, expand=exact,
     )
-    recv_x_scales = no_scales(x) if out.recv_x_scales is None else out.recv_x_scales
+    recv_x_scales = out.recv_x_scales
+    if recv_x_scales is None and scales_placeholder:
+        recv_x_scales = no_scales(x)
     if exact:
         counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
         # N received tokens (rows of recv_src_metadata), X expanded rows.
@@ -67,12 +73,26 @@ def _dispatch(
     return (out.recv_x, recv_x_scales, out.recv_topk_idx, out.recv_topk_weights) + out.handle_tensors
 
 
-# register_kernel (not library.impl) wraps each kernel in torch._disable_dynamo:
-# when an op runs eagerly while Dynamo's frame hook is live (code after a graph
-# break inside a compiled function), Dynamo must not try to trace the kernel's
-# own Python frame, which handles the real buffer behind the opaque EPBuffer
-# and fails as a hard error when traced.
-@torch.library.register_kernel(_qualname("dispatch"), None, lib=lib)
+def _kernel(op: str):
+    """Register the decorated function as ``op``'s kernel for every device.
+
+    Each kernel runs with Dynamo's frame hook off: when an op runs eagerly while
+    the hook is live (code after a graph break inside a compiled function),
+    Dynamo must not trace the kernel's own Python frames, which handle the real
+    buffer behind the opaque EPBuffer and fail as a hard error when traced.
+    ``torch.library.register_kernel`` does the same through
+    ``torch._disable_dynamo``, which costs ~9 µs a call (bench_op_overhead.py);
+    :func:`~deepep_ops._torch_compat.without_dynamo` costs ~0.3 µs.
+    """
+
+    def register(fn):
+        lib.impl(op, without_dynamo(fn), "CompositeExplicitAutograd")
+        return fn
+
+    return register
+
+
+@_kernel("dispatch")
 def dispatch_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     return _dispatch(
         "deepep_ops.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
@@ -80,7 +100,7 @@ def dispatch_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_
     )
 
 
-@torch.library.register_kernel(_qualname("dispatch_exact"), None, lib=lib)
+@_kernel("dispatch_exact")
 def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     return _dispatch(
         "deepep_ops.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
@@ -97,16 +117,52 @@ def run_combine(
     return buf.backend.combine(x, handle, out=out)
 
 
-@torch.library.register_kernel(_qualname("combine"), None, lib=lib)
+@_kernel("combine")
 def combine_impl(x, buffer, *handle):
     return run_combine("deepep_ops.combine", x, buffer, DispatchHandle(*handle))
 
 
-@torch.library.register_kernel(_qualname("combine_into"), None, lib=lib)
+@_kernel("combine_into")
 def combine_into_impl(out, x, buffer, *handle):
     run_combine("deepep_ops.combine_into", x, buffer, DispatchHandle(*handle), out=out)
 
 
-@torch.library.register_kernel(_qualname("token_bucket"), None, lib=lib)
+@_kernel("token_bucket")
 def token_bucket_impl(tokens, buffer):
     return unwrap_ep_buffer(buffer).bucket(tokens.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# Eager fast path: the kernels without the dispatcher.
+#
+# A Python kernel behind torch.ops costs ~5 µs of dispatcher work per call
+# (argument boxing against the schema, the autograd fallback, unboxing eleven
+# outputs; bench_op_overhead.py), as much as the rest of the op layer. When the
+# dispatcher would do nothing but call the kernel (deepep_ops._torch_compat
+# .dispatcher_is_a_no_op: not tracing, no modes, no autograd), the wrappers in
+# deepep_ops.api call these instead. Same kernels, same checks, same outputs.
+# ---------------------------------------------------------------------------
+
+
+@without_dynamo
+def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
+                   expert_alignment) -> tuple:
+    """``deepep_ops::dispatch``'s outputs, recv_x_scales None without ``x_scales``."""
+    return _dispatch(
+        "deepep_ops.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
+        num_experts, num_max_tokens_per_rank, expert_alignment, exact=False, scales_placeholder=False,
+    )
+
+
+@without_dynamo
+def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
+                         expert_alignment) -> tuple:
+    """``deepep_ops::dispatch_exact``'s outputs, recv_x_scales None without ``x_scales``."""
+    return _dispatch(
+        "deepep_ops.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
+        num_experts, num_max_tokens_per_rank, expert_alignment, exact=True, scales_placeholder=False,
+    )
+
+
+#: ``deepep_ops::combine`` / ``combine_into`` (with ``out``) as one call.
+eager_combine = without_dynamo(run_combine)

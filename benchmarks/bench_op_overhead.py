@@ -131,6 +131,9 @@ def _through_dispatcher():
     """The wrappers' eager fast path off: every call goes through torch.ops."""
     import deepep_ops.api as api
 
+    if not hasattr(api, "_plain_eager"):  # a tree without the fast path: always the dispatcher
+        yield
+        return
     saved = api._plain_eager
     api._plain_eager = lambda *_: False
     try:

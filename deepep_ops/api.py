@@ -13,7 +13,7 @@ import torch
 from deepep_ops import ops
 from deepep_ops._torch_compat import dispatcher_is_a_no_op
 from deepep_ops.buffer import EPBuffer
-from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
+from deepep_ops.handle import DispatchedHandle, DispatchHandle, DispatchResult, ExactDispatchResult
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
 
 
@@ -54,8 +54,9 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    if _plain_eager(x, x_scales, topk_idx, topk_weights):
-        out = ops.eager_dispatch(
+    fast = _plain_eager(x, x_scales, topk_idx, topk_weights)
+    if fast:
+        out, native = ops.eager_dispatch(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
     else:
@@ -63,7 +64,9 @@ def dispatch(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
     recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
-    handle = DispatchHandle(
+    # Eager fast path: a DispatchedHandle (its tensors are the kernel's own, so
+    # combine checks less and reuses the backend's handle). Traced: a plain one.
+    handle = (DispatchedHandle if fast else DispatchHandle)(
         topk_idx,
         *out[4:],
         num_experts=num_experts,
@@ -75,6 +78,8 @@ def dispatch(
             out[4].shape[0], num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
         ),
     )
+    if fast:
+        handle.native = native
     return DispatchResult(
         recv_x, None if x_scales is None else recv_x_scales, recv_topk_idx, recv_topk_weights, handle
     )
@@ -96,8 +101,9 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    if _plain_eager(x, x_scales, topk_idx, topk_weights):
-        out = ops.eager_dispatch_exact(
+    fast = _plain_eager(x, x_scales, topk_idx, topk_weights)
+    if fast:
+        out, native = ops.eager_dispatch_exact(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
     else:
@@ -105,7 +111,7 @@ def dispatch_exact(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
-    handle = DispatchHandle(
+    handle = (DispatchedHandle if fast else DispatchHandle)(
         topk_idx,
         *out[6:],
         num_experts=num_experts,
@@ -114,6 +120,8 @@ def dispatch_exact(
         do_expand=True,
         num_expanded_tokens=num_expanded_tokens,
     )
+    if fast:
+        handle.native = native
     return ExactDispatchResult(
         recv_x, None if x_scales is None else recv_x_scales, recv_topk_weights, counts, handle
     )

@@ -15,9 +15,9 @@ import torch
 from deepep_ops import schemas
 from deepep_ops._torch_compat import without_dynamo
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
-from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
+from deepep_ops.handle import HANDLE_TENSORS, DispatchedHandle, DispatchHandle
 from deepep_ops.layout import no_scales
-from deepep_ops.validation import check_combine, check_dispatch
+from deepep_ops.validation import check_combine, check_combine_rows, check_dispatch
 
 lib = torch.library.Library(schemas.NAMESPACE, "DEF")
 lib.define(schemas.DISPATCH)
@@ -43,12 +43,14 @@ def _dispatch(
     expert_alignment: int,
     exact: bool,
     scales_placeholder: bool = True,
+    with_native: bool = False,
 ) -> tuple:
     """Validate, dispatch, pack the op's outputs (see ``schemas.DISPATCH*``).
 
     ``scales_placeholder=False`` (the eager fast path of :mod:`deepep_ops.api`,
     which drops the scales without ``x_scales``) returns None for missing scales
-    instead of the op's empty placeholder tensor, an allocation saved.
+    instead of the op's empty placeholder tensor, an allocation saved;
+    ``with_native=True`` returns ``(outputs, the backend's native handle)``.
     """
     buf = unwrap_ep_buffer(buffer)
     check_dispatch(
@@ -69,8 +71,10 @@ def _dispatch(
         counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
         # N received tokens (rows of recv_src_metadata), X expanded rows.
         sizes = (out.handle_tensors[_RECV_SRC_METADATA].shape[0], out.recv_x.shape[0])
-        return sizes + (out.recv_x, recv_x_scales, out.recv_topk_weights, counts) + out.handle_tensors
-    return (out.recv_x, recv_x_scales, out.recv_topk_idx, out.recv_topk_weights) + out.handle_tensors
+        flat = sizes + (out.recv_x, recv_x_scales, out.recv_topk_weights, counts) + out.handle_tensors
+    else:
+        flat = (out.recv_x, recv_x_scales, out.recv_topk_idx, out.recv_topk_weights) + out.handle_tensors
+    return (flat, out.native_handle) if with_native else flat
 
 
 def _kernel(op: str):
@@ -111,9 +115,16 @@ def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts
 def run_combine(
     op: str, x: torch.Tensor, buffer: EPBuffer, handle: DispatchHandle, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Validate and call the backend's combine (into ``out`` when given)."""
+    """Validate and call the backend's combine (into ``out`` when given).
+
+    A :class:`~deepep_ops.handle.DispatchedHandle` (eager dispatch's own, unedited)
+    has its tensors checked already: only ``x`` and ``out`` are checked against it.
+    """
     buf = unwrap_ep_buffer(buffer)
-    check_combine(op, x, handle, num_ranks=buf.num_ranks, out=out)
+    if type(handle) is DispatchedHandle:
+        check_combine_rows(op, x, handle, num_ranks=buf.num_ranks, out=out)
+    else:
+        check_combine(op, x, handle, num_ranks=buf.num_ranks, out=out)
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -147,20 +158,23 @@ def token_bucket_impl(tokens, buffer):
 @without_dynamo
 def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
                    expert_alignment) -> tuple:
-    """``deepep_ops::dispatch``'s outputs, recv_x_scales None without ``x_scales``."""
+    """(``deepep_ops::dispatch``'s outputs, recv_x_scales None without ``x_scales``;
+    the backend's native handle)."""
     return _dispatch(
         "deepep_ops.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
         num_experts, num_max_tokens_per_rank, expert_alignment, exact=False, scales_placeholder=False,
+        with_native=True,
     )
 
 
 @without_dynamo
 def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
                          expert_alignment) -> tuple:
-    """``deepep_ops::dispatch_exact``'s outputs, recv_x_scales None without ``x_scales``."""
+    """As :func:`eager_dispatch` for ``deepep_ops::dispatch_exact``."""
     return _dispatch(
         "deepep_ops.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
         num_experts, num_max_tokens_per_rank, expert_alignment, exact=True, scales_placeholder=False,
+        with_native=True,
     )
 
 

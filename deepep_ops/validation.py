@@ -270,6 +270,41 @@ def check_combine(
         _explain_combine(op, x, handle, num_ranks=num_ranks, out=out)
 
 
+def check_combine_rows(
+    op: str,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    num_ranks: int,
+    out: Optional[torch.Tensor] = None,
+) -> None:
+    """:func:`check_combine` for a handle whose tensors dispatch made (a
+    :class:`~deepep_ops.handle.DispatchedHandle`): only ``x`` and ``out`` against it."""
+    try:
+        rows, H = x.shape
+        device = handle.recv_src_metadata.device
+        if (
+            x.dtype == torch.bfloat16
+            and x.is_contiguous()
+            and H % COMBINE_HIDDEN_ALIGNMENT == 0
+            and rows == (handle.num_expanded_tokens if handle.do_expand else handle.recv_src_metadata.shape[0])
+            and x.device == device
+            and (
+                out is None
+                or (
+                    out.dtype == torch.bfloat16
+                    and out.shape == (handle.topk_idx.shape[0], H)
+                    and out.device == device
+                    and out.is_contiguous()
+                )
+            )
+        ):
+            return
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass
+    _explain_combine(op, x, handle, num_ranks=num_ranks, out=out)
+
+
 def _combine_is_valid(x, handle: DispatchHandle, num_ranks: int, out) -> bool:
     """True if every rule of :func:`check_combine` holds (see :func:`_dispatch_is_valid`)."""
     # A non-tensor anywhere raises AttributeError/TypeError here: the explaining

@@ -257,7 +257,8 @@ def _fake_metas(args, op, subs_sizes):
     with FakeTensorMode(shape_env=shape_env) as mode:
         fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         out = op(*fake_args)
-    subs = {}
+    # Backed symbols (from_tensor under a ShapeEnv) take their example values.
+    subs = {k: sympy.Integer(v) for k, v in getattr(shape_env, "backed_var_to_val", shape_env.var_to_val).items()}
     if subs_sizes is not None:  # dispatch_exact: the first two outputs are N and X, unbacked
         for sym_int, real in zip(out[:2], subs_sizes):
             (u,) = free_unbacked_symbols(sym_int.node.expr)

@@ -69,6 +69,7 @@ class DeepEPBackend(Backend):
             recv_topk_weights,
             _handle_tensors(handle),
             list(handle.num_recv_tokens_per_expert_list) if expand else None,
+            handle,
         )
 
     def num_sms(self, num_experts: int, num_topk: int) -> int:
@@ -97,8 +98,13 @@ class DeepEPBackend(Backend):
             None,  # channel_linked_list: hybrid mode only
         )
 
+    def native_handle(self, handle: DispatchHandle) -> object:
+        """The ``EPHandle`` dispatch returned if ``handle`` carries it, else one rebuilt."""
+        native = getattr(handle, "native", None)
+        return self._native_handle(handle) if native is None else native
+
     def combine(self, x, handle, out=None):
-        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self._native_handle(handle))
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle))
         if out is None:
             return combined_x
         # deep_ep's combine allocates its result; one copy, inside the op.

@@ -251,7 +251,12 @@ def weight_and_reduce(
     """
     rows, k = topk_ids.shape
     out = fused_expert_output.view(rows, k, fused_expert_output.shape[-1])  # not -1: rows may be 0 (prefill)
-    # One term per lane, summed in lane order: a loop over the (static) top-k, so
+    if not torch.compiler.is_compiling():
+        # Eager: four whole-tensor kernels; the per-lane form below would launch 3·K.
+        routed = (topk_ids >= 0).unsqueeze(-1)
+        terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)
+        return torch.where(routed, terms, 0.0).sum(dim=1).to(fused_expert_output.dtype)
+    # Compiled: one term per lane, summed in lane order: a loop over the (static) top-k, so
     # Inductor emits one pointwise kernel over [rows, H] with K loads per element.
     # The reduction form (where(...).sum(dim=1) over [rows, K, H]) became a looped
     # reduction over a symbolic K whose launch config was tuned on the first

@@ -257,8 +257,11 @@ def _fake_metas(args, op, subs_sizes):
     with FakeTensorMode(shape_env=shape_env) as mode:
         fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         out = op(*fake_args)
+    if isinstance(out, torch.Tensor):  # combine: one tensor
+        out = [out]
     # Backed symbols (from_tensor under a ShapeEnv) take their example values.
-    subs = {k: sympy.Integer(v) for k, v in getattr(shape_env, "backed_var_to_val", shape_env.var_to_val).items()}
+    backed = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
+    subs = {k: sympy.Integer(v) for k, v in backed.items()}
     if subs_sizes is not None:  # dispatch_exact: the first two outputs are N and X, unbacked
         for sym_int, real in zip(out[:2], subs_sizes):
             (u,) = free_unbacked_symbols(sym_int.node.expr)
@@ -322,13 +325,15 @@ def test_deepep_decode_matches_reference(deepep_buffers, fp8):
                                    want.handle.psum_num_recv_tokens_per_scaleup_rank)
         n = int(want.handle.psum_num_recv_tokens_per_scaleup_rank[-1])
         assert n == int((idx >= 0).any(dim=1).sum())
-        for a, b in ((got.recv_x, want.recv_x), (got.recv_topk_idx, want.recv_topk_idx),
-                     (got.recv_topk_weights, want.recv_topk_weights)) + (
-                ((got.recv_x_scales, want.recv_x_scales),) if fp8 else ()):
+        pairs = [(got.recv_x, want.recv_x), (got.recv_topk_idx, want.recv_topk_idx),
+                 (got.recv_topk_weights, want.recv_topk_weights)]
+        if fp8:
+            pairs.append((got.recv_x_scales, want.recv_x_scales))
+        for a, b in pairs:
             a_rows, b_rows = _rows_by_source(a, got.handle, n), _rows_by_source(b, want.handle, n)
             if a.dtype == torch.float8_e4m3fn:
                 a_rows, b_rows = a_rows.view(torch.uint8), b_rows.view(torch.uint8)
-            if a.dtype == torch.float32:  # weights of lanes owned elsewhere are unspecified
+            if a is got.recv_topk_weights:  # weights of lanes owned elsewhere are unspecified
                 lanes = _rows_by_source(want.recv_topk_idx, want.handle, n) >= 0
                 a_rows, b_rows = a_rows[lanes], b_rows[lanes]
             assert torch.equal(a_rows, b_rows), a.dtype

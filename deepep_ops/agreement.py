@@ -73,6 +73,20 @@ def _safe(fn) -> object:
 
 def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact) -> tuple:
     """The :data:`DISPATCH_FIELDS` of one dispatch call."""
+    try:  # well-formed arguments (the hot path): plain reads
+        return (
+            "prefill (dispatch_exact)" if exact else "decode (dispatch)",
+            int(num_max_tokens_per_rank),
+            int(num_experts),
+            x.shape[1],
+            topk_idx.shape[1],
+            str(x.dtype),
+            None if x_scales is None else x_scales.shape[1],
+            None if x_scales is None else str(x_scales.dtype),
+            int(expert_alignment),
+        )
+    except Exception:  # noqa: BLE001 - malformed: field by field (validation names the culprit)
+        pass
     return (
         "prefill (dispatch_exact)" if exact else "decode (dispatch)",
         _safe(lambda: int(num_max_tokens_per_rank)),
@@ -88,6 +102,17 @@ def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_ra
 
 def combine_signature(x, handle) -> tuple:
     """The :data:`COMBINE_FIELDS` of one combine call."""
+    try:  # the hot path
+        return (
+            "prefill (do_expand=True)" if handle.do_expand else "decode (do_expand=False)",
+            int(handle.num_max_tokens_per_rank),
+            int(handle.num_experts),
+            x.shape[1],
+            handle.topk_idx.shape[1],
+            int(handle.expert_alignment),
+        )
+    except Exception:  # noqa: BLE001 - malformed: field by field
+        pass
     return (
         _safe(lambda: "prefill (do_expand=True)" if handle.do_expand else "decode (do_expand=False)"),
         _safe(lambda: int(handle.num_max_tokens_per_rank)),
@@ -122,22 +147,20 @@ class Agreement:
 
     Args:
         backend: the buffer's backend; its ``all_gather_object`` exchanges.
-        check: check mode on/off; ``None``: ``DEEPEP_OPS_CHECK`` if set, else on
-            for CPU tensors only.
+        check: check mode on/off; ``None``: ``DEEPEP_OPS_CHECK`` (read when the
+            buffer is built) if set, else on for CPU tensors only.
     """
 
     def __init__(self, backend, check: Optional[bool] = None) -> None:
         self._backend = backend
-        self._check = check
+        # DEEPEP_OPS_CHECK is read once, here: the hot path does no environment lookup.
+        self._check = _env_check() if check is None else check
         # Combinations every rank has agreed on: (op kind, signature).
         self._seen: set = set()
 
     def check_mode(self, device: torch.device) -> bool:
         """Whether every call exchanges (check mode) for tensors on ``device``."""
-        if self._check is not None:
-            return self._check
-        env = _env_check()
-        return device.type == "cpu" if env is None else env
+        return device.type == "cpu" if self._check is None else self._check
 
     def agree(
         self, op: str, kind: str, fields: Sequence[str], signature: tuple,

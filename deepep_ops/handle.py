@@ -55,6 +55,23 @@ class DispatchHandle(NamedTuple):
         return tuple(getattr(self, name) for name in HANDLE_TENSORS)
 
 
+class DispatchedHandle(DispatchHandle):
+    """A :class:`DispatchHandle` exactly as an eager :func:`deepep_ops.dispatch` returned it.
+
+    Its tensors were made by the op's kernel from validated inputs, so eager
+    combine checks only the rows it is given against it, and hands the
+    backend's own handle object (``native``, when the backend made one) back to
+    the backend instead of rebuilding it. Editing it (``_replace``) gives a plain
+    :class:`DispatchHandle`, checked in full again. Graphs never see this type:
+    under ``torch.compile`` dispatch returns plain handles.
+    """
+
+    # No __slots__: the instance dict holds ``native``.
+
+    def _replace(self, **changes) -> DispatchHandle:
+        return DispatchHandle(*self)._replace(**changes)
+
+
 class HandleDims(NamedTuple):
     """The sizes a handle's tensors are made of."""
 

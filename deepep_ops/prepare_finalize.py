@@ -273,6 +273,25 @@ def weight_and_reduce(
             f"{tuple(fused_expert_output.shape)}"
         )
     out = fused_expert_output.view(rows, k, fused_expert_output.shape[-1])  # not -1: rows may be 0 (prefill)
-    routed = (topk_ids >= 0).unsqueeze(-1)
-    terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)
-    return torch.where(routed, terms, 0.0).sum(dim=1).to(fused_expert_output.dtype)
+    if not torch.compiler.is_compiling():
+        # Eager: four whole-tensor kernels; the per-lane form below would launch 3·K.
+        routed = (topk_ids >= 0).unsqueeze(-1)
+        terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)
+        return torch.where(routed, terms, 0.0).sum(dim=1).to(fused_expert_output.dtype)
+    # Compiled: one term per lane, summed in lane order: a loop over the (static) top-k, so
+    # Inductor emits one pointwise kernel over [rows, H] with K loads per element.
+    # The reduction form (where(...).sum(dim=1) over [rows, K, H]) became a looped
+    # reduction over a symbolic K whose launch config was tuned on the first
+    # (smallest) batch: 25x its memory floor at T = 512 on an H200
+    # (benchmarks/bench_deepep.py). range(k) specializes K (a guard, no recompile:
+    # K is fixed per model).
+    acc = None
+    for j in range(k):
+        lane = out.select(1, j).float()
+        if not apply_router_weight_on_input:
+            lane = lane * topk_weights.select(1, j).unsqueeze(1)
+        term = torch.where(topk_ids.select(1, j).unsqueeze(1) >= 0, lane, 0.0)
+        acc = term if acc is None else acc + term
+    if acc is None:  # k == 0: no lanes
+        return out.new_zeros((rows, out.shape[-1]))
+    return acc.to(fused_expert_output.dtype)

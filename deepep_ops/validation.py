@@ -60,9 +60,12 @@ def _check_tensor(
 
 def value_checks_enabled(device: torch.device, exact: bool) -> bool:
     """Whether checks that read tensor values on the host run (see module doc)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cpu":
+        return True
+    # GPU decode, the hot path: one dict lookup, no query of the capture state.
+    if not exact and os.environ.get("DEEPEP_OPS_CHECK_VALUES") != "1":
         return False
-    return device.type == "cpu" or exact or os.environ.get("DEEPEP_OPS_CHECK_VALUES") == "1"
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_topk_idx_values(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
@@ -185,6 +188,42 @@ def check_combine(
             _fail(op, "out.shape", f"{(T, H)} (tokens, hidden)", tuple(out.shape))
     if check_values and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         check_handle_values(op, handle, num_ranks, x.shape[0])
+
+
+def check_combine_rows(
+    op: str,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    num_ranks: int,
+    out: Optional[torch.Tensor] = None,
+) -> None:
+    """:func:`check_combine` for a handle whose tensors an eager dispatch made (a
+    :class:`~deepep_ops.handle.DispatchedHandle`): only ``x`` and ``out`` against
+    it, in one expression; the full check names whatever is wrong."""
+    try:
+        rows, H = x.shape
+        device = handle.recv_src_metadata.device
+        if (
+            x.dtype == torch.bfloat16
+            and x.is_contiguous()
+            and H % COMBINE_HIDDEN_ALIGNMENT == 0
+            and rows == (handle.num_expanded_tokens if handle.do_expand else handle.recv_src_metadata.shape[0])
+            and x.device == device
+            and (
+                out is None
+                or (
+                    out.dtype == torch.bfloat16
+                    and out.shape == (handle.topk_idx.shape[0], H)
+                    and out.device == device
+                    and out.is_contiguous()
+                )
+            )
+        ):
+            return
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass
+    check_combine(op, x, handle, num_ranks=num_ranks, out=out)
 
 
 def check_handle_values(op: str, handle: DispatchHandle, num_ranks: int, num_rows: int) -> None:

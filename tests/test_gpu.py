@@ -201,30 +201,37 @@ def test_prefill_only_exact_dispatch_leaves_cuda_graphs():
 # Issue 14 (training): cached dispatch and the backward on real DeepEP at R = 1, compared
 # with the reference buffer. Skips without deep_ep. Kept in this block on its own.
 # ============================================================================================
-def _deep_ep_buffer():
-    deep_ep = pytest.importorskip("deep_ep")
+@pytest.fixture(scope="module")
+def nccl_world(tmp_path_factory):
+    """torch.distributed over NCCL at world size 1 (real DeepEP needs a process group),
+    shared by every real-DeepEP test of this module."""
+    pytest.importorskip("deep_ep")
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        import socket
+    torch.cuda.set_device(0)
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+@pytest.fixture(scope="module")
+def training_buffers(nccl_world):
+    """(EPBuffer over deep_ep.ElasticBuffer, EPBuffer over ReferenceElasticBuffer) for the training tests."""
+    import deep_ep
+
     import deepep_ops
 
-    return deepep_ops.EPBuffer(
-        deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
+    native = deep_ep.ElasticBuffer(
+        nccl_world, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K, explicitly_destroy=True
     )
-
-
-def _reference_buffer():
-    import deepep_ops
-
-    return deepep_ops.EPBuffer(
-        deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
-    )
+    reference = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
+    try:
+        yield deepep_ops.EPBuffer(native), deepep_ops.EPBuffer(reference)
+    finally:
+        native.destroy()
 
 
 def _routing(T: int, seed: int):
@@ -246,10 +253,10 @@ def _dispatch(buffer, x, ids, w, exact: bool, A: int):
 
 class TestTrainingOnDeepEP:
     @pytest.mark.parametrize("exact,A", [(False, 1), (True, 1), (True, 4)])
-    def test_cached_dispatch_matches_reference(self, exact, A):
+    def test_cached_dispatch_matches_reference(self, training_buffers, exact, A):
         import deepep_ops
 
-        real, refb = _deep_ep_buffer(), _reference_buffer()
+        real, refb = training_buffers
         x = _tokens(20, seed=1)
         ids, w = _routing(20, seed=1)
         for buffer in (real, refb):
@@ -265,12 +272,12 @@ class TestTrainingOnDeepEP:
         torch.testing.assert_close(real_rows, want, atol=0, rtol=0)
 
     @pytest.mark.parametrize("exact", [False, True])
-    def test_backward_matches_reference(self, exact):
+    def test_backward_matches_reference(self, training_buffers, exact):
         """Grads of x and topk_weights through dispatch → weighting → combine, DeepEP vs reference."""
         import deepep_ops
 
         grads = []
-        for buffer in (_deep_ep_buffer(), _reference_buffer()):
+        for buffer in training_buffers:
             x = _tokens(20, seed=2).requires_grad_()
             ids, w = _routing(20, seed=2)
             w = w.requires_grad_()
@@ -290,3 +297,240 @@ class TestTrainingOnDeepEP:
         (rx, rw), (fx, fw) = grads
         torch.testing.assert_close(rx.float(), fx.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(rw, fw, atol=2e-2, rtol=2e-2)
+
+
+# =============================================================================
+# Real DeepEP v2 (deep_ep.ElasticBuffer) on one GPU: world size 1 over NCCL.
+# Skipped without deep_ep. Every output is checked against its fake kernel
+# (shapes, dtypes, strides; prefill's unbacked sizes inside their declared
+# ranges) and against the reference buffer on the same inputs; combine also
+# against x * (routed lanes), computed here. H, K, E, the buckets and the
+# capacity are few and fixed: every new M costs DeepEP a JIT compile (spec §8).
+# =============================================================================
+
+DE_H, DE_K, DE_E, DE_CAP, DE_M = 2048, 8, 64, 64, 8
+
+
+@pytest.fixture(scope="module")
+def deepep_buffers(nccl_world):
+    """(EPBuffer over deep_ep.ElasticBuffer, EPBuffer over ReferenceElasticBuffer), world size 1."""
+    import deep_ep
+
+    import deepep_ops
+
+    group = nccl_world
+    # Sized for bf16 rows, which also holds fp8 rows plus their scales.
+    native = deep_ep.ElasticBuffer(
+        group, num_max_tokens_per_rank=DE_CAP, hidden=DE_H, num_topk=DE_K, use_fp8_dispatch=False,
+        explicitly_destroy=True,
+    )
+    reference = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=DE_CAP, hidden=DE_H, num_topk=DE_K)
+    try:
+        yield deepep_ops.EPBuffer(native), deepep_ops.EPBuffer(reference)
+    finally:
+        native.destroy()
+
+
+def _de_inputs(T: int, fp8: bool, seed: int, neg_frac: float = 0.2):
+    """x (bf16, or fp8 + float32 scales), int64 ids with some -1 slots, float32 weights, on the GPU."""
+    import dense_reference as ref
+
+    (inp,) = ref.make_global_inputs(seed, (T,), DE_H, DE_K, DE_E, fp8=fp8, neg_frac=neg_frac)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    return cuda(inp.x), cuda(inp.x_scales), cuda(inp.topk_idx), cuda(inp.topk_weights)
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, tuple(t.stride()), t.storage_offset()
+
+
+def _fake_metas(args, op, subs_sizes):
+    """Metadata of ``op``'s fake outputs on ``args``, symbols replaced by the real values."""
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
+
+    shape_env = ShapeEnv()
+    with FakeTensorMode(shape_env=shape_env) as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        out = op(*fake_args)
+    if isinstance(out, torch.Tensor):  # combine: one tensor
+        out = [out]
+    # Backed symbols (from_tensor under a ShapeEnv) take their example values.
+    backed = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
+    subs = {k: sympy.Integer(v) for k, v in backed.items()}
+    if subs_sizes is not None:  # dispatch_exact: the first two outputs are N and X, unbacked
+        for sym_int, real in zip(out[:2], subs_sizes):
+            (u,) = free_unbacked_symbols(sym_int.node.expr)
+            vr = shape_env.var_to_range[u]
+            assert vr.lower <= real <= vr.upper, f"real size {real} outside the fake's range {vr}"
+            subs[u] = sympy.Integer(real)
+        for asserts in shape_env.deferred_runtime_asserts.values():
+            for ra in asserts:
+                assert bool(ra.expr.xreplace(subs)), f"fake's {ra.expr} is false for {subs}"
+        out = out[2:]
+
+    def value(s):
+        return s if isinstance(s, int) else int(sympy.sympify(s.node.expr).xreplace(subs))
+
+    return [
+        (tuple(value(s) for s in t.shape), t.dtype, tuple(value(s) for s in t.stride()), value(t.storage_offset()))
+        for t in out
+    ]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_deepep_outputs_match_fakes(deepep_buffers, fp8):
+    """dispatch, dispatch_exact and both combines on real DeepEP: every output as its fake says."""
+    from deepep_ops.layout import decode_num_expanded_tokens
+
+    buf, _ = deepep_buffers
+    x, s, idx, w = _de_inputs(6, fp8, seed=1)
+    dec_args = (x, s, idx, w, buf, DE_E, DE_M, 1)
+    dec = torch.ops.deepep_ops.dispatch(*dec_args)
+    assert [_meta(t) for t in dec] == _fake_metas(dec_args, torch.ops.deepep_ops.dispatch, None)
+    ex_args = (x, s, idx, w, buf, DE_E, DE_CAP, 1)
+    N, X, *ex = torch.ops.deepep_ops.dispatch_exact(*ex_args)
+    assert (N, X) == (ex[7].shape[0], ex[0].shape[0])
+    assert [_meta(t) for t in ex] == _fake_metas(ex_args, torch.ops.deepep_ops.dispatch_exact, (N, X))
+    worst = decode_num_expanded_tokens(1, DE_M, DE_K, DE_E, 1)
+    for rows, handle, m, expand, n_exp in ((dec[0], dec[4:], DE_M, False, worst), (ex[0], ex[4:], DE_CAP, True, X)):
+        y = torch.randn(rows.shape[0], DE_H, device="cuda").bfloat16()
+        c_args = (y, buf, idx, *handle, DE_E, m, 1, expand, n_exp)
+        out = torch.ops.deepep_ops.combine(*c_args)
+        assert [_meta(out)] == _fake_metas(c_args, torch.ops.deepep_ops.combine, None)
+
+
+def _rows_by_source(recv, handle, n: int):
+    """The first ``n`` rows of ``recv`` ordered by source token (DeepEP's order within a
+    source rank is not deterministic, spec §8)."""
+    order = handle.recv_src_metadata[:n, 0].argsort()
+    return recv[:n][order]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_deepep_decode_matches_reference(deepep_buffers, fp8):
+    """Decode dispatch layout and combine: deep_ep == the reference buffer == x * [routed]."""
+    import deepep_ops
+
+    buf, ref_buf = deepep_buffers
+    for T, seed in ((1, 2), (5, 3), (8, 4)):
+        x, s, idx, w = _de_inputs(T, fp8, seed)
+        got = deepep_ops.dispatch(x, idx, w, buf, num_experts=DE_E, num_max_tokens_per_rank=DE_M, x_scales=s)
+        want = deepep_ops.dispatch(x, idx, w, ref_buf, num_experts=DE_E, num_max_tokens_per_rank=DE_M, x_scales=s)
+        torch.testing.assert_close(got.handle.psum_num_recv_tokens_per_scaleup_rank,
+                                   want.handle.psum_num_recv_tokens_per_scaleup_rank)
+        n = int(want.handle.psum_num_recv_tokens_per_scaleup_rank[-1])
+        assert n == int((idx >= 0).any(dim=1).sum())
+        pairs = [(got.recv_x, want.recv_x), (got.recv_topk_idx, want.recv_topk_idx),
+                 (got.recv_topk_weights, want.recv_topk_weights)]
+        if fp8:
+            pairs.append((got.recv_x_scales, want.recv_x_scales))
+        for a, b in pairs:
+            a_rows, b_rows = _rows_by_source(a, got.handle, n), _rows_by_source(b, want.handle, n)
+            if a.dtype == torch.float8_e4m3fn:
+                a_rows, b_rows = a_rows.view(torch.uint8), b_rows.view(torch.uint8)
+            if a is got.recv_topk_weights:  # weights of lanes owned elsewhere are unspecified
+                lanes = _rows_by_source(want.recv_topk_idx, want.handle, n) >= 0
+                a_rows, b_rows = a_rows[lanes], b_rows[lanes]
+            assert torch.equal(a_rows, b_rows), a.dtype
+        # combine the (dequantized) received rows: each token comes back once (R = 1)
+        y = got.recv_x.float() if not fp8 else got.recv_x.float() * got.recv_x_scales.repeat_interleave(128, 1)
+        out = deepep_ops.combine(y.bfloat16(), got.handle, buf)
+        x_float = x.float() if not fp8 else x.float() * s.repeat_interleave(128, 1)
+        expected = (x_float * (idx >= 0).any(dim=1, keepdim=True)).bfloat16()
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_deepep_prefill_matches_reference(deepep_buffers, fp8):
+    """Prefill (expand) layout and combine: per-expert counts and rows as the reference's,
+    combine == x * (routed lanes)."""
+    import deepep_ops
+
+    buf, ref_buf = deepep_buffers
+    x, s, idx, w = _de_inputs(40, fp8, seed=5)
+    got = deepep_ops.dispatch_exact(x, idx, w, buf, num_experts=DE_E, num_max_tokens_per_rank=DE_CAP, x_scales=s)
+    want = deepep_ops.dispatch_exact(x, idx, w, ref_buf, num_experts=DE_E, num_max_tokens_per_rank=DE_CAP,
+                                     x_scales=s)
+    assert torch.equal(got.num_recv_tokens_per_expert, want.num_recv_tokens_per_expert)
+    assert got.recv_x.shape == want.recv_x.shape and got.handle.num_expanded_tokens == want.handle.num_expanded_tokens
+    # Rows of one expert as a multiset: sort each expert's group by its (bytes of the) row.
+    start = 0
+    for count in want.num_recv_tokens_per_expert.tolist():
+        a = got.recv_x[start:start + count].view(torch.uint8).cpu()
+        b = want.recv_x[start:start + count].view(torch.uint8).cpu()
+        key = lambda r: sorted(map(tuple, r.tolist()))  # noqa: E731
+        assert key(a) == key(b)
+        start += count
+    y = got.recv_x.float() if not fp8 else got.recv_x.float() * got.recv_x_scales.repeat_interleave(128, 1)
+    out = deepep_ops.combine(y.bfloat16(), got.handle, buf)
+    x_float = x.float() if not fp8 else x.float() * s.repeat_interleave(128, 1)
+    expected = x_float * (idx >= 0).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def _assert_rel_err(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """‖out − ref‖ / ‖ref‖ below ``tol`` (bf16 operands: 1e-3 … 1e-2; fp8 tokens more)."""
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+
+
+def _deepep_layer(buf, decode: bool, fp8: bool):
+    from deepep_ops.moe import MoELayer, make_moe_weights
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+
+    weights = make_moe_weights(DE_E, DE_H, 128, seed=3)
+    weights = type(weights)(*(w.cuda() for w in weights))
+    pf = DeepEPPrepareFinalize(buf, DE_E, DE_K, decode=decode, use_fp8_dispatch=fp8, device="cuda")
+    return MoELayer(weights, pf).cuda(), weights
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_deepep_compiled_decode_replays_from_cuda_graph(deepep_buffers, fp8):
+    """The compiled decode MoE step on real DeepEP, captured with torch.cuda.graph, replays
+    correctly on new inputs (against the eager step and the dense MoE)."""
+    from deepep_ops.moe import dense_moe
+
+    buf, _ = deepep_buffers
+    layer, weights = _deepep_layer(buf, decode=True, fp8=fp8)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    T = 6
+    g = torch.Generator().manual_seed(0)
+    static_x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            compiled(static_x, DE_M)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = compiled(static_x, DE_M)
+    tol = dict(atol=6e-2, rtol=6e-2) if fp8 else dict(atol=2e-2, rtol=2e-2)
+    for _ in range(3):
+        x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
+        static_x.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(static_out, layer(x, DE_M), **tol)
+        _assert_rel_err(static_out, dense_moe(x, weights, DE_K), 5e-2 if fp8 else 2e-2)
+
+
+def test_deepep_prefill_only_exact_dispatch_leaves_cuda_graphs(deepep_buffers):
+    """Prefill on real DeepEP under reduce-overhead with graph partitioning: correct, and only
+    deepep_ops::dispatch_exact (and its outputs, bound checks) is kept out of CUDA graphs."""
+    from deepep_ops.moe import dense_moe
+
+    buf, _ = deepep_buffers
+    layer, weights = _deepep_layer(buf, decode=False, fp8=False)
+    with _record_partitions() as partitioned:
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=True)
+        for step, T in enumerate([40, 17, 40]):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
+            out = compiled(x).clone()
+            torch.testing.assert_close(out, layer(x), atol=2e-2, rtol=2e-2)
+            _assert_rel_err(out, dense_moe(x, weights, DE_K), 2e-2)
+    exact = "deepep_ops.dispatch_exact.default"
+    ops = {op for op, _reason in partitioned}
+    assert exact in ops and ops <= {exact, f"output of {exact}", "AssertScalar"}, partitioned

@@ -24,6 +24,8 @@ class DispatchOutput(NamedTuple):
       :data:`deepep_ops.handle.HANDLE_TENSORS` order.
     - ``num_recv_tokens_per_expert``: expand mode only, the host list of aligned
       rows per local expert [EL] (sum X).
+    - ``native_handle``: the backend's own handle object, if it has one; eager
+      combine passes it back (see :class:`deepep_ops.handle.DispatchedHandle`).
     """
 
     recv_x: torch.Tensor
@@ -32,6 +34,7 @@ class DispatchOutput(NamedTuple):
     recv_topk_weights: torch.Tensor
     handle_tensors: tuple
     num_recv_tokens_per_expert: Optional[list]
+    native_handle: Optional[object] = None
 
 
 class Backend(abc.ABC):
@@ -68,7 +71,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def combine(self, x: torch.Tensor, handle: DispatchHandle, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Unweighted combine (spec §4) of ``x`` [rows, H] bf16 into [T, H] bf16,
-        written into ``out`` when given (and returned)."""
+        written into ``out`` when given (and returned). ``handle`` may be a
+        :class:`~deepep_ops.handle.DispatchedHandle` carrying ``native``, the
+        ``native_handle`` this backend's dispatch returned."""
 
     def all_gather_object(self, obj: object) -> Optional[list]:
         """Every EP rank's ``obj`` (a small picklable host value), in rank order,

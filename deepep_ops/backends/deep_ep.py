@@ -7,6 +7,7 @@ is imported lazily: nothing here runs unless a DeepEP buffer is wrapped.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -14,6 +15,12 @@ import torch.distributed
 
 from deepep_ops.backends.base import Backend, DispatchOutput
 from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
+
+#: The five int32 handle tensors off a native ``EPHandle``, in one C call.
+_handle_tensors = operator.attrgetter(*HANDLE_TENSORS)
+#: Their slice of a :class:`DispatchHandle`.
+_FIRST = DispatchHandle._fields.index(HANDLE_TENSORS[0])
+_HANDLE_TENSOR_SLICE = slice(_FIRST, _FIRST + len(HANDLE_TENSORS))
 
 
 class DeepEPBackend(Backend):
@@ -32,6 +39,9 @@ class DeepEPBackend(Backend):
         self.num_ranks = buffer.num_ranks
         self.rank = buffer.rank_idx
         self.capacity = buffer.num_max_tokens_per_rank
+        # (E, K) -> get_theoretical_num_sms(E, K). DeepEP caches it too, but behind a
+        # weak-reference LRU that costs a few µs a call; combine needs it every call.
+        self._num_sms: dict = {}
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, *, num_experts, num_max_tokens_per_rank,
                  expert_alignment, expand) -> DispatchOutput:
@@ -42,6 +52,9 @@ class DeepEPBackend(Backend):
             num_experts=num_experts,
             num_max_tokens_per_rank=num_max_tokens_per_rank,
             expert_alignment=expert_alignment,
+            # What num_sms=0 would pick, without DeepEP's per-call lookup; combine
+            # passes the same value through the handle.
+            num_sms=self.num_sms(num_experts, topk_idx.shape[1]),
             # The graph keeps topk_idx alive until combine, which takes it as an input.
             do_handle_copy=False,
             do_cpu_sync=expand,
@@ -55,9 +68,18 @@ class DeepEPBackend(Backend):
             recv_x_scales,
             None if expand else recv_topk_idx,
             recv_topk_weights,
-            tuple(getattr(handle, name) for name in HANDLE_TENSORS),
+            _handle_tensors(handle),
             list(handle.num_recv_tokens_per_expert_list) if expand else None,
+            handle,
         )
+
+    def num_sms(self, num_experts: int, num_topk: int) -> int:
+        """``buffer.get_theoretical_num_sms(E, K)``, computed once per (E, K)."""
+        key = (num_experts, num_topk)
+        num_sms = self._num_sms.get(key)
+        if num_sms is None:
+            num_sms = self._num_sms[key] = self.buffer.get_theoretical_num_sms(num_experts, num_topk)
+        return num_sms
 
     def _native_handle(self, handle: DispatchHandle, per_expert_list: Optional[list] = None) -> object:
         """DeepEP's ``EPHandle`` with the fields combine reads (and, given
@@ -67,20 +89,25 @@ class DeepEPBackend(Backend):
             handle.num_experts,
             handle.expert_alignment,
             handle.num_max_tokens_per_rank,
-            # Dispatch ran with num_sms=0, i.e. this (cached) value; combine must match it.
-            self.buffer.get_theoretical_num_sms(handle.num_experts, handle.topk_idx.shape[1]),
+            # The value dispatch ran with; combine must match it.
+            self.num_sms(handle.num_experts, handle.topk_idx.shape[1]),
             handle.topk_idx,
             handle.recv_src_metadata.shape[0],
             handle.num_expanded_tokens,
             # The host-side per-expert list is only read by cached dispatch, not combine.
             [] if per_expert_list is None else per_expert_list,
-            *handle.tensors,
+            *handle[_HANDLE_TENSOR_SLICE],
             None,  # token_metadata_at_forward: hybrid mode only
             None,  # channel_linked_list: hybrid mode only
         )
 
+    def native_handle(self, handle: DispatchHandle) -> object:
+        """The ``EPHandle`` dispatch returned if ``handle`` carries it, else one rebuilt."""
+        native = getattr(handle, "native", None)
+        return self._native_handle(handle) if native is None else native
+
     def combine(self, x, handle, out=None):
-        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self._native_handle(handle))
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle))
         if out is None:
             return combined_x
         # deep_ep's combine allocates its result; one copy, inside the op.

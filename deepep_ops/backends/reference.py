@@ -23,7 +23,7 @@ class ReferenceBackend(DeepEPBackend):
         super().__init__(buffer, EPHandle, torch.int64)
 
     def combine(self, x, handle, out=None):
-        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self._native_handle(handle), out=out)
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle), out=out)
         return combined_x
 
 

@@ -1,0 +1,214 @@
+"""Decode dispatch + combine on one GPU: raw buffer vs deepep_ops vs prepare/finalize.
+
+Side by side in one process, on the same inputs, for each T (M = next pow2 of T):
+
+- ``raw``: ``ElasticBuffer.dispatch`` + ``combine`` called directly (decode flags:
+  no CPU sync, no expand, no handle copy), the floor;
+- ``ops``: ``deepep_ops.dispatch`` + ``deepep_ops.combine`` (the eager fast path);
+  ``ops/torch.ops``: the same forced through the dispatcher;
+- ``pf``: :class:`DeepEPPrepareFinalize` prepare → identity experts → finalize,
+  eager and ``torch.compile(fullgraph=True, dynamic=True)``;
+- ``… graph``: each captured once with ``torch.cuda.graph`` and replayed.
+
+Then the compiled glue (quantization, id globalize, weight-and-reduce, the
+output copy: compiled pf graph − ops graph) against its memory-traffic floor:
+the bytes it must move over the device-to-device copy bandwidth measured in
+the same run. Times: median wall µs over ``--reps`` calls, each synchronized.
+
+    python benchmarks/bench_deepep.py --backend deepep     # deep_ep.ElasticBuffer, NCCL world size 1
+    python benchmarks/bench_deepep.py --backend reference  # ReferenceElasticBuffer
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_prepare_finalize import capture_cuda_graph, make_step  # noqa: E402
+
+SIZES = (1, 8, 64, 512)
+
+
+def _time_us(fn, reps: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), 1 GiB buffers."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times)
+
+
+def glue_bytes(T: int, M: int, R: int, H: int, K: int, fp8: bool) -> int:
+    """The fewest bytes the decode glue moves: quantize x (fp8: read bf16, write fp8 +
+    scales), read the received rows, local ids and weights once, write the reduced
+    rows. (No output copy: the step's output is fresh, so Inductor hands combine's
+    result back as it, and finalize's copy_ disappears.)"""
+    rows = R * M
+    quant = (T * H * 2 + T * H + T * (H // 128) * 4) if fp8 else 0
+    return quant + rows * H * (1 if fp8 else 2) + rows * K * (8 + 4) + rows * H * 2
+
+
+@contextlib.contextmanager
+def _through_dispatcher():
+    import deepep_ops.api as api
+
+    if not hasattr(api, "_plain_eager"):  # a tree without the fast path: always the dispatcher
+        yield
+        return
+    saved = api._plain_eager
+    api._plain_eager = lambda *_: False
+    try:
+        yield
+    finally:
+        api._plain_eager = saved
+
+
+def _make_buffer(backend: str, capacity: int, args):
+    """(native buffer with ElasticBuffer's API, cleanup)."""
+    import deepep_ops
+
+    if backend == "reference":
+        return deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=capacity, hidden=args.hidden,
+                                                 num_topk=args.topk), (lambda: None)
+    import deep_ep
+    import torch.distributed as dist
+
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    native = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=args.hidden,
+                                   num_topk=args.topk, use_fp8_dispatch=args.fp8, explicitly_destroy=True)
+
+    def cleanup():
+        native.destroy()
+        dist.destroy_process_group()
+
+    return native, cleanup
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("deepep", "reference"), default="deepep")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--fp8", action="store_true", help="block-fp8 dispatch in prepare/finalize")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    args = parser.parse_args(argv)
+
+    import deepep_ops
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+
+    torch.cuda.set_device(0)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    H, K, E = args.hidden, args.topk, args.experts
+    capacity = max(sizes)
+    native, cleanup = _make_buffer(args.backend, capacity, args)
+    buffer = deepep_ops.EPBuffer(native)
+    R = buffer.num_ranks
+    bandwidth = copy_bandwidth()
+    pf = DeepEPPrepareFinalize(buffer, E, K, decode=True, use_fp8_dispatch=args.fp8, device="cuda")
+    step = make_step(pf, K)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    rows = []
+    try:
+        for T in sizes:
+            M = deepep_ops.pow2_bucket(T, capacity)
+            g = torch.Generator().manual_seed(T)
+            x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
+            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).cuda()
+            w = torch.rand(T, K, generator=g).cuda()
+
+            def raw():
+                recv_x, _, _, handle, _ = native.dispatch(
+                    x, topk_idx=ids, topk_weights=w, num_experts=E, num_max_tokens_per_rank=M,
+                    expert_alignment=1, do_handle_copy=False, do_cpu_sync=False, do_expand=False,
+                    do_zero_padding=False,
+                )
+                return native.combine(recv_x, handle=handle)[0]
+
+            def ops():
+                d = deepep_ops.dispatch(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=M)
+                return deepep_ops.combine(d.recv_x, d.handle, buffer)
+
+            def ops_dispatcher():
+                with _through_dispatcher():
+                    return ops()
+
+            def pf_eager():
+                return step(x, w, ids, M)
+
+            def pf_compiled():
+                return compiled(x, w, ids, M)
+
+            fns = {"raw": raw, "ops": ops, "ops/torch.ops": ops_dispatcher, "pf": pf_eager,
+                   "pf compiled": pf_compiled}
+            expected = pf_eager().float()
+            err = (pf_compiled().float() - expected).abs().max().item()
+            assert err < 0.05, f"T={T}: compiled differs from eager by {err}"
+            assert torch.equal(raw(), ops()), f"T={T}: ops differ from raw"
+            for name in ("raw", "ops", "pf compiled"):
+                replay = capture_cuda_graph(lambda f=fns[name]: f(), ())
+                out = replay()
+                if name == "pf compiled":
+                    err = (out.float() - expected).abs().max().item()
+                    assert err < 0.05, f"T={T}: graph replay differs from eager by {err}"
+                fns[f"{name} graph"] = replay
+            times = {name: _time_us(fn, args.reps) for name, fn in fns.items()}
+            rows.append((T, M, times))
+    finally:
+        cleanup()
+
+    dev = torch.cuda.get_device_name(0)
+    de = ""
+    if args.backend == "deepep":
+        import deep_ep
+
+        de = f", deep_ep {getattr(deep_ep, '__version__', '?')}"
+    print(f"\ndecode dispatch+combine, {args.backend} backend, {R} rank on {dev}, torch {torch.__version__}{de}, "
+          f"H={H} K={K} E={E}, {'fp8' if args.fp8 else 'bf16'} prepare/finalize; median wall µs of {args.reps} "
+          f"synchronized calls; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    names = list(rows[0][2])
+    print("| T | M | " + " | ".join(names) + " | ops − raw | glue = pf compiled graph − ops graph | glue floor |"
+          " glue / floor |")
+    print("|---|---|" + "---|" * (len(names) + 4))
+    for T, M, t in rows:
+        glue = t["pf compiled graph"] - t["ops graph"]
+        floor = glue_bytes(T, M, R, H, K, args.fp8) / bandwidth * 1e6
+        print(f"| {T} | {M} | " + " | ".join(f"{t[n]:.0f}" for n in names)
+              + f" | {t['ops'] - t['raw']:+.1f} | {glue:.1f} | {floor:.1f} | {glue / floor:.1f}× |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -164,7 +164,8 @@ def main(argv=None) -> None:
     H, K, E = args.hidden, args.topk, args.experts
     null = NullElasticBuffer(max(sizes), H, K, device)
     backend = DeepEPBackend(null, NullEPHandle, torch.int64)
-    buffer = deepep_ops.EPBuffer(backend)
+    # Check mode (deepep_ops.agreement) off, as on GPU by default: the steady-state hot path.
+    buffer = deepep_ops.EPBuffer(backend, check=False)
 
     rows = []
     for T in sizes:

@@ -152,6 +152,10 @@ class DeepEPBackend(Backend):
         recv, _recv_topk_idx, _recv_topk_weights, _handle, _event = self.buffer.dispatch(
             x if x_scales is None else (x, x_scales),
             handle=self._native_handle(handle, per_expert_list),
+            # DeepEP (dd758ca) reads num_experts before it takes it from the handle
+            # (get_theoretical_num_sms(None, K) raises): give both, as the forward had them.
+            num_experts=handle.num_experts,
+            num_sms=self.num_sms(handle.num_experts, handle.topk_idx.shape[1]),
             do_handle_copy=False,
             do_cpu_sync=False,
             # DeepEP does not check do_expand against the handle's (spec §1): pass the handle's.

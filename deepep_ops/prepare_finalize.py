@@ -129,7 +129,19 @@ class DeepEPPrepareFinalize:
                 computed on the host (cheapest; a SymInt in the graph). ``None``
                 derives it in the graph with :func:`deepep_ops.token_bucket`.
                 Prefill always uses the buffer capacity.
+
+        Raises:
+            TypeError: a wrong input dtype, up front: under ``torch.compile``
+                this is the error the compiler reports (otherwise a float32
+                ``a1`` would only surface later, as finalize's bf16 error).
         """
+        for name, tensor, dtype, what in (
+            ("a1", a1, torch.bfloat16, "tokens; fp8 dispatch quantizes them itself"),
+            ("topk_ids", topk_ids, torch.int64, "global expert ids, -1 for an empty slot"),
+            ("topk_weights", topk_weights, torch.float32, "router weights"),
+        ):
+            if tensor.dtype != dtype:
+                raise TypeError(f"prepare: {name} must be {dtype} ({what}), got {tensor.dtype}")
         if apply_router_weight_on_input:
             if topk_ids.shape[1] != 1:
                 raise ValueError(

@@ -74,6 +74,21 @@ class PreparedTokens(NamedTuple):
     handle: DispatchHandle
 
 
+_INPUT_DTYPES = {
+    "a1": (torch.bfloat16, "tokens; fp8 dispatch quantizes them itself"),
+    "topk_ids": (torch.int64, "global expert ids, -1 for an empty slot"),
+    "topk_weights": (torch.float32, "router weights"),
+}
+
+
+def _check_dtypes(**tensors: Optional[torch.Tensor]) -> None:
+    """TypeError naming the first of ``prepare``'s inputs whose dtype is wrong (None: checked already)."""
+    for name, tensor in tensors.items():
+        dtype, what = _INPUT_DTYPES[name]
+        if tensor is not None and tensor.dtype != dtype:
+            raise TypeError(f"prepare: {name} must be {dtype} ({what}), got {tensor.dtype}")
+
+
 class DeepEPPrepareFinalize:
     """Prepare (quantize + dispatch + receiver) and finalize (weight-and-reduce + combine).
 
@@ -141,8 +156,16 @@ class DeepEPPrepareFinalize:
             defer_globalize: decode only: return the local ids DeepEP received
                 (−1 for other ranks' experts; padding rows unspecified) for
                 experts that add ``rank_expert_offset`` themselves (vLLM 0.33).
+
+        Raises:
+            TypeError: a wrong input dtype, up front: under ``torch.compile``
+                this is the error the compiler reports (otherwise a float32
+                ``a1`` would only surface later, as finalize's bf16 error).
         """
+        # Each input is checked just before the code first reads it: Dynamo numbers
+        # graph inputs in the order of first reads, and graphs/*.txt record that order.
         if apply_router_weight_on_input:
+            _check_dtypes(topk_ids=topk_ids, a1=a1, topk_weights=topk_weights)
             if topk_ids.shape[1] != 1:
                 raise ValueError(
                     "prepare: apply_router_weight_on_input needs num_topk == 1, "
@@ -158,12 +181,16 @@ class DeepEPPrepareFinalize:
                     "prepare: use_fp8_dispatch=True is inference-only; a1 requires grad "
                     "(train with bf16 dispatch, or detach a1)"
                 )
+            _check_dtypes(a1=a1)
             a1, scales = quantize_block_fp8(a1)
 
+        unchecked_a1 = None if self.use_fp8_dispatch else a1  # fp8: checked before quantizing
         if not self.decode:
+            _check_dtypes(a1=unchecked_a1, topk_ids=topk_ids, topk_weights=topk_weights)
             return self._prepare_prefill(a1, scales, topk_weights, topk_ids)
         if num_max_tokens_per_rank is None:
             num_max_tokens_per_rank = token_bucket(a1, self.buffer)
+        _check_dtypes(a1=unchecked_a1, topk_ids=topk_ids, topk_weights=topk_weights)
         out = dispatch(
             a1,
             topk_ids,

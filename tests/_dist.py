@@ -1,7 +1,7 @@
 """Multi-process gloo harness for the CPU tests.
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` ranks (spawn
-start method), each initialises a gloo process group on a fresh port, runs
+start method), each initialises a gloo process group, runs
 ``fn(rank, world_size, *args)``, always destroys the process group, and sends
 back either the (picklable, plain-Python) result or the formatted traceback.
 Any failing rank raises in the pytest process with every rank's traceback.
@@ -10,14 +10,21 @@ Any failing rank raises in the pytest process with every rank's traceback.
 spent starting processes are paid once per world size; a failure in one
 scenario is reported for that scenario only (as long as the ranks stayed in
 step, which a status all-gather after every scenario checks).
+
+Rendezvous goes through a ``FileStore`` in a fresh temporary directory, not a
+TCP port: picking a port by binding port 0 and closing it races with every
+other process on the machine (a port taken in between made rank 0 fail with
+"address already in use", or join a foreign store). Gloo's own connections
+bind port 0 and keep it, so nothing here chooses a port.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import socket
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -28,17 +35,10 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(
     rank: int,
     world_size: int,
-    port: int,
+    init_method: str,
     fn: Callable,
     args: tuple,
     sys_path: List[str],
@@ -51,6 +51,11 @@ def _worker(
         if p not in sys.path:
             sys.path.insert(0, p)
     os.environ.update(env)  # before torch is imported here
+    import warnings
+
+    # As in the pytest process (pyproject's filterwarnings): a DeprecationWarning
+    # raised from the project's code is an error in the ranks too.
+    warnings.filterwarnings("error", category=DeprecationWarning, module=r"(deepep_ops|fake_impls)(\.|$)")
     import torch
     import torch.distributed as dist
 
@@ -58,7 +63,7 @@ def _worker(
     try:
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=gloo_timeout_s),
@@ -94,13 +99,14 @@ def run_distributed(
     """
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
-    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="deepep_ops_store_")
+    init_method = "file://" + os.path.join(store_dir, "store")
     here = os.path.dirname(os.path.abspath(__file__))
     sys_path = [os.path.dirname(here), here]
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, port, fn, args, sys_path, gloo_timeout_s, dict(env or {}), out_q),
+            args=(r, world_size, init_method, fn, args, sys_path, gloo_timeout_s, dict(env or {}), out_q),
             daemon=True,
         )
         for r in range(world_size)
@@ -140,6 +146,7 @@ def run_distributed(
             if p.is_alive():
                 p.kill()  # only processes we started
                 p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     errors = [f"--- rank {r} ---\n{res[1]}" for r, res in sorted(results.items()) if res[0] != "ok"]
     if errors:
         raise DistributedError(f"{fn.__name__} failed on {len(errors)}/{world_size} ranks:\n" + "\n".join(errors))

@@ -212,3 +212,41 @@ def spec_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = Tr
             acc = acc + partial[r].bfloat16().float()
         out[t] = acc.bfloat16()
     return out
+
+
+# ----------------------------------------------------------------------------- dense MoE layer
+def dense_moe_layer(x: torch.Tensor, router: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                    w_down: torch.Tensor, num_topk: int, near_tie: float = 1e-5):
+    """The MoE layer of ``deepep_ops.moe.MoELayer`` computed directly, without deepep_ops code.
+
+    Routing in float64: softmax over ``x @ router``, top-k, renormalised. Expert
+    e is ``(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`` in float32 on the
+    bf16 input (on the CPU, whatever device x is on). Returns ``(y, mag, near_tie)``:
+    ``y`` [T, H] and ``mag`` [T, H] = Σ_k w_k·|expert_k(x)| (the scale bf16
+    roundings are relative to) in float64, and ``near_tie`` [T] bool marking
+    tokens whose K-th and (K+1)-th probabilities are closer than ``near_tie``
+    (another fp32 summation order may route those differently).
+    """
+    x, router, w_gate, w_up, w_down = (t.cpu() for t in (x, router, w_gate, w_up, w_down))
+    probs = torch.softmax(x.double() @ router.double(), dim=-1)
+    top = probs.topk(min(num_topk + 1, router.shape[1]), dim=-1)
+    if top.values.shape[1] > num_topk:
+        tie = (top.values[:, num_topk - 1] - top.values[:, num_topk]) < near_tie
+    else:
+        tie = torch.zeros(x.shape[0], dtype=torch.bool)
+    weights = top.values[:, :num_topk]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    ids = top.indices[:, :num_topk]
+    xf = x.float()
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    mag = torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(router.shape[1]):
+        rows, lanes = (ids == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        h = xf[rows]
+        out = (torch.nn.functional.silu(h @ w_gate[e]) * (h @ w_up[e])) @ w_down[e]
+        term = weights[rows, lanes].unsqueeze(1) * out.double()
+        y.index_add_(0, rows, term)
+        mag.index_add_(0, rows, term.abs())
+    return y, mag, tie

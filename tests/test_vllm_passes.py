@@ -86,11 +86,12 @@ def test_pass_snapshot_and_numerics(setup):
     assert "torch.ops.deepep_ops.combine_into.default" in rec.after
     assert "torch.ops.deepep_ops.combine.default" not in rec.after
     assert "copy_" not in rec.after
-    assert_graph_snapshot("vllm_pass_combine_into.before", rec.before)
-    assert_graph_snapshot("vllm_pass_combine_into.after", rec.after)
     torch.testing.assert_close(rewritten, plain, rtol=0, atol=0)
     torch.testing.assert_close(rewritten, eager, rtol=2e-2, atol=2e-2)  # Inductor vs eager: bf16 rounding
     assert eager.abs().sum() > 0
+    # Last: under another torch than the snapshots' these skip (symbol names differ).
+    assert_graph_snapshot("vllm_pass_combine_into.before", rec.before)
+    assert_graph_snapshot("vllm_pass_combine_into.after", rec.after)
 
 
 @pytest.mark.parametrize("reads", ["result_after_copy", "out_before_copy"])

@@ -74,7 +74,7 @@ def test_help_is_plain_text_with_defaults(capsys):
 
 def test_top_level_usage_errors(capsys):
     for argv, message in (([], "the following arguments are required: command"),
-                          (["frobnicate"], "argument command: invalid choice: 'frobnicate' (choose from 'demo')")):
+                          (["frobnicate"], "argument command: invalid choice: 'frobnicate' (choose from 'demo', 'train-demo')")):
         with pytest.raises(SystemExit) as info:
             cli_main(argv)
         assert info.value.code == 2
@@ -100,4 +100,5 @@ def test_command_line_usage_errors():
 
 def test_command_line_help():
     proc = _run("--help")
-    assert proc.returncode == 0 and "python -m deepep_ops demo --help" in proc.stdout, proc
+    assert proc.returncode == 0 and "python -m deepep_ops COMMAND --help" in proc.stdout, proc
+    assert "train-demo" in proc.stdout, proc

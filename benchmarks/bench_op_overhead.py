@@ -166,6 +166,9 @@ def main(argv=None) -> None:
     backend = DeepEPBackend(null, NullEPHandle, torch.int64)
     # Check mode (deepep_ops.agreement) off, as on GPU by default: the steady-state hot path.
     buffer = deepep_ops.EPBuffer(backend, check=False)
+    # Check mode on (deepep_ops.agreement; the CPU default, opt-in on GPU): at R = 1 no
+    # exchange, so this column is the per-call checks alone (handle values read on the host).
+    checked = deepep_ops.EPBuffer(backend, check=True)
 
     rows = []
     for T in sizes:
@@ -190,14 +193,17 @@ def main(argv=None) -> None:
             handle = deepep_ops.DispatchHandle(ids, *out.handle_tensors, E, m, 1, False, 0)
             return backend.combine(y, handle)
 
-        def ops():
+        def ops(buffer=buffer):
             d = deepep_ops.dispatch(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=m)
             return deepep_ops.combine(y, d.handle, buffer)
+
+        def ops_checked():
+            return ops(checked)
 
         plain = contextlib.nullcontext
         times = _time_interleaved({
             "raw": (plain, raw), "backend": (plain, via_backend), "ops": (plain, ops),
-            "ops via torch.ops": (_through_dispatcher, ops),
+            "ops via torch.ops": (_through_dispatcher, ops), "ops, check mode": (plain, ops_checked),
         }, args.reps)
         rows.append((T, m, times))
         if args.profile and T == sizes[-1]:
@@ -211,12 +217,12 @@ def main(argv=None) -> None:
     print(f"\nop-layer host overhead, null DeepEP-API buffer on {device}, torch {torch.__version__}, "
           f"H={H} K={K} E={E}; µs per dispatch + combine pair")
     names = list(rows[0][2])
-    print("| T | M | " + " | ".join(names) + " | ops − raw | ops via torch.ops − raw |")
-    print("|---|---|" + "---|" * (len(names) + 2))
+    print("| T | M | " + " | ".join(names) + " | ops − raw | ops via torch.ops − raw | check mode − ops |")
+    print("|---|---|" + "---|" * (len(names) + 3))
     for T, m, t in rows:
         cells = [f"{t[n][0]:.1f} ({t[n][1]:.1f})" for n in names]
         print(f"| {T} | {m} | " + " | ".join(cells) + f" | +{t['ops'][0] - t['raw'][0]:.1f} "
-              f"| +{t['ops via torch.ops'][0] - t['raw'][0]:.1f} |")
+              f"| +{t['ops via torch.ops'][0] - t['raw'][0]:.1f} | +{t['ops, check mode'][0] - t['ops'][0]:.1f} |")
     print("cells: median (min) µs; differences of medians")
     sys.stdout.flush()
 

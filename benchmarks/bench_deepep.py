@@ -22,7 +22,6 @@ the same run. Times: median wall µs over ``--reps`` calls, each synchronized.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_op_overhead import _through_dispatcher  # noqa: E402
 from bench_prepare_finalize import capture_cuda_graph, make_step  # noqa: E402
 
 SIZES = (1, 8, 64, 512)
@@ -78,19 +78,6 @@ def glue_bytes(T: int, M: int, R: int, H: int, K: int, fp8: bool) -> int:
     return quant + rows * H * (1 if fp8 else 2) + rows * K * (8 + 4) + rows * H * 2
 
 
-@contextlib.contextmanager
-def _through_dispatcher():
-    import deepep_ops.api as api
-
-    if not hasattr(api, "_plain_eager"):  # a tree without the fast path: always the dispatcher
-        yield
-        return
-    saved = api._plain_eager
-    api._plain_eager = lambda *_: False
-    try:
-        yield
-    finally:
-        api._plain_eager = saved
 
 
 def _make_buffer(backend: str, capacity: int, args):

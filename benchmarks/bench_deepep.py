@@ -2,8 +2,10 @@
 
 Side by side in one process, on the same inputs, for each T (M = next pow2 of T):
 
-- ``raw``: ``ElasticBuffer.dispatch`` + ``combine`` called directly (decode flags:
-  no CPU sync, no expand, no handle copy), the floor;
+- ``raw``: ``ElasticBuffer.dispatch`` + ``combine`` called directly with the
+  flags the eager ops use (decode: no CPU sync, no expand; DeepEP's default
+  ``do_handle_copy=True``, the handle's own copy of ``topk_idx``, as vLLM calls
+  it), the floor; ``raw/no copy``: the same with ``do_handle_copy=False``;
 - ``ops``: ``deepep_ops.dispatch`` + ``deepep_ops.combine`` (the eager fast path);
   ``ops/torch.ops``: the same forced through the dispatcher;
 - ``pf``: :class:`DeepEPPrepareFinalize` prepare → identity experts → finalize,
@@ -13,7 +15,9 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
 Then the compiled glue (quantization, id globalize, weight-and-reduce, the
 output copy: compiled pf graph − ops graph) against its memory-traffic floor:
 the bytes it must move over the device-to-device copy bandwidth measured in
-the same run. Times: median wall µs over ``--reps`` calls, each synchronized.
+the same run. Times: median wall µs over ``--reps`` calls, each synchronized;
+the variants take turns call by call, so drifting clocks and load fall on all
+alike. ``--profile-glue`` lists the compiled step's kernels at the largest T.
 
     python benchmarks/bench_deepep.py --backend deepep     # deep_ep.ElasticBuffer, NCCL world size 1
     python benchmarks/bench_deepep.py --backend reference  # ReferenceElasticBuffer
@@ -37,18 +41,38 @@ from bench_prepare_finalize import capture_cuda_graph, make_step  # noqa: E402
 SIZES = (1, 8, 64, 512)
 
 
-def _time_us(fn, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
+def _time_interleaved_us(fns: dict, reps: int, warmup: int = 5) -> dict:
+    """Median wall µs per synchronized call of each of ``fns``, taking turns call by call."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     torch.cuda.synchronize()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def _profile_kernels(fn, label: str, calls: int = 5) -> None:
+    """Print the CUDA kernels of ``calls`` calls of ``fn`` with their device µs per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    print(f"\nkernels of {label} (device µs per call):")
+    rows = [(e.device_time_total / calls, e.count // calls, e.key) for e in prof.key_averages()
+            if e.device_time_total > 0 and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    for us, count, key in sorted(rows, reverse=True)[:20]:
+        print(f"  {us:8.1f} µs  x{count}  {key[:110]}")
 
 
 def copy_bandwidth() -> float:
@@ -109,7 +133,11 @@ def main(argv=None) -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--fp8", action="store_true", help="block-fp8 dispatch in prepare/finalize")
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--compile-first", choices=("largest", "smallest"), default="largest",
+                        help="the T whose shapes the compile sees first (Inductor's launch configs follow it)")
+    parser.add_argument("--profile-glue", action="store_true",
+                        help="print the kernels of the compiled step and of the bare ops at the largest T")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     args = parser.parse_args(argv)
 
@@ -129,6 +157,16 @@ def main(argv=None) -> None:
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
     rows = []
     try:
+        if args.compile_first == "largest":
+            # The first call compiles, and Inductor sizes its kernels' launch configs
+            # for that call's shapes: vLLM compiles at max_num_batched_tokens, so the
+            # largest T first is what a server gets (the smallest first ran the
+            # glue's pointwise kernel 2.5x slower at T = 512 on the H200).
+            big = max(sizes)
+            M = deepep_ops.pow2_bucket(big, capacity)
+            compiled(torch.zeros(big, H, dtype=torch.bfloat16, device="cuda"),
+                     torch.full((big, K), 1.0 / K, device="cuda"),
+                     torch.arange(K, device="cuda").repeat(big, 1), M)
         for T in sizes:
             M = deepep_ops.pow2_bucket(T, capacity)
             g = torch.Generator().manual_seed(T)
@@ -136,13 +174,16 @@ def main(argv=None) -> None:
             ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).cuda()
             w = torch.rand(T, K, generator=g).cuda()
 
-            def raw():
+            def raw(copy=True):
                 recv_x, _, _, handle, _ = native.dispatch(
                     x, topk_idx=ids, topk_weights=w, num_experts=E, num_max_tokens_per_rank=M,
-                    expert_alignment=1, do_handle_copy=False, do_cpu_sync=False, do_expand=False,
+                    expert_alignment=1, do_handle_copy=copy, do_cpu_sync=False, do_expand=False,
                     do_zero_padding=False,
                 )
                 return native.combine(recv_x, handle=handle)[0]
+
+            def raw_no_copy():
+                return raw(copy=False)
 
             def ops():
                 d = deepep_ops.dispatch(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=M)
@@ -158,7 +199,7 @@ def main(argv=None) -> None:
             def pf_compiled():
                 return compiled(x, w, ids, M)
 
-            fns = {"raw": raw, "ops": ops, "ops/torch.ops": ops_dispatcher, "pf": pf_eager,
+            fns = {"raw": raw, "raw/no copy": raw_no_copy, "ops": ops, "ops/torch.ops": ops_dispatcher, "pf": pf_eager,
                    "pf compiled": pf_compiled}
             expected = pf_eager().float()
             err = (pf_compiled().float() - expected).abs().max().item()
@@ -171,8 +212,11 @@ def main(argv=None) -> None:
                     err = (out.float() - expected).abs().max().item()
                     assert err < 0.05, f"T={T}: graph replay differs from eager by {err}"
                 fns[f"{name} graph"] = replay
-            times = {name: _time_us(fn, args.reps) for name, fn in fns.items()}
+            times = _time_interleaved_us(fns, args.reps)
             rows.append((T, M, times))
+            if args.profile_glue and T == sizes[-1]:
+                _profile_kernels(pf_compiled, f"pf compiled, T={T} M={M} (eager launches)")
+                _profile_kernels(ops, f"ops, T={T} M={M}")
     finally:
         cleanup()
 
@@ -183,7 +227,8 @@ def main(argv=None) -> None:
 
         de = f", deep_ep {getattr(deep_ep, '__version__', '?')}"
     print(f"\ndecode dispatch+combine, {args.backend} backend, {R} rank on {dev}, torch {torch.__version__}{de}, "
-          f"H={H} K={K} E={E}, {'fp8' if args.fp8 else 'bf16'} prepare/finalize; median wall µs of {args.reps} "
+          f"H={H} K={K} E={E}, {'fp8' if args.fp8 else 'bf16'} prepare/finalize, compiled at the {args.compile_first} "
+          f"T first; median wall µs of {args.reps} "
           f"synchronized calls; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     names = list(rows[0][2])
     print("| T | M | " + " | ".join(names) + " | ops − raw | glue = pf compiled graph − ops graph | glue floor |"

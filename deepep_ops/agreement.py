@@ -21,6 +21,10 @@ Two modes, per :class:`EPBuffer`:
   ``check=False`` turns it off): the exchange runs on every call, so a per-call
   difference (one rank's M) and one rank's rejection reach every rank.
 
+Agree-once mode also remembers the eager calls that passed (:attr:`Agreement.known_calls`):
+keyed on every property of the arguments that validation reads except tensor
+values, so a repeat skips validation's explainers and the signature build too.
+
 Never during CUDA-graph capture: a host collective there would break capture
 (NCCL) or stall it; captured calls skip the exchange.
 
@@ -100,6 +104,16 @@ def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_ra
     )
 
 
+def combine_signature_prefix(do_expand: bool, num_max_tokens_per_rank: int, num_experts: int, num_topk: int,
+                             expert_alignment: int) -> tuple:
+    """The :data:`COMBINE_FIELDS` that a handle fixes (all but the hidden size),
+    for a combine of a handle dispatched with these values."""
+    return (
+        "prefill (do_expand=True)" if do_expand else "decode (do_expand=False)",
+        int(num_max_tokens_per_rank), int(num_experts), int(num_topk), int(expert_alignment),
+    )
+
+
 def combine_signature(x, handle) -> tuple:
     """The :data:`COMBINE_FIELDS` of one combine call."""
     try:  # the hot path
@@ -133,6 +147,10 @@ def _digest(ok: bool, signature: tuple) -> tuple:
     return (int(ok), h)
 
 
+#: Bound on :meth:`Agreement.remember_call`'s keys (one per T, dtype, ... seen).
+_MAX_KNOWN_CALLS = 4096
+
+
 def _env_check() -> Optional[bool]:
     v = os.environ.get("DEEPEP_OPS_CHECK")
     return None if v in (None, "") else v not in ("0", "false", "False")
@@ -157,10 +175,23 @@ class Agreement:
         self._check = _env_check() if check is None else check
         # Combinations every rank has agreed on: (op kind, signature).
         self._seen: set = set()
+        #: Agree-once mode: eager call keys (deepep_ops.ops) that passed validation
+        #: and agreement -> what the op derived from them (read it; add through
+        #: :meth:`remember_call`). Bounded: a key holds T.
+        self.known_calls: dict = {}
 
     def check_mode(self, device: torch.device) -> bool:
         """Whether every call exchanges (check mode) for tensors on ``device``."""
         return device.type == "cpu" if self._check is None else self._check
+
+    def remember_call(self, key: Optional[tuple], value: tuple, device: torch.device) -> None:
+        """Remember that a call with ``key`` passed validation and agreement, in
+        agree-once mode only (check mode exchanges on every call)."""
+        if key is None or self.check_mode(device):
+            return
+        if len(self.known_calls) >= _MAX_KNOWN_CALLS:
+            self.known_calls.clear()
+        self.known_calls[key] = value
 
     def agree(
         self, op: str, kind: str, fields: Sequence[str], signature: tuple,

@@ -19,30 +19,33 @@ from deepep_ops.validation import check_not_bool
 
 
 def _eager_prologue(op: str, topk_idx: torch.Tensor, num_experts: object, expert_alignment: object) -> torch.Tensor:
-    """Eager only: reject bools (the ``int`` schema would turn ``True`` into 1) and
-    return the routing the dispatch and its handle keep: a copy, so that combine
-    sees what was dispatched even if the caller reuses or mutates ``topk_idx``
-    afterwards ([T, K] ids: one small copy; DeepEP's own handle, which the eager
-    combine reuses, holds the same copy). Compiled graphs keep the caller's
-    tensor: what the compiler sees stays as it was (a mutation inside a compiled
-    region between dispatch and combine is then the caller's to avoid)."""
+    """The dispatcher path's prologue. Eager: reject bools (the ``int`` schema would
+    turn ``True`` into 1) and return a copy of ``topk_idx`` for the handle, so that
+    combine sees what was dispatched even if the caller reuses or mutates
+    ``topk_idx`` afterwards (the fast path has the dispatch kernel write that copy
+    instead). Compiled graphs keep the caller's tensor: what the compiler sees
+    stays as it was (a mutation inside a compiled region between dispatch and
+    combine is then the caller's to avoid)."""
     if torch.compiler.is_compiling():
         return topk_idx
     check_not_bool(op, num_experts=num_experts, expert_alignment=expert_alignment)
     return topk_idx.clone() if isinstance(topk_idx, torch.Tensor) else topk_idx
 
 
-def _plain_eager(a: torch.Tensor, b: Optional[torch.Tensor], c: torch.Tensor, d: torch.Tensor) -> bool:
+def _plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether these wrappers may call the op's kernel directly (:mod:`deepep_ops.ops`'s
-    eager fast path): the dispatcher would add nothing but ~5 µs.
-
-    Only the handle's ``topk_idx`` and ``recv_src_metadata`` stand for its
-    tensors: a handle's tensors come from one dispatch, so they are all plain
-    or all not.
+    eager fast path) for an op with these tensor arguments: the dispatcher
+    would add nothing but ~5 µs (tests turn the fast path off by replacing this).
     """
-    if b is None:
-        return dispatcher_is_a_no_op(a, c, d)
-    return dispatcher_is_a_no_op(a, b, c, d)
+    return dispatcher_is_a_no_op(*tensors)
+
+
+def _handle_stand_ins(handle: DispatchHandle) -> tuple:
+    """The tensors :func:`_plain_eager` looks at for a handle. A :class:`DispatchedHandle`'s
+    came from the fast path (plain, no grad): none. Others: ``topk_idx`` and
+    ``recv_src_metadata`` stand for all (a handle's tensors come from one
+    dispatch: all plain or all not)."""
+    return () if type(handle) is DispatchedHandle else (handle.topk_idx, handle.recv_src_metadata)
 
 
 def dispatch(
@@ -69,20 +72,16 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
+    if _plain_eager(*((x, topk_idx, topk_weights) if x_scales is None else (x, x_scales, topk_idx, topk_weights))):
+        return ops.eager_dispatch(
+            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
     topk_idx = _eager_prologue("deepep_ops.dispatch", topk_idx, num_experts, expert_alignment)
-    fast = _plain_eager(x, x_scales, topk_idx, topk_weights)
-    if fast:
-        out, native = ops.eager_dispatch(
-            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-        )
-    else:
-        out = torch.ops.deepep_ops.dispatch(
-            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-        )
+    out = torch.ops.deepep_ops.dispatch(
+        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+    )
     recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
-    # Eager fast path: a DispatchedHandle (its tensors are the kernel's own, so
-    # combine checks less and reuses the backend's handle). Traced: a plain one.
-    handle = (DispatchedHandle if fast else DispatchHandle)(
+    handle = DispatchHandle(
         topk_idx,
         *out[4:],
         num_experts=num_experts,
@@ -94,8 +93,6 @@ def dispatch(
             out[4].shape[0], num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
         ),
     )
-    if fast:
-        handle.native = native
     return DispatchResult(
         recv_x, None if x_scales is None else recv_x_scales, recv_topk_idx, recv_topk_weights, handle
     )
@@ -117,18 +114,16 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
+    if _plain_eager(*((x, topk_idx, topk_weights) if x_scales is None else (x, x_scales, topk_idx, topk_weights))):
+        return ops.eager_dispatch_exact(
+            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
     topk_idx = _eager_prologue("deepep_ops.dispatch_exact", topk_idx, num_experts, expert_alignment)
-    fast = _plain_eager(x, x_scales, topk_idx, topk_weights)
-    if fast:
-        out, native = ops.eager_dispatch_exact(
-            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-        )
-    else:
-        out = torch.ops.deepep_ops.dispatch_exact(
-            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-        )
+    out = torch.ops.deepep_ops.dispatch_exact(
+        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+    )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
-    handle = (DispatchedHandle if fast else DispatchHandle)(
+    handle = DispatchHandle(
         topk_idx,
         *out[6:],
         num_experts=num_experts,
@@ -137,8 +132,6 @@ def dispatch_exact(
         do_expand=True,
         num_expanded_tokens=num_expanded_tokens,
     )
-    if fast:
-        handle.native = native
     return ExactDispatchResult(
         recv_x, None if x_scales is None else recv_x_scales, recv_topk_weights, counts, handle
     )
@@ -157,14 +150,14 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     Returns:
         [T, H] bf16.
     """
-    if _plain_eager(x, None, handle.topk_idx, handle.recv_src_metadata):
+    if _plain_eager(x, *_handle_stand_ins(handle)):
         return ops.eager_combine("deepep_ops.combine", x, buffer, handle)
     return torch.ops.deepep_ops.combine(x, buffer, *handle)
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    if _plain_eager(x, out, handle.topk_idx, handle.recv_src_metadata):
+    if _plain_eager(x, out, *_handle_stand_ins(handle)):
         ops.eager_combine("deepep_ops.combine_into", x, buffer, handle, out)
     else:
         torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)

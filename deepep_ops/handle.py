@@ -66,7 +66,14 @@ class DispatchedHandle(DispatchHandle):
     under ``torch.compile`` dispatch returns plain handles.
     """
 
-    # No __slots__: the instance dict holds ``native``.
+    # No __slots__: the instance dict holds the three below.
+    #: The backend's own handle object, if it made one.
+    native = None
+    #: ``topk_idx._version`` at dispatch (None: ``topk_idx`` is the handle's own copy).
+    topk_idx_version = None
+    #: ``(the buffer's Agreement, the combine signature less H)`` when the dispatch
+    #: was a known call of an agree-once buffer (deepep_ops.ops' eager combine).
+    known = None
 
     def _replace(self, **changes) -> DispatchHandle:
         return DispatchHandle(*self)._replace(**changes)

@@ -8,23 +8,31 @@ sizes into the op's outputs; the handle's layout comes from the codec in
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from deepep_ops import schemas
+from deepep_ops import schemas, validation
 from deepep_ops._torch_compat import without_dynamo
-from deepep_ops.agreement import COMBINE_FIELDS, DISPATCH_FIELDS, combine_signature, dispatch_signature
+from deepep_ops.agreement import (
+    COMBINE_FIELDS,
+    DISPATCH_FIELDS,
+    combine_signature,
+    combine_signature_prefix,
+    dispatch_signature,
+)
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
-from deepep_ops.handle import HANDLE_TENSORS, DispatchedHandle, DispatchHandle
-from deepep_ops.layout import no_scales
+from deepep_ops.handle import HANDLE_TENSORS, DispatchedHandle, DispatchHandle, DispatchResult, ExactDispatchResult
+from deepep_ops.layout import decode_num_expanded_tokens, no_scales
 from deepep_ops.validation import (
     check_cached_dispatch,
     check_combine,
     check_combine_rows,
     check_combine_with_weights,
     check_dispatch,
+    check_not_bool,
     check_token_bucket,
+    check_topk_idx_values,
 )
 
 lib = torch.library.Library(schemas.NAMESPACE, "DEF")
@@ -71,6 +79,42 @@ def _check_and_agree(op: str, buf: EPBuffer, kind: str, fields: tuple, signature
     buf.agreement.agree(op, kind, fields, signature, error, device)
 
 
+class _KnownDispatch(NamedTuple):
+    """What an eager dispatch remembers of a known call (:meth:`Agreement.remember_call`)."""
+
+    #: x, topk_idx and topk_weights already have row-major strides (no views to make).
+    row_major: bool
+    #: ``DispatchedHandle.known``: (the buffer's Agreement, its handle's combine
+    #: signature less the hidden size, :func:`combine_signature_prefix`).
+    handle_known: tuple
+    #: Decode: the handle's worst-case expanded rows X (fixed by R, M, K, E, A).
+    num_expanded_tokens: Optional[int]
+    #: Whether a call may need the host checks of topk_idx values
+    #: (:func:`~deepep_ops.validation.value_checks_enabled`): False for GPU decode
+    #: without ``DEEPEP_OPS_CHECK_VALUES=1`` (the environment is read once, here).
+    value_checks: bool
+
+
+def _call_key(exact: bool, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
+              expert_alignment) -> Optional[tuple]:
+    """Every property of a dispatch's arguments that :func:`check_dispatch` reads
+    except tensor values (the buffer's own properties are fixed): two calls with
+    equal keys pass or fail its checks together. None for arguments that are
+    not plain tensors and ints (the full checks name what is wrong)."""
+    if type(num_experts) is not int or type(num_max_tokens_per_rank) is not int or type(expert_alignment) is not int:
+        return None  # bools hash like ints; SymInts never reach the eager path
+    try:
+        return (
+            exact, num_experts, num_max_tokens_per_rank, expert_alignment,
+            x.dtype, x.device, x.shape, x.stride(),
+            None if x_scales is None else (x_scales.dtype, x_scales.device, x_scales.shape),
+            topk_idx.dtype, topk_idx.device, topk_idx.shape, topk_idx.stride(),
+            topk_weights.dtype, topk_weights.device, topk_weights.shape, topk_weights.stride(),
+        )
+    except (AttributeError, RuntimeError, TypeError):  # not tensors, or no strides (sparse)
+        return None
+
+
 def _dispatch(
     op: str,
     x: torch.Tensor,
@@ -82,33 +126,70 @@ def _dispatch(
     num_max_tokens_per_rank: int,
     expert_alignment: int,
     exact: bool,
-    scales_placeholder: bool = True,
-    with_native: bool = False,
+    eager: bool = False,
 ) -> tuple:
     """Validate and agree, dispatch, pack the op's outputs (see ``schemas.DISPATCH*``).
 
-    ``scales_placeholder=False`` (the eager fast path of :mod:`deepep_ops.api`,
-    which drops the scales without ``x_scales``) returns None for missing scales
-    instead of the op's empty placeholder tensor, an allocation saved;
-    ``with_native=True`` returns ``(outputs, the backend's native handle)``.
+    ``eager=True`` (the eager fast path of :mod:`deepep_ops.api`) returns
+    ``(outputs, the backend's native handle, the routing the handle keeps, the
+    known-call entry or None)``: a repeat of a known call
+    (:attr:`Agreement.known_calls`) skips validation's explainers and the
+    agreement's signature; missing scales are None instead of the op's
+    placeholder tensor. The handle keeps the caller's ``topk_idx`` and its
+    version counter, which combine checks (:func:`check_routing_unchanged`): a
+    caller mutating it in place after dispatch gets a clear error, not a
+    combine that reduces with other routing. Inference tensors have no version
+    counter: the handle keeps a copy of those. (DeepEP's own
+    ``do_handle_copy=True`` costs ~33 µs a call on the H200 host,
+    bench_deepep.py's ``raw`` vs ``raw/no copy``; reading a version counter
+    costs ~0.1 µs, a copy ~5 µs.)
     """
-    buf = unwrap_ep_buffer(buffer)
-    _check_and_agree(
-        op, buf, "dispatch", DISPATCH_FIELDS,
-        dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact),
-        _device_of(x), check_dispatch, x, x_scales, topk_idx, topk_weights,
-        num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
-        num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
-        expert_alignment=expert_alignment, exact=exact,
-    )
-    x, topk_idx, topk_weights = _row_major(x), _row_major(topk_idx), _row_major(topk_weights)
+    buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
+    agreement = buf.agreement
+    key = _call_key(exact, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
+                    expert_alignment) if eager else None
+    known = None if key is None else agreement.known_calls.get(key)
+    if known is None:
+        if eager and key is None:
+            check_not_bool(op, num_experts=num_experts, expert_alignment=expert_alignment)
+        device = _device_of(x)
+        _check_and_agree(
+            op, buf, "dispatch", DISPATCH_FIELDS,
+            dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact),
+            device, check_dispatch, x, x_scales, topk_idx, topk_weights,
+            num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
+            num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=expert_alignment, exact=exact,
+        )
+        if key is not None and not agreement.check_mode(device):
+            known = _KnownDispatch(
+                _row_major(x) is x and _row_major(topk_idx) is topk_idx and _row_major(topk_weights) is topk_weights,
+                (agreement, combine_signature_prefix(exact, num_max_tokens_per_rank, num_experts, topk_idx.shape[1],
+                                                     expert_alignment)),
+                None if exact else decode_num_expanded_tokens(
+                    buf.num_ranks, num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
+                ),
+                device.type == "cpu" or exact or validation.value_checks_enabled(device, exact),
+            )
+            agreement.remember_call(key, known, device)
+    elif known.value_checks and validation.value_checks_enabled(x.device, exact):
+        # The known key vouches for metadata only (agree-once mode: a rejection stays local, as in the full checks).
+        check_topk_idx_values(op, topk_idx, num_experts)
+    if known is None or not known.row_major:
+        x, topk_idx, topk_weights = _row_major(x), _row_major(topk_idx), _row_major(topk_weights)
+    version = None
+    if eager:
+        if topk_idx.is_inference():
+            topk_idx = topk_idx.clone()
+        else:
+            version = topk_idx._version
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
         expert_alignment=expert_alignment, expand=exact,
     )
     recv_x_scales = out.recv_x_scales
-    if recv_x_scales is None and scales_placeholder:
+    if recv_x_scales is None and not eager:
         recv_x_scales = no_scales(x)
     if exact:
         counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
@@ -117,7 +198,9 @@ def _dispatch(
         flat = sizes + (out.recv_x, recv_x_scales, out.recv_topk_weights, counts) + out.handle_tensors
     else:
         flat = (out.recv_x, recv_x_scales, out.recv_topk_idx, out.recv_topk_weights) + out.handle_tensors
-    return (flat, out.native_handle) if with_native else flat
+    if not eager:
+        return flat
+    return flat, out.native_handle, topk_idx, version, known
 
 
 def _kernel(op: str):
@@ -167,7 +250,8 @@ def run_combine(
     buf = unwrap_ep_buffer(buffer)
     device = _device_of(x)
     check_values = buf.agreement.check_mode(device)
-    if type(handle) is DispatchedHandle and not check_values:
+    dispatched = type(handle) is DispatchedHandle
+    if dispatched and not check_values:
         check, kwargs = check_combine_rows, {}
     else:
         check, kwargs = check_combine, {"check_values": check_values}
@@ -175,6 +259,8 @@ def run_combine(
         op, buf, "combine", COMBINE_FIELDS, combine_signature(x, handle), device, check, x, handle,
         num_ranks=buf.num_ranks, out=out, **kwargs,
     )
+    if dispatched and handle.known is not None and handle.known[0] is buf.agreement:
+        buf.agreement.remember_call(("combine", handle.known[1], x.shape[1]), (), device)
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -234,26 +320,64 @@ def combine_with_weights_impl(x, topk_weights, buffer, *handle):
 
 @without_dynamo
 def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
-                   expert_alignment) -> tuple:
-    """(``deepep_ops::dispatch``'s outputs, recv_x_scales None without ``x_scales``;
-    the backend's native handle)."""
-    return _dispatch(
+                   expert_alignment) -> DispatchResult:
+    """:func:`deepep_ops.dispatch` without the dispatcher: its result, with a
+    :class:`DispatchedHandle` (see :func:`_dispatch`'s ``eager``)."""
+    flat, native, routing, version, known = _dispatch(
         "deepep_ops.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
-        num_experts, num_max_tokens_per_rank, expert_alignment, exact=False, scales_placeholder=False,
-        with_native=True,
+        num_experts, num_max_tokens_per_rank, expert_alignment, exact=False, eager=True,
     )
+    recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, psum_rank, psum_expert, unaligned, src_meta, slots = flat
+    if known is None:
+        num_expanded_tokens = decode_num_expanded_tokens(
+            psum_rank.shape[0], num_max_tokens_per_rank, routing.shape[1], num_experts, expert_alignment
+        )
+    else:
+        num_expanded_tokens = known.num_expanded_tokens
+    handle = DispatchedHandle(
+        routing, psum_rank, psum_expert, unaligned, src_meta, slots,
+        num_experts, num_max_tokens_per_rank, expert_alignment, False, num_expanded_tokens,
+    )
+    handle.native = native
+    handle.topk_idx_version = version
+    if known is not None:
+        handle.known = known.handle_known
+    return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, handle)
 
 
 @without_dynamo
 def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
-                         expert_alignment) -> tuple:
-    """As :func:`eager_dispatch` for ``deepep_ops::dispatch_exact``."""
-    return _dispatch(
+                         expert_alignment) -> ExactDispatchResult:
+    """As :func:`eager_dispatch` for :func:`deepep_ops.dispatch_exact`."""
+    flat, native, routing, version, known = _dispatch(
         "deepep_ops.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
-        num_experts, num_max_tokens_per_rank, expert_alignment, exact=True, scales_placeholder=False,
-        with_native=True,
+        num_experts, num_max_tokens_per_rank, expert_alignment, exact=True, eager=True,
     )
+    _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = flat[:6]
+    handle = DispatchedHandle(
+        routing, *flat[6:], num_experts, num_max_tokens_per_rank, expert_alignment, True, num_expanded_tokens
+    )
+    handle.native = native
+    handle.topk_idx_version = version
+    if known is not None:
+        handle.known = known.handle_known
+    return ExactDispatchResult(recv_x, recv_x_scales, recv_topk_weights, counts, handle)
 
 
-#: ``deepep_ops::combine`` / ``combine_into`` (with ``out``) as one call.
-eager_combine = without_dynamo(run_combine)
+@without_dynamo
+def eager_combine(
+    op: str, x: torch.Tensor, buffer: EPBuffer, handle: DispatchHandle, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``deepep_ops::combine`` (``combine_into`` with ``out``) without the dispatcher.
+
+    A :class:`DispatchedHandle` from an agree-once buffer, combined on the same
+    buffer with a hidden size every rank already agreed on, needs only
+    :func:`check_combine_rows`; anything else takes :func:`run_combine`.
+    """
+    if type(handle) is DispatchedHandle and handle.known is not None:
+        buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
+        agreement, prefix = handle.known
+        if agreement is buf.agreement and ("combine", prefix, x.shape[1]) in agreement.known_calls:
+            check_combine_rows(op, x, handle, num_ranks=buf.num_ranks, out=out)
+            return buf.backend.combine(x, handle, out=out)
+    return run_combine(op, x, buffer, handle, out)

@@ -168,6 +168,7 @@ def check_combine(
 ) -> None:
     """Combine checks of spec §6 plus the consistency of the handle with its mode;
     with ``check_values`` also the handle's values (:func:`check_handle_values`, a host read)."""
+    check_routing_unchanged(op, handle)
     device = x.device
     _check_tensor(op, "x", x, 2, (torch.bfloat16,), device)
     H = x.shape[1]
@@ -190,6 +191,18 @@ def check_combine(
         check_handle_values(op, handle, num_ranks, x.shape[0])
 
 
+def check_routing_unchanged(op: str, handle: DispatchHandle) -> None:
+    """An eager handle's ``topk_idx`` still holds what was dispatched: its version
+    counter has not moved since (an in-place write to it, or to a view of it,
+    moves it). Combine would otherwise reduce with routing the dispatch never saw."""
+    version = getattr(handle, "topk_idx_version", None)
+    if version is not None and handle.topk_idx._version != version:
+        _fail(op, "handle.topk_idx",
+              "unchanged between dispatch and combine (it was written in place after dispatch, so combine "
+              "would reduce with routing that was never dispatched; pass dispatch a tensor you do not modify, "
+              "or a copy)", f"version {handle.topk_idx._version}, dispatched at version {version}")
+
+
 def check_combine_rows(
     op: str,
     x: torch.Tensor,
@@ -201,6 +214,7 @@ def check_combine_rows(
     """:func:`check_combine` for a handle whose tensors an eager dispatch made (a
     :class:`~deepep_ops.handle.DispatchedHandle`): only ``x`` and ``out`` against
     it, in one expression; the full check names whatever is wrong."""
+    check_routing_unchanged(op, handle)
     try:
         rows, H = x.shape
         device = handle.recv_src_metadata.device

@@ -80,3 +80,63 @@ def test_edited_handle_is_checked_in_full(buf):
         D.combine(d.recv_x, edited, buf)
     with pytest.raises(ValueError, match=r"deepep_ops.combine: x\.shape\[0\]"):
         D.combine(d.recv_x[:-1].contiguous(), d.handle, buf)
+
+
+@pytest.fixture
+def agree_once():
+    """Agree-once mode (GPU's default): the mode in which eager calls are remembered."""
+    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K), check=False)
+
+
+def _pair(buf, x, idx, w):
+    d = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=8)
+    return D.combine(d.recv_x, d.handle, buf)
+
+
+def test_known_call_still_checks_what_its_key_does_not_hold(agree_once):
+    """A remembered call skips the metadata checks, never the value checks (CPU:
+    always on) nor the checks of metadata its key does not match."""
+    x, idx, w = _inputs()
+    want = _pair(agree_once, x, idx, w)
+    assert torch.equal(_pair(agree_once, x, idx, w), want)
+    assert len(agree_once.agreement.known_calls) == 2  # the dispatch and its combine
+    bad = idx.clone()
+    bad[1, 0] = E + 3
+    with pytest.raises(ValueError, match=r"topk_idx\[1, 0\] must be -1 or in \[0, num_experts=4\), got 7"):
+        _pair(agree_once, x, bad, w)
+    with pytest.raises(TypeError, match=r"topk_weights must be torch.float32, got torch.float64"):
+        _pair(agree_once, x, idx, w.double())
+    with pytest.raises(ValueError, match=r"x must be contiguous"):
+        _pair(agree_once, torch.cat([x, x], dim=1)[:, :H], idx, w)
+    with pytest.raises(TypeError, match=r"num_experts must be an int, not a bool"):
+        D.dispatch(x, idx, w, agree_once, num_experts=True, num_max_tokens_per_rank=8)
+    with pytest.raises(ValueError, match=r"x.shape\[0\] \(tokens\) must be <= num_max_tokens_per_rank=4"):
+        D.dispatch(x, idx, w, agree_once, num_experts=E, num_max_tokens_per_rank=4)
+
+
+@pytest.mark.parametrize("remembered", [False, True])
+def test_topk_idx_written_after_dispatch_is_an_error(agree_once, remembered):
+    """The handle keeps the caller's topk_idx and its version: combine refuses a
+    routing written in place since (first call, and a remembered one)."""
+    x, idx, w = _inputs()
+    if remembered:
+        _pair(agree_once, x, idx.clone(), w)
+    mine = idx.clone()
+    d = D.dispatch(x, mine, w, agree_once, num_experts=E, num_max_tokens_per_rank=8)
+    mine[0, 0] = -1
+    with pytest.raises(ValueError, match=r"handle.topk_idx must be unchanged between dispatch and combine .* "
+                                         r"got version 1, dispatched at version 0"):
+        D.combine(d.recv_x, d.handle, agree_once)
+
+
+def test_inference_topk_idx_is_copied(agree_once):
+    """Inference tensors have no version counter: the handle holds a copy, so a
+    write after dispatch does not change what combine reduces."""
+    x, idx, w = _inputs()
+    want = _pair(agree_once, x, idx, w)
+    with torch.inference_mode():
+        mine = idx.clone()
+        d = D.dispatch(x, mine, w, agree_once, num_experts=E, num_max_tokens_per_rank=8)
+        mine.fill_(-1)
+        got = D.combine(d.recv_x, d.handle, agree_once)
+    assert d.handle.topk_idx is not mine and torch.equal(got, want)

@@ -179,6 +179,18 @@ def case_mutate_topk_after_dispatch(rank, world):
     return _max_rel_err(out, inp, experts)
 
 
+def case_mutate_topk_after_dispatch_inference(rank, world):
+    """Inference tensors have no version counter: the handle keeps a copy, so combine is right."""
+    import deepep_ops as D
+
+    with torch.inference_mode():
+        inp = _inputs(9, [4] * world, rank)
+        experts = ref.Experts(9, E, H, "matrix")
+        idx = inp.topk_idx.clone()
+        out = _decode_moe(D, _buffer(world), inp, E, 4, experts, topk_idx=idx, mutate=lambda: idx.fill_(-1))
+    return _max_rel_err(out, inp, experts)
+
+
 def case_meta_inputs_one_rank(rank, world):
     import deepep_ops as D
 
@@ -310,6 +322,8 @@ EXPECT_ERROR = {
     "relabelled_handle_one_rank": r"is this a dispatch \(decode\) handle\?|mode must be the same",
     "garbage_handle_one_rank": r"handle.recv_src_metadata\[:, 0\] \(source token ids\) must be in \[0, R\*M=8\)",
     "zero_handle_one_rank": r"handle.psum_num_recv_tokens_per_scaleup_rank must be a non-decreasing prefix sum",
+    "mutate_topk_after_dispatch": r"handle.topk_idx must be unchanged between dispatch and combine .*"
+                                  r"got version 1, dispatched at version 0",
 }
 
 
@@ -346,7 +360,7 @@ def test_one_rank_rejection_names_the_rank(world):
             assert f"rank {bad} of {world} rejected its input" in msg, msg
 
 
-_DENSE_CASES = ["default_bucket_T_differs", "T0_K1_odd_strides", "mutate_topk_after_dispatch",
+_DENSE_CASES = ["default_bucket_T_differs", "T0_K1_odd_strides", "mutate_topk_after_dispatch_inference",
                 "prefill_ok_after_errors", "property"]
 
 

@@ -74,27 +74,39 @@ def _phase_warmup(rank, world, args, device, buf, sweep: bool) -> dict:
     import deepep_ops
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
 
-    rows = deepep_ops.warmup(buf, hidden=args.hidden, num_topk=args.topk, num_experts=args.experts, device=device)
+    num_tokens = args.warmup_tokens if args.warmup_tokens == "full" else int(args.warmup_tokens)
+    rows = deepep_ops.warmup(buf, hidden=args.hidden, num_topk=args.topk, num_experts=args.experts, device=device,
+                             num_tokens=num_tokens)
     out = {"rows": [r._asdict() for r in rows]}
     if not sweep:
         return out
     pf = DeepEPPrepareFinalize(buf, args.experts, args.topk, decode=True, device=device)
     g = torch.Generator(device=device).manual_seed(rank)
-    per_t = []
-    for t in range(1, args.capacity + 1):
+
+    def inputs(t):
         x = torch.randn(t, args.hidden, generator=g, device=device).to(torch.bfloat16)
         ids = torch.rand(t, args.experts, generator=g, device=device).argsort(dim=1)[:, : args.topk].to(buf.topk_idx_dtype).contiguous()
-        w = torch.full((t, args.topk), 1.0 / args.topk, device=device)
+        return x, ids, torch.full((t, args.topk), 1.0 / args.topk, device=device)
+
+    def step(x, ids, w, m):
+        _sync(device)
+        start = time.perf_counter()
+        p = pf.prepare(x, w, ids, num_max_tokens_per_rank=m)
+        y = torch.empty_like(x)
+        pf.finalize_reduced(y, torch.zeros(p.expert_x.shape, dtype=torch.bfloat16, device=device), p.handle)
+        _sync(device)
+        return time.perf_counter() - start
+
+    if args.glue_step:
+        # The process's first prepare/finalize call: CUDA's lazy module loading of
+        # the glue's kernels and Python's first calls, once per process whatever
+        # the bucket (a serving engine pays it in its profile run). Reported apart.
+        out["glue_first"] = step(*inputs(1), 1)
+    per_t = []
+    for t in range(1, args.capacity + 1):
+        x, ids, w = inputs(t)
         m = buf.bucket(t)
-        times = []
-        for _ in range(4):
-            _sync(device)
-            start = time.perf_counter()
-            p = pf.prepare(x, w, ids, num_max_tokens_per_rank=m)
-            y = torch.empty_like(x)
-            pf.finalize_reduced(y, torch.zeros(p.expert_x.shape, dtype=torch.bfloat16, device=device), p.handle)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        times = [step(x, ids, w, m) for _ in range(4)]
         per_t.append((t, m, times[0], statistics.median(times[1:])))
     out["sweep"] = per_t
     return out
@@ -190,6 +202,10 @@ def main() -> int:
     ap.add_argument("--capacity", type=int, default=None, help="num_max_tokens_per_rank (default 256; reference 16)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure compile-cache reuse across processes")
+    ap.add_argument("--warmup-tokens", choices=("0", "1", "full"), default="full",
+                    help="deepep_ops.warmup's num_tokens: 0/1 warm the JIT only, full runs M tokens per bucket")
+    ap.add_argument("--glue-step", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the process's first prepare/finalize call apart, before the sweep")
     ap.add_argument("--phase-timeout", type=float, default=300.0)
     args = ap.parse_args()
     ref = args.backend == "reference"
@@ -218,7 +234,11 @@ def main() -> int:
         primed = _spawn(args, world, "primed JIT", env)
         _print_warmup("primed EP_JIT_CACHE_DIR (a later process)", primed["rows"])
 
-        print("\n## first decode step at every T after warm-up (rank 0), worst T per bucket\n")
+        print(f"\n## first decode step at every T after warm-up (num_tokens={args.warmup_tokens}; rank 0), "
+              "worst T per bucket\n")
+        if "glue_first" in cold:
+            print(f"(the process's first prepare/finalize call, T=1 M=1, before the sweep: "
+                  f"{cold['glue_first'] * 1e3:.2f} ms)\n")
         print(f"{'M':>6} {'Ts':>11} {'worst T':>8} {'first ms':>9} {'steady ms':>10} {'ratio':>6}  verdict")
         by_bucket = {}
         for t, m, first, steady in cold["sweep"]:

@@ -30,6 +30,9 @@ from deepep_ops.prepare_finalize import FP8_BLOCK, quantize_block_fp8
 
 log = logging.getLogger(__name__)
 
+#: ``warmup(num_tokens=FULL)``: every step carries a full bucket, M tokens per rank.
+FULL = "full"
+
 #: Modes :func:`warmup` knows: decode runs every bucket, prefill the capacity.
 MODES = ("decode", "prefill")
 _DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
@@ -132,8 +135,9 @@ def _check_args(buf: EPBuffer, hidden, num_topk, num_experts, expert_alignment, 
         if bad:
             fail("buckets", f"buckets of capacity {buf.capacity} ({all_buckets})", bad)
     smallest = min(buckets) if "decode" in modes else buf.capacity
-    if not isinstance(num_tokens, int) or not 0 <= num_tokens <= smallest:
-        fail("num_tokens", f"an int in [0, {smallest}] (the smallest M warmed)", num_tokens)
+    if num_tokens != FULL and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)
+                               or not 0 <= num_tokens <= smallest):
+        fail("num_tokens", f"{FULL!r} or an int in [0, {smallest}] (the smallest M warmed)", num_tokens)
     return buckets
 
 
@@ -165,7 +169,7 @@ def warmup(
     dispatch_dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
     expert_alignment: int = 1,
     modes: Sequence[str] = MODES,
-    num_tokens: int = 1,
+    num_tokens: Union[int, str] = 1,
     buckets: Optional[Sequence[int]] = None,
     device: Optional[Union[torch.device, str]] = None,
     progress: Optional[Progress] = None,
@@ -183,7 +187,11 @@ def warmup(
         modes: ``"decode"`` (no expand: every bucket of :func:`warmup_buckets`)
             and/or ``"prefill"`` (expand + CPU sync: at the capacity only, as
             :class:`deepep_ops.DeepEPPrepareFinalize` dispatches prefill).
-        num_tokens: tokens per rank in each step, 0 or 1 (at most the smallest M).
+        num_tokens: tokens per rank in each step, at most the smallest M (0 or
+            1 warms the JIT only); ``"full"``: M tokens at every step, so that
+            the first serving step of each bucket also finds the caching
+            allocator's blocks and the CUDA kernels of a full bucket loaded
+            (what a step then costs is the steady cost, bench_warmup.py).
         buckets: decode buckets to warm (default: all of them).
         device: where the tokens live (default: the current CUDA device if
             CUDA is available, else CPU).
@@ -211,7 +219,8 @@ def warmup(
              for m in (buckets if mode == "decode" else [buf.capacity])]
     rows: List[WarmupRow] = []
     for i, (mode, dtype, m) in enumerate(steps, 1):
-        x, scales, topk_idx, topk_weights = _inputs(num_tokens, hidden, num_topk, num_experts, buf.rank, device, dtype,
+        n = m if num_tokens == FULL else num_tokens
+        x, scales, topk_idx, topk_weights = _inputs(n, hidden, num_topk, num_experts, buf.rank, device, dtype,
                                                     buf.topk_idx_dtype)
         _sync(device)
         start = time.perf_counter()
@@ -223,7 +232,7 @@ def warmup(
             expert_out = torch.zeros(out.recv_x.shape, dtype=torch.bfloat16, device=device)
             combine(expert_out, out.handle, buf)
         _sync(device)
-        row = WarmupRow(mode, str(dtype).removeprefix("torch."), m, num_tokens, time.perf_counter() - start)
+        row = WarmupRow(mode, str(dtype).removeprefix("torch."), m, n, time.perf_counter() - start)
         rows.append(row)
         log.info("deepep_ops warmup: step %d of %d (%s %s, M=%d) took %.3f s", i, len(steps), row.mode, row.dtype,
                  m, row.seconds)
@@ -235,8 +244,8 @@ def warmup(
 
 def format_warmup_table(rows: Sequence[WarmupRow]) -> str:
     """A plain-text table of :func:`warmup` rows, with the total."""
-    lines = [f"{'mode':<8} {'dtype':<14} {'M':>6} {'T':>3} {'seconds':>9}"]
-    lines += [f"{r.mode:<8} {r.dtype:<14} {r.num_max_tokens_per_rank:>6} {r.num_tokens:>3} {r.seconds:>9.3f}"
+    lines = [f"{'mode':<8} {'dtype':<14} {'M':>6} {'T':>6} {'seconds':>9}"]
+    lines += [f"{r.mode:<8} {r.dtype:<14} {r.num_max_tokens_per_rank:>6} {r.num_tokens:>6} {r.seconds:>9.3f}"
               for r in rows]
-    lines.append(f"{'total':<8} {'':<14} {'':>6} {'':>3} {sum(r.seconds for r in rows):>9.3f}")
+    lines.append(f"{'total':<8} {'':<14} {'':>6} {'':>6} {sum(r.seconds for r in rows):>9.3f}")
     return "\n".join(lines)

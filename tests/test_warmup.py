@@ -86,7 +86,7 @@ def test_empty_inputs_and_subsets():
     "kwargs, match",
     [
         (dict(modes=("decode", "chunked")), "modes must be"),
-        (dict(num_tokens=2), r"num_tokens must be an int in \[0, 1\]"),
+        (dict(num_tokens=2), r"num_tokens must be .full. or an int in \[0, 1\]"),
         (dict(buckets=[3]), "buckets must be"),
         (dict(num_topk=5), "num_topk must be"),
         (dict(dispatch_dtypes=(torch.float16,)), "dispatch_dtypes must be"),

@@ -22,7 +22,7 @@ from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.bucket import pow2_bucket
 from deepep_ops.handle import DispatchHandle
 from deepep_ops.prepare_finalize import FP8_BLOCK, DeepEPPrepareFinalize, PreparedTokens
-from deepep_ops.warmup import format_warmup_table, warm_key, warmed_up, warmup, warmup_enabled
+from deepep_ops.warmup import FULL, format_warmup_table, warm_key, warmed_up, warmup, warmup_enabled
 from deepep_ops.vllm._compat import (
     FusedMoEQuantConfig,
     TopKWeightAndReduceContiguous,
@@ -213,7 +213,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         key = warm_key(expert_alignment=1, **kwargs)
         if key in warmed_up(self.buffer):
             return
-        rows = warmup(self.buffer, device=device, **kwargs)
+        rows = warmup(self.buffer, device=device, num_tokens=FULL, **kwargs)
         _log.info("deepep_ops: DeepEP warm-up (%d steps, %.1f s):\n%s", len(rows),
                   sum(r.seconds for r in rows), format_warmup_table(rows))
 

@@ -85,12 +85,24 @@ class LocalExperts(torch.nn.Module):
         rank_expert_offset: torch.Tensor,
     ) -> torch.Tensor:
         xf = x.float() if x_scale is None else dequantize_block_fp8(x, x_scale, torch.float32)
+        rows, hidden = xf.shape
+        num_local, inter = self.num_local, self.w_gate.shape[2]
+        # Every local expert on every row: two [rows, H] @ [H, EL*I] products and
+        # one [rows, I] @ [I, H] per expert; then each lane takes its expert's row
+        # (one index_select), instead of EL whole MLPs masked into [rows, k, H] one
+        # expert at a time (3x faster on CPU at 2048 rows). Not one bmm over the
+        # experts: Inductor's bmm lowering guards on the row count, which is
+        # data-dependent in prefill.
+        gate = xf @ self.w_gate.permute(1, 0, 2).reshape(hidden, num_local * inter)
+        up = xf @ self.w_up.permute(1, 0, 2).reshape(hidden, num_local * inter)
+        act = (torch.nn.functional.silu(gate) * up).view(rows, num_local, inter)
+        y = torch.stack([act[:, j] @ self.w_down[j] for j in range(num_local)], dim=1)  # [rows, EL, H]
         local_ids = topk_ids - rank_expert_offset
-        out = xf.new_zeros(topk_ids.shape + (xf.shape[1],))
-        for j in range(self.num_local):
-            y = expert_mlp(xf, self.w_gate[j], self.w_up[j], self.w_down[j])
-            out = out + (local_ids == j).unsqueeze(-1) * y.unsqueeze(1)
-        return out.to(torch.bfloat16)
+        ours = (local_ids >= 0) & (local_ids < num_local)
+        k = local_ids.shape[1]
+        row_of = torch.arange(rows, device=xf.device).unsqueeze(1) * num_local + local_ids.clamp(0, num_local - 1)
+        picked = y.view(rows * num_local, hidden).index_select(0, row_of.view(-1)).view(rows, k, hidden)
+        return torch.where(ours.unsqueeze(-1), picked, 0.0).to(torch.bfloat16)
 
 
 class MoELayer(torch.nn.Module):

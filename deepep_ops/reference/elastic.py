@@ -95,6 +95,11 @@ def _from_bytes(b: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:
     return b.clone(memory_format=torch.contiguous_format).view(dtype).reshape(b.shape[0], cols)
 
 
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """[n, B] uint8 rows as [n, B/4] int32 when B allows (faster row copies), else as they are."""
+    return rows.view(torch.int32) if rows.shape[1] % 4 == 0 and rows.is_contiguous() else rows
+
+
 def _scatter_rows(rows: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor, num_out: int) -> torch.Tensor:
     """out[dest[i]] = rows[i] where valid[i]; other rows of out are zero.
 
@@ -104,6 +109,9 @@ def _scatter_rows(rows: torch.Tensor, dest: torch.Tensor, valid: torch.Tensor, n
     if rows.dtype.itemsize == 1 and rows.dtype != torch.uint8:
         # index_copy_ has no float8 kernel on CPU: move the bytes instead.
         return _scatter_rows(rows.view(torch.uint8), dest, valid, num_out).view(rows.dtype)
+    if rows.dtype == torch.uint8 and rows.dim() == 2 and rows.shape[1] % 4 == 0 and rows.is_contiguous():
+        # Byte rows move 4x faster as int32 words (index_copy_ copies element by element).
+        return _scatter_rows(rows.view(torch.int32), dest, valid, num_out).view(torch.uint8)
     out = rows.new_zeros((num_out + 1,) + tuple(rows.shape[1:]))
     dump = torch.full_like(dest, num_out)
     out.index_copy_(0, torch.where(valid, dest, dump), rows)
@@ -271,7 +279,7 @@ class ReferenceElasticBuffer:
         send = payload.new_zeros(R, M + 1, B)
         for d in range(R):
             dest = torch.where(to_rank[:, d], slot[:, d], M)
-            send[d].index_copy_(0, dest, payload)
+            _words(send[d]).index_copy_(0, dest, _words(payload))
         recv = self._all_to_all(send[:, :M].contiguous())  # [R(src), M, B]
         recv_counts = self._all_to_all(send_counts.to(torch.int64))  # [R(src)]
 

@@ -318,6 +318,18 @@ def combine_with_weights_impl(x, topk_weights, buffer, *handle):
 # ---------------------------------------------------------------------------
 
 
+def _dispatched_handle(fields: tuple, native: object, version: Optional[int],
+                       known: Optional[_KnownDispatch]) -> DispatchedHandle:
+    """The eager dispatch's handle: ``fields`` in :class:`DispatchHandle` order,
+    with what eager combine reads besides (see :class:`DispatchedHandle`)."""
+    handle = DispatchedHandle(*fields)
+    handle.native = native
+    handle.topk_idx_version = version
+    if known is not None:
+        handle.known = known.handle_known
+    return handle
+
+
 @without_dynamo
 def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
                    expert_alignment) -> DispatchResult:
@@ -334,14 +346,11 @@ def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num
         )
     else:
         num_expanded_tokens = known.num_expanded_tokens
-    handle = DispatchedHandle(
-        routing, psum_rank, psum_expert, unaligned, src_meta, slots,
-        num_experts, num_max_tokens_per_rank, expert_alignment, False, num_expanded_tokens,
+    handle = _dispatched_handle(
+        (routing, psum_rank, psum_expert, unaligned, src_meta, slots,
+         num_experts, num_max_tokens_per_rank, expert_alignment, False, num_expanded_tokens),
+        native, version, known,
     )
-    handle.native = native
-    handle.topk_idx_version = version
-    if known is not None:
-        handle.known = known.handle_known
     return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, handle)
 
 
@@ -354,13 +363,10 @@ def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_expert
         num_experts, num_max_tokens_per_rank, expert_alignment, exact=True, eager=True,
     )
     _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = flat[:6]
-    handle = DispatchedHandle(
-        routing, *flat[6:], num_experts, num_max_tokens_per_rank, expert_alignment, True, num_expanded_tokens
+    handle = _dispatched_handle(
+        (routing, *flat[6:], num_experts, num_max_tokens_per_rank, expert_alignment, True, num_expanded_tokens),
+        native, version, known,
     )
-    handle.native = native
-    handle.topk_idx_version = version
-    if known is not None:
-        handle.known = known.handle_known
     return ExactDispatchResult(recv_x, recv_x_scales, recv_topk_weights, counts, handle)
 
 

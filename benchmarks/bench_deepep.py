@@ -58,6 +58,23 @@ def _time_interleaved_us(fns: dict, reps: int, warmup: int = 5) -> dict:
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
+def _host_issue_us(fns: dict, reps: int = 30, batch: int = 20) -> dict:
+    """Median host µs to issue one call of each of ``fns`` without synchronizing:
+    ``batch`` calls back to back (the GPU runs behind), timed before the sync that
+    drains them, the variants taking turns. What the host itself spends, which
+    the synchronized wall times above mix with the GPU's tail."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            times[name].append((time.perf_counter() - t0) / batch * 1e6)
+            torch.cuda.synchronize()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _profile_kernels(fn, label: str, calls: int = 5) -> None:
     """Print the CUDA kernels of ``calls`` calls of ``fn`` with their device µs per call."""
     from torch.profiler import ProfilerActivity, profile
@@ -213,7 +230,8 @@ def main(argv=None) -> None:
                     assert err < 0.05, f"T={T}: graph replay differs from eager by {err}"
                 fns[f"{name} graph"] = replay
             times = _time_interleaved_us(fns, args.reps)
-            rows.append((T, M, times))
+            issue = _host_issue_us({"raw": raw, "raw/no copy": raw_no_copy, "ops": ops})
+            rows.append((T, M, times, issue))
             if args.profile_glue and T == sizes[-1]:
                 _profile_kernels(pf_compiled, f"pf compiled, T={T} M={M} (eager launches)")
                 _profile_kernels(ops, f"ops, T={T} M={M}")
@@ -234,11 +252,17 @@ def main(argv=None) -> None:
     print("| T | M | " + " | ".join(names) + " | ops − raw | glue = pf compiled graph − ops graph | glue floor |"
           " glue / floor |")
     print("|---|---|" + "---|" * (len(names) + 4))
-    for T, M, t in rows:
+    for T, M, t, _issue in rows:
         glue = t["pf compiled graph"] - t["ops graph"]
         floor = glue_bytes(T, M, R, H, K, args.fp8) / bandwidth * 1e6
         print(f"| {T} | {M} | " + " | ".join(f"{t[n]:.0f}" for n in names)
               + f" | {t['ops'] - t['raw']:+.1f} | {glue:.1f} | {floor:.1f} | {glue / floor:.1f}× |")
+    print("\nhost µs to issue one eager pair, unsynchronized (20 back to back, median of 30)")
+    print("| T | M | raw | raw/no copy | ops | ops − raw/no copy |")
+    print("|---|---|---|---|---|---|")
+    for T, M, _t, issue in rows:
+        print(f"| {T} | {M} | {issue['raw']:.1f} | {issue['raw/no copy']:.1f} | {issue['ops']:.1f} "
+              f"| {issue['ops'] - issue['raw/no copy']:+.1f} |")
     sys.stdout.flush()
 
 

@@ -22,8 +22,8 @@ def _eager_prologue(op: str, topk_idx: torch.Tensor, num_experts: object, expert
     """The dispatcher path's prologue. Eager: reject bools (the ``int`` schema would
     turn ``True`` into 1) and return a copy of ``topk_idx`` for the handle, so that
     combine sees what was dispatched even if the caller reuses or mutates
-    ``topk_idx`` afterwards (the fast path has the dispatch kernel write that copy
-    instead). Compiled graphs keep the caller's tensor: what the compiler sees
+    ``topk_idx`` afterwards (the fast path keeps the caller's tensor and checks
+    its version counter at combine instead). Compiled graphs keep the caller's tensor: what the compiler sees
     stays as it was (a mutation inside a compiled region between dispatch and
     combine is then the caller's to avoid)."""
     if torch.compiler.is_compiling():

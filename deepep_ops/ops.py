@@ -380,7 +380,7 @@ def eager_combine(
     buffer with a hidden size every rank already agreed on, needs only
     :func:`check_combine_rows`; anything else takes :func:`run_combine`.
     """
-    if type(handle) is DispatchedHandle and handle.known is not None:
+    if type(handle) is DispatchedHandle and handle.known is not None and x.dim() == 2:
         buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
         agreement, prefix = handle.known
         if agreement is buf.agreement and ("combine", prefix, x.shape[1]) in agreement.known_calls:

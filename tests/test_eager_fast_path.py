@@ -140,3 +140,14 @@ def test_inference_topk_idx_is_copied(agree_once):
         mine.fill_(-1)
         got = D.combine(d.recv_x, d.handle, agree_once)
     assert d.handle.topk_idx is not mine and torch.equal(got, want)
+
+
+def test_remembered_combine_still_names_a_bad_x(agree_once):
+    """A 1-D or wrong-dtype x after a remembered combine gets validation's error, not an IndexError."""
+    x, idx, w = _inputs()
+    _pair(agree_once, x, idx, w)
+    d = D.dispatch(x, idx, w, agree_once, num_experts=E, num_max_tokens_per_rank=8)
+    with pytest.raises(ValueError, match=r"x must be 2-D, got shape \(16,\)"):
+        D.combine(d.recv_x.flatten()[:16], d.handle, agree_once)
+    with pytest.raises(TypeError, match=r"x must be torch.bfloat16, got torch.float32"):
+        D.combine(d.recv_x.float(), d.handle, agree_once)

@@ -27,10 +27,12 @@ class RecordingBackend(ReferenceBackend):
     def __init__(self, buffer: D.ReferenceElasticBuffer) -> None:
         super().__init__(buffer)
         self.calls: list = []
+        self.tokens: list = []  # x.shape[0] of each dispatch
 
-    def dispatch(self, *args, **kwargs):
+    def dispatch(self, x, *args, **kwargs):
         self.calls.append(("dispatch", "prefill" if kwargs["expand"] else "decode", kwargs["num_max_tokens_per_rank"]))
-        return super().dispatch(*args, **kwargs)
+        self.tokens.append(x.shape[0])
+        return super().dispatch(x, *args, **kwargs)
 
     def combine(self, x, handle, out=None):
         self.calls.append(("combine", "prefill" if handle.do_expand else "decode", int(handle.num_max_tokens_per_rank)))
@@ -74,6 +76,16 @@ def test_every_bucket_once_per_mode_and_dtype_world1():
     table = D.format_warmup_table(rows)
     assert len(table.splitlines()) == 1 + 12 + 1 and "prefill" in table and "total" in table
     assert warm_key(H, K, E, 1, (torch.bfloat16, torch.float8_e4m3fn), ("decode", "prefill")) in warmed_up(buf)
+
+
+def test_full_buckets_carry_M_tokens():
+    """num_tokens="full": every step dispatches M tokens per rank (the prefill step the capacity)."""
+    rec, buf = _buffer(None, 12)
+    rows = D.warmup(buf, hidden=H, num_topk=K, num_experts=E, num_tokens="full")
+    assert _steps(rec.calls) == [("decode", 1), ("decode", 2), ("decode", 4), ("decode", 8), ("decode", 12),
+                                 ("prefill", 12)]
+    assert rec.tokens == [1, 2, 4, 8, 12, 12]
+    assert [r.num_tokens for r in rows] == [1, 2, 4, 8, 12, 12]
 
 
 def test_empty_inputs_and_subsets():

@@ -164,36 +164,15 @@ def test_dp2_ep_eager_prefill_layout(work, eager_runs):
         assert all(a["capacity"] == 64 and a["num_ranks"] == 2 for a in rep["adapters"])  # max_num_batched_tokens
 
 
-_COMPILED = {
-    # vLLM's opaque vllm::moe_forward forced on CPU, unwrapped by our hooks:
-    # the compiled graph holds deepep_ops::dispatch/combine/token_bucket.
-    "dp2_ep_compiled_unwrap": dict(DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", DEEPEP_OPS_VLLM_UNWRAP_MOE="1"),
-    # ... and kept opaque: the graph holds vllm::moe_forward.
-    "dp2_ep_compiled_opaque": dict(DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1"),
-}
-
-
 @pytest.fixture(scope="module")
-def compiled_runs(work):
-    """Both compiled DP=2 + EP engines, run at the same time (4 processes):
-    ``{name: (results, logs)}``."""
-    started = []
-    try:
-        for name, env in _COMPILED.items():
-            report = {"DEEPEP_OPS_VLLM_REPORT": str(work / f"{name}.report.{{pid}}.json")}
-            started.append(_start(work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
-                                  DEEPEP_OPS_VLLM="1", TORCH_LOGS="graph_code", **report, **env))
-        return {s[0]: _wait(s) for s in started}
-    except BaseException:
-        for _name, engines in started:
-            engines.kill()
-        raise
-
-
-@pytest.fixture(scope="module")
-def compiled_unwrapped(compiled_runs):
+def compiled_unwrapped(work):
     name = "dp2_ep_compiled_unwrap"
-    return (name,) + tuple(compiled_runs[name])
+    results, logs = _run(
+        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
+        DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_REPORT=str(work / f"{name}.report.{{pid}}.json"),
+        DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", DEEPEP_OPS_VLLM_UNWRAP_MOE="1", TORCH_LOGS="graph_code",
+    )
+    return name, results, logs
 
 
 def test_dp2_ep_compiled_decode_layout_unwrapped(work, reference, compiled_unwrapped):
@@ -213,9 +192,12 @@ def test_dp2_ep_compiled_decode_layout_unwrapped(work, reference, compiled_unwra
     assert any(local < dp for local, dp in pairs), pairs
 
 
-def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwrapped, compiled_runs):
+def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwrapped):
     name = "dp2_ep_compiled_opaque"
-    results, logs = compiled_runs[name]
+    results, logs = _run(
+        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
+        DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", TORCH_LOGS="graph_code",
+    )
     ops = _graph_ops(logs)
     print(f"[{name}] graph ops: {sorted(ops)}")
     assert "vllm::moe_forward" in ops and "deepep_ops::dispatch" not in ops

@@ -104,13 +104,17 @@ def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_ra
     )
 
 
+def _combine_mode(do_expand: bool) -> str:
+    return "prefill (do_expand=True)" if do_expand else "decode (do_expand=False)"
+
+
 def combine_signature_prefix(do_expand: bool, num_max_tokens_per_rank: int, num_experts: int, num_topk: int,
                              expert_alignment: int) -> tuple:
     """The :data:`COMBINE_FIELDS` that a handle fixes (all but the hidden size),
     for a combine of a handle dispatched with these values."""
     return (
-        "prefill (do_expand=True)" if do_expand else "decode (do_expand=False)",
-        int(num_max_tokens_per_rank), int(num_experts), int(num_topk), int(expert_alignment),
+        _combine_mode(do_expand), int(num_max_tokens_per_rank), int(num_experts), int(num_topk),
+        int(expert_alignment),
     )
 
 
@@ -118,7 +122,7 @@ def combine_signature(x, handle) -> tuple:
     """The :data:`COMBINE_FIELDS` of one combine call."""
     try:  # the hot path
         return (
-            "prefill (do_expand=True)" if handle.do_expand else "decode (do_expand=False)",
+            _combine_mode(handle.do_expand),
             int(handle.num_max_tokens_per_rank),
             int(handle.num_experts),
             x.shape[1],
@@ -128,7 +132,7 @@ def combine_signature(x, handle) -> tuple:
     except Exception:  # noqa: BLE001 - malformed: field by field
         pass
     return (
-        _safe(lambda: "prefill (do_expand=True)" if handle.do_expand else "decode (do_expand=False)"),
+        _safe(lambda: _combine_mode(handle.do_expand)),
         _safe(lambda: int(handle.num_max_tokens_per_rank)),
         _safe(lambda: int(handle.num_experts)),
         _safe(lambda: int(x.shape[1])),

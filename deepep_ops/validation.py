@@ -58,12 +58,18 @@ def _check_tensor(
         _fail(op, name, "contiguous", f"strides {t.stride()} for shape {tuple(t.shape)}")
 
 
+def value_checks_wanted(device: torch.device, exact: bool) -> bool:
+    """The policy of the module doc, without the capture state: CPU tensors and
+    prefill always, GPU decode with ``DEEPEP_OPS_CHECK_VALUES=1``."""
+    return device.type == "cpu" or exact or os.environ.get("DEEPEP_OPS_CHECK_VALUES") == "1"
+
+
 def value_checks_enabled(device: torch.device, exact: bool) -> bool:
-    """Whether checks that read tensor values on the host run (see module doc)."""
+    """Whether checks that read tensor values on the host run now (see module doc)."""
     if device.type == "cpu":
         return True
     # GPU decode, the hot path: one dict lookup, no query of the capture state.
-    if not exact and os.environ.get("DEEPEP_OPS_CHECK_VALUES") != "1":
+    if not value_checks_wanted(device, exact):
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

@@ -6,6 +6,9 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
   flags the eager ops use (decode: no CPU sync, no expand; DeepEP's default
   ``do_handle_copy=True``, the handle's own copy of ``topk_idx``, as vLLM calls
   it), the floor; ``raw/no copy``: the same with ``do_handle_copy=False``;
+  ``raw/as backend`` (host table only): with ``backends/deep_ep.py``'s exact
+  arguments (no copy, ``num_sms`` given); ``backend``: that module's dispatch
+  and combine without the op layer (host table only);
 - ``ops``: ``deepep_ops.dispatch`` + ``deepep_ops.combine`` (the eager fast path);
   ``ops/torch.ops``: the same forced through the dispatcher;
 - ``pf``: :class:`DeepEPPrepareFinalize` prepare → identity experts → finalize,
@@ -191,16 +194,24 @@ def main(argv=None) -> None:
             ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).cuda()
             w = torch.rand(T, K, generator=g).cuda()
 
-            def raw(copy=True):
+            def raw(copy=True, num_sms=0):
                 recv_x, _, _, handle, _ = native.dispatch(
                     x, topk_idx=ids, topk_weights=w, num_experts=E, num_max_tokens_per_rank=M,
-                    expert_alignment=1, do_handle_copy=copy, do_cpu_sync=False, do_expand=False,
+                    expert_alignment=1, num_sms=num_sms, do_handle_copy=copy, do_cpu_sync=False, do_expand=False,
                     do_zero_padding=False,
                 )
                 return native.combine(recv_x, handle=handle)[0]
 
             def raw_no_copy():
                 return raw(copy=False)
+
+            def raw_as_backend():  # exactly the arguments backends/deep_ep.py passes
+                return raw(copy=False, num_sms=buffer.backend.num_sms(E, K))
+
+            def backend():  # the backend module alone, no op layer
+                d = buffer.backend.dispatch(x, None, ids, w, num_experts=E, num_max_tokens_per_rank=M,
+                                            expert_alignment=1, expand=False)
+                return native.combine(d.recv_x, handle=d.native_handle)[0]
 
             def ops():
                 d = deepep_ops.dispatch(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=M)
@@ -230,7 +241,8 @@ def main(argv=None) -> None:
                     assert err < 0.05, f"T={T}: graph replay differs from eager by {err}"
                 fns[f"{name} graph"] = replay
             times = _time_interleaved_us(fns, args.reps)
-            issue = _host_issue_us({"raw": raw, "raw/no copy": raw_no_copy, "ops": ops})
+            issue = _host_issue_us({"raw": raw, "raw/no copy": raw_no_copy, "raw/as backend": raw_as_backend,
+                                    "backend": backend, "ops": ops})
             rows.append((T, M, times, issue))
             if args.profile_glue and T == sizes[-1]:
                 _profile_kernels(pf_compiled, f"pf compiled, T={T} M={M} (eager launches)")
@@ -258,11 +270,15 @@ def main(argv=None) -> None:
         print(f"| {T} | {M} | " + " | ".join(f"{t[n]:.0f}" for n in names)
               + f" | {t['ops'] - t['raw']:+.1f} | {glue:.1f} | {floor:.1f} | {glue / floor:.1f}× |")
     print("\nhost µs to issue one eager pair, unsynchronized (20 back to back, median of 30)")
-    print("| T | M | raw | raw/no copy | ops | ops − raw/no copy |")
-    print("|---|---|---|---|---|---|")
-    for T, M, _t, issue in rows:
-        print(f"| {T} | {M} | {issue['raw']:.1f} | {issue['raw/no copy']:.1f} | {issue['ops']:.1f} "
-              f"| {issue['ops'] - issue['raw/no copy']:+.1f} |")
+    print("(raw/as backend: the raw calls with backends/deep_ep.py's arguments, no copy and num_sms given; "
+          "backend: that module's dispatch + combine, no op layer)")
+    print("| T | M | raw | raw/no copy | raw/as backend | backend | ops | ops − raw/no copy "
+          "| backend − raw/as backend | ops − backend |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for T, M, _t, i in rows:
+        print(f"| {T} | {M} | {i['raw']:.1f} | {i['raw/no copy']:.1f} | {i['raw/as backend']:.1f} "
+              f"| {i['backend']:.1f} | {i['ops']:.1f} | {i['ops'] - i['raw/no copy']:+.1f} "
+              f"| {i['backend'] - i['raw/as backend']:+.1f} | {i['ops'] - i['backend']:+.1f} |")
     sys.stdout.flush()
 
 

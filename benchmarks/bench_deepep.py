@@ -7,8 +7,8 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
   ``do_handle_copy=True``, the handle's own copy of ``topk_idx``, as vLLM calls
   it), the floor; ``raw/no copy``: the same with ``do_handle_copy=False``;
   ``raw/as backend`` (host table only): with ``backends/deep_ep.py``'s exact
-  arguments (no copy, ``num_sms`` given); ``backend``: that module's dispatch
-  and combine without the op layer (host table only);
+  arguments (no copy, ``num_sms`` given); ``backend``: that module's dispatch,
+  then DeepEP's combine on the handle it returns, no op layer (host table only);
 - ``ops``: ``deepep_ops.dispatch`` + ``deepep_ops.combine`` (the eager fast path);
   ``ops/torch.ops``: the same forced through the dispatcher;
 - ``pf``: :class:`DeepEPPrepareFinalize` prepare → identity experts → finalize,
@@ -208,7 +208,7 @@ def main(argv=None) -> None:
             def raw_as_backend():  # exactly the arguments backends/deep_ep.py passes
                 return raw(copy=False, num_sms=buffer.backend.num_sms(E, K))
 
-            def backend():  # the backend module alone, no op layer
+            def backend():  # the backend module's dispatch, DeepEP's combine on its handle: no op layer
                 d = buffer.backend.dispatch(x, None, ids, w, num_experts=E, num_max_tokens_per_rank=M,
                                             expert_alignment=1, expand=False)
                 return native.combine(d.recv_x, handle=d.native_handle)[0]
@@ -271,7 +271,7 @@ def main(argv=None) -> None:
               + f" | {t['ops'] - t['raw']:+.1f} | {glue:.1f} | {floor:.1f} | {glue / floor:.1f}× |")
     print("\nhost µs to issue one eager pair, unsynchronized (20 back to back, median of 30)")
     print("(raw/as backend: the raw calls with backends/deep_ep.py's arguments, no copy and num_sms given; "
-          "backend: that module's dispatch + combine, no op layer)")
+          "backend: that module's dispatch, then DeepEP's combine on its handle: no op layer)")
     print("| T | M | raw | raw/no copy | raw/as backend | backend | ops | ops − raw/no copy "
           "| backend − raw/as backend | ops − backend |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -12,7 +12,12 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
 - ``ops``: ``deepep_ops.dispatch`` + ``deepep_ops.combine`` (the eager fast path);
   ``ops/torch.ops``: the same forced through the dispatcher;
 - ``pf``: :class:`DeepEPPrepareFinalize` prepare → identity experts → finalize,
-  eager and ``torch.compile(fullgraph=True, dynamic=True)``;
+  eager and ``torch.compile(fullgraph=True, dynamic=True)``; the hidden size
+  is marked static (``--hidden-dim static``, the default), as it is in a model,
+  whose weights fix it, and in vLLM, which marks only the token dim dynamic:
+  a symbolic H (``--hidden-dim dynamic``, what ``dynamic=True`` does to a
+  function of activations only) puts symbolic index arithmetic into every glue
+  kernel (the fused weight-and-reduce 2.8x slower at T = 512 on the H200);
 - ``… graph``: each captured once with ``torch.cuda.graph`` and replayed.
 
 Then the compiled glue (quantization, id globalize, weight-and-reduce, the
@@ -156,6 +161,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--compile-first", choices=("largest", "smallest"), default="largest",
                         help="the T whose shapes the compile sees first (Inductor's launch configs follow it)")
+    parser.add_argument("--hidden-dim", choices=("static", "dynamic"), default="static",
+                        help="whether the compiled step sees H as a constant (as in a model: its weights fix it) "
+                             "or as a symbol (dynamic=True on a function of activations only)")
     parser.add_argument("--profile-glue", action="store_true",
                         help="print the kernels of the compiled step and of the bare ops at the largest T")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -175,6 +183,11 @@ def main(argv=None) -> None:
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=True, use_fp8_dispatch=args.fp8, device="cuda")
     step = make_step(pf, K)
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:
+        if args.hidden_dim == "static":
+            torch._dynamo.mark_static(t, 1)
+        return t
     rows = []
     try:
         if args.compile_first == "largest":
@@ -184,13 +197,13 @@ def main(argv=None) -> None:
             # glue's pointwise kernel 2.5x slower at T = 512 on the H200).
             big = max(sizes)
             M = deepep_ops.pow2_bucket(big, capacity)
-            compiled(torch.zeros(big, H, dtype=torch.bfloat16, device="cuda"),
+            compiled(tokens(torch.zeros(big, H, dtype=torch.bfloat16, device="cuda")),
                      torch.full((big, K), 1.0 / K, device="cuda"),
                      torch.arange(K, device="cuda").repeat(big, 1), M)
         for T in sizes:
             M = deepep_ops.pow2_bucket(T, capacity)
             g = torch.Generator().manual_seed(T)
-            x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
+            x = tokens(torch.randn(T, H, generator=g).to("cuda", torch.bfloat16))
             ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).cuda()
             w = torch.rand(T, K, generator=g).cuda()
 
@@ -258,7 +271,7 @@ def main(argv=None) -> None:
         de = f", deep_ep {getattr(deep_ep, '__version__', '?')}"
     print(f"\ndecode dispatch+combine, {args.backend} backend, {R} rank on {dev}, torch {torch.__version__}{de}, "
           f"H={H} K={K} E={E}, {'fp8' if args.fp8 else 'bf16'} prepare/finalize, compiled at the {args.compile_first} "
-          f"T first; median wall µs of {args.reps} "
+          f"T first with a {args.hidden_dim} H; median wall µs of {args.reps} "
           f"synchronized calls; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     names = list(rows[0][2])
     print("| T | M | " + " | ".join(names) + " | ops − raw | glue = pf compiled graph − ops graph | glue floor |"

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from deepep_ops import schemas, validation
+from deepep_ops import reduce, schemas, validation
 from deepep_ops._torch_compat import without_dynamo
 from deepep_ops.agreement import (
     COMBINE_FIELDS,
@@ -44,6 +44,7 @@ lib.define(schemas.COMBINE_INTO)
 lib.define(schemas.TOKEN_BUCKET)
 lib.define(schemas.CACHED_DISPATCH)
 lib.define(schemas.COMBINE_WITH_WEIGHTS)
+lib.define(schemas.WEIGHT_AND_REDUCE)
 
 
 _RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
@@ -304,6 +305,11 @@ def combine_with_weights_impl(x, topk_weights, buffer, *handle):
         check_combine_with_weights, x, topk_weights, handle, num_ranks=buf.num_ranks,
     )
     return buf.backend.combine_with_weights(x, topk_weights, handle)
+
+
+# --- finalize's weight-and-reduce: no buffer, no collective (deepep_ops.reduce) -------------------
+lib.impl("weight_and_reduce", without_dynamo(reduce.weight_and_reduce_any), "CompositeExplicitAutograd")
+lib.impl("weight_and_reduce", without_dynamo(reduce.weight_and_reduce_cuda), "CUDA")
 
 
 # ---------------------------------------------------------------------------

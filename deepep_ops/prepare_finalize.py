@@ -3,8 +3,11 @@
 sees all of it.
 
 Everything around dispatch and combine is plain torch, so Inductor fuses it:
-block-fp8 quantization before dispatch, the local→global expert-id rewrite
-(a hand-written Triton kernel in vLLM), and the top-k weight-and-reduce.
+block-fp8 quantization before dispatch and the local→global expert-id rewrite
+(a hand-written Triton kernel in vLLM). The top-k weight-and-reduce is plain
+torch too, except on CUDA without gradients, where it is the
+``deepep_ops::weight_and_reduce`` op: one Triton kernel that reads only the
+routed lanes (:mod:`deepep_ops.reduce`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.handle import DispatchHandle
 from deepep_ops.layout import IntLike
+from deepep_ops.reduce import reduce_lanes, reduce_lanes_fused
 
 
 #: Block-fp8 activation quantization: per-token groups of this many channels.
@@ -300,25 +304,11 @@ def weight_and_reduce(
             f"{tuple(fused_expert_output.shape)}"
         )
     out = fused_expert_output.view(rows, k, fused_expert_output.shape[-1])  # not -1: rows may be 0 (prefill)
-    if not torch.compiler.is_compiling():
-        # Eager: four whole-tensor kernels; the per-lane form below would launch 3·K.
-        routed = (topk_ids >= 0).unsqueeze(-1)
-        terms = out.float() if apply_router_weight_on_input else out.float() * topk_weights.unsqueeze(-1)
-        return torch.where(routed, terms, 0.0).sum(dim=1).to(fused_expert_output.dtype)
-    # Compiled: one term per lane, summed in lane order: a loop over the (static) top-k, so
-    # Inductor emits one pointwise kernel over [rows, H] with K loads per element.
-    # The reduction form (where(...).sum(dim=1) over [rows, K, H]) became a looped
-    # reduction over a symbolic K whose launch config was tuned on the first
-    # (smallest) batch: 25x its memory floor at T = 512 on an H200
-    # (benchmarks/bench_deepep.py). range(k) specializes K (a guard, no recompile:
-    # K is fixed per model).
-    acc = None
-    for j in range(k):
-        lane = out.select(1, j).float()
-        if not apply_router_weight_on_input:
-            lane = lane * topk_weights.select(1, j).unsqueeze(1)
-        term = torch.where(topk_ids.select(1, j).unsqueeze(1) >= 0, lane, 0.0)
-        acc = term if acc is None else acc + term
-    if acc is None:  # k == 0: no lanes
-        return out.new_zeros((rows, out.shape[-1]))
-    return acc.to(fused_expert_output.dtype)
+    apply_weights = not apply_router_weight_on_input
+    if out.is_cuda and not (torch.is_grad_enabled() and (out.requires_grad or topk_weights.requires_grad)):
+        # One Triton kernel that reads only the routed lanes (deepep_ops.reduce);
+        # it has no backward, so a step that records gradients takes the torch forms.
+        return torch.ops.deepep_ops.weight_and_reduce(out, topk_weights, topk_ids, apply_weights)
+    if torch.compiler.is_compiling():
+        return reduce_lanes_fused(out, topk_weights, topk_ids, apply_weights)
+    return reduce_lanes(out, topk_weights, topk_ids, apply_weights)

@@ -68,3 +68,15 @@ COMBINE_WITH_WEIGHTS = (
 #: at run time from the buffer's token source and returned as an unbacked SymInt
 #: (see :func:`deepep_ops.bucket.token_bucket`).
 TOKEN_BUCKET = f"token_bucket(Tensor tokens, {EP_BUFFER_TYPE} buffer) -> SymInt"
+
+#: Finalize's top-k weight-and-reduce: ``expert_output`` [rows, k, H] (any
+#: float dtype), ``topk_weights`` [rows, k] float32, ``topk_ids`` [rows, k]
+#: (−1: the lane is not routed here) -> [rows, H] in ``expert_output``'s dtype,
+#: Σ_j w[r, j] · out[r, j] (without w when ``apply_weights`` is false) over the
+#: routed lanes, fp32 accumulation in lane order. Lanes with id −1 contribute
+#: exactly 0 whatever they hold. On CUDA one Triton kernel that reads only the
+#: routed lanes (:mod:`deepep_ops.reduce`); no autograd formula: callers with
+#: gradients use the plain-torch form.
+WEIGHT_AND_REDUCE = (
+    "weight_and_reduce(Tensor expert_output, Tensor topk_weights, Tensor topk_ids, bool apply_weights) -> Tensor"
+)

@@ -300,6 +300,35 @@ def check_token_bucket(tokens: object) -> None:
         _fail(op, "tokens", "a tensor of >= 1 dimension (its shape[0] is the token count)", "a 0-D tensor")
 
 
+def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_ids: object) -> None:
+    """``weight_and_reduce``'s static checks (ranks, dtypes, devices, k and the
+    row count where it is known); the fake kernel runs them at trace time."""
+    op = "deepep_ops.weight_and_reduce"
+    for name, t, ndim in (("expert_output", expert_output, 3), ("topk_weights", topk_weights, 2),
+                          ("topk_ids", topk_ids, 2)):
+        if not isinstance(t, torch.Tensor):
+            _fail(op, name, "a torch.Tensor", type(t).__name__, TypeError)
+        if t.dim() != ndim:
+            _fail(op, name, f"{ndim}-D", f"shape {tuple(t.shape)}")
+    if not expert_output.dtype.is_floating_point or expert_output.dtype.itemsize == 1:
+        _fail(op, "expert_output.dtype", "a 16- or 32-bit float dtype", expert_output.dtype, TypeError)
+    if topk_weights.dtype != torch.float32:
+        _fail(op, "topk_weights.dtype", "torch.float32", topk_weights.dtype, TypeError)
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        _fail(op, "topk_ids.dtype", "torch.int64 or torch.int32", topk_ids.dtype, TypeError)
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if t.device != expert_output.device:
+            _fail(op, f"{name}.device", f"{expert_output.device} (the device of expert_output)", t.device)
+        if t.shape[1] != expert_output.shape[1]:
+            _fail(op, f"{name}.shape[1]", f"expert_output.shape[1] = {expert_output.shape[1]} (k)", t.shape[1])
+        # rows may be unbacked under torch.compile (prefill): a runtime check there, not a guard.
+        torch._check(
+            t.shape[0] == expert_output.shape[0],
+            lambda t=t, name=name: f"{op}: {name}.shape[0] must be expert_output.shape[0] = "
+            f"{expert_output.shape[0]} (rows), got {t.shape[0]}",
+        )
+
+
 # --- training (issue 14): the ops the backward passes call ---------------------------------------
 def check_cached_dispatch(
     op: str, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle, *, num_ranks: int

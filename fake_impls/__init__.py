@@ -11,6 +11,7 @@ import torch
 from fake_impls.bucket import token_bucket_fake
 from fake_impls.combine import combine_fake, combine_into_fake
 from fake_impls.dispatch import dispatch_exact_fake, dispatch_fake
+from fake_impls.reduce import weight_and_reduce_fake
 from fake_impls.training import cached_dispatch_fake, combine_with_weights_fake
 
 #: op name -> fake kernel.
@@ -22,6 +23,7 @@ FAKES = {
     "token_bucket": token_bucket_fake,
     "cached_dispatch": cached_dispatch_fake,
     "combine_with_weights": combine_with_weights_fake,
+    "weight_and_reduce": weight_and_reduce_fake,
 }
 
 

@@ -310,8 +310,9 @@ def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_id
             _fail(op, name, "a torch.Tensor", type(t).__name__, TypeError)
         if t.dim() != ndim:
             _fail(op, name, f"{ndim}-D", f"shape {tuple(t.shape)}")
-    if not expert_output.dtype.is_floating_point or expert_output.dtype.itemsize == 1:
-        _fail(op, "expert_output.dtype", "a 16- or 32-bit float dtype", expert_output.dtype, TypeError)
+    if expert_output.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        _fail(op, "expert_output.dtype", "torch.bfloat16, torch.float16 or torch.float32", expert_output.dtype,
+              TypeError)
     if topk_weights.dtype != torch.float32:
         _fail(op, "topk_weights.dtype", "torch.float32", topk_weights.dtype, TypeError)
     if topk_ids.dtype not in (torch.int64, torch.int32):

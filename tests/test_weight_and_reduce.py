@@ -80,7 +80,7 @@ def test_values_cpu(apply_weights, broadcast):
     (lambda y, w, ids: (y, w, ids.float()), r"topk_ids.dtype must be torch.int64 or torch.int32"),
     (lambda y, w, ids: (y, w[:, :1], ids), r"topk_weights.shape\[1\] must be expert_output.shape\[1\] = 2"),
     (lambda y, w, ids: (y, w[:3], ids), r"topk_weights.shape\[0\] must be expert_output.shape\[0\] = 4"),
-    (lambda y, w, ids: (y.to(torch.float8_e4m3fn), w, ids), r"expert_output.dtype must be a 16- or 32-bit float"),
+    (lambda y, w, ids: (y.to(torch.float8_e4m3fn), w, ids), r"expert_output.dtype must be torch.bfloat16, torch.float16 or torch.float32, got torch.float8_e4m3fn"),
 ])
 def test_bad_input_names_the_argument(bad, match):
     y, w, ids = _inputs(4, 2, 256)

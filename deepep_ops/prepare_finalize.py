@@ -5,7 +5,7 @@ sees all of it.
 Everything around dispatch and combine is plain torch, so Inductor fuses it:
 block-fp8 quantization before dispatch and the local→global expert-id rewrite
 (a hand-written Triton kernel in vLLM). The top-k weight-and-reduce is plain
-torch too, except on CUDA without gradients, where it is the
+torch too, except in decode (k > 1 lanes per row) on CUDA without gradients, where it is the
 ``deepep_ops::weight_and_reduce`` op: one Triton kernel that reads only the
 routed lanes (:mod:`deepep_ops.reduce`).
 """
@@ -305,9 +305,11 @@ def weight_and_reduce(
         )
     out = fused_expert_output.view(rows, k, fused_expert_output.shape[-1])  # not -1: rows may be 0 (prefill)
     apply_weights = not apply_router_weight_on_input
-    if out.is_cuda and not (torch.is_grad_enabled() and (out.requires_grad or topk_weights.requires_grad)):
+    if out.is_cuda and k > 1 and not (torch.is_grad_enabled() and (out.requires_grad or topk_weights.requires_grad)):
         # One Triton kernel that reads only the routed lanes (deepep_ops.reduce);
         # it has no backward, so a step that records gradients takes the torch forms.
+        # Prefill's one lane per row leaves it nothing to skip: Inductor's kernel
+        # does the same work without an opaque op and its host-side launch.
         return torch.ops.deepep_ops.weight_and_reduce(out, topk_weights, topk_ids, apply_weights)
     if torch.compiler.is_compiling():
         return reduce_lanes_fused(out, topk_weights, topk_ids, apply_weights)

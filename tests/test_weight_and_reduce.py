@@ -59,9 +59,11 @@ def _assert_close(got, y, w, ids, apply_weights):
 
 
 # ------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("broadcast", [False, True])
 @pytest.mark.parametrize("rows,k", [(5, 2), (0, 2), (3, 1)])
-def test_opcheck_cpu(rows, k):
-    y, w, ids = _inputs(rows, k, 256)
+def test_opcheck_cpu(rows, k, broadcast):
+    """The fake against the real kernel (test_faketensor: shape, dtype, strides), the schema, AOT."""
+    y, w, ids = _inputs(rows, k, 256, broadcast=broadcast)
     y = torch.nan_to_num(y)  # opcheck compares outputs across runs: keep inputs finite
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     assert torch.library.opcheck(OP, (y, w, ids, True), test_utils=utils) == {u: "SUCCESS" for u in utils}
@@ -80,7 +82,8 @@ def test_values_cpu(apply_weights, broadcast):
     (lambda y, w, ids: (y, w, ids.float()), r"topk_ids.dtype must be torch.int64 or torch.int32"),
     (lambda y, w, ids: (y, w[:, :1], ids), r"topk_weights.shape\[1\] must be expert_output.shape\[1\] = 2"),
     (lambda y, w, ids: (y, w[:3], ids), r"topk_weights.shape\[0\] must be expert_output.shape\[0\] = 4"),
-    (lambda y, w, ids: (y.to(torch.float8_e4m3fn), w, ids), r"expert_output.dtype must be torch.bfloat16, torch.float16 or torch.float32, got torch.float8_e4m3fn"),
+    (lambda y, w, ids: (y.to(torch.float8_e4m3fn), w, ids), (r"expert_output.dtype must be torch.bfloat16, torch.float16 or torch.float32, "
+      r"got torch.float8_e4m3fn")),
 ])
 def test_bad_input_names_the_argument(bad, match):
     y, w, ids = _inputs(4, 2, 256)

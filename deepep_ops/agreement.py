@@ -108,16 +108,6 @@ def _combine_mode(do_expand: bool) -> str:
     return "prefill (do_expand=True)" if do_expand else "decode (do_expand=False)"
 
 
-def combine_signature_prefix(do_expand: bool, num_max_tokens_per_rank: int, num_experts: int, num_topk: int,
-                             expert_alignment: int) -> tuple:
-    """The :data:`COMBINE_FIELDS` that a handle fixes (all but the hidden size),
-    for a combine of a handle dispatched with these values."""
-    return (
-        _combine_mode(do_expand), int(num_max_tokens_per_rank), int(num_experts), int(num_topk),
-        int(expert_alignment),
-    )
-
-
 def combine_signature(x, handle) -> tuple:
     """The :data:`COMBINE_FIELDS` of one combine call."""
     try:  # the hot path

@@ -41,11 +41,11 @@ def _plain_eager(*tensors: torch.Tensor) -> bool:
 
 
 def _handle_stand_ins(handle: DispatchHandle) -> tuple:
-    """The tensors :func:`_plain_eager` looks at for a handle. A :class:`DispatchedHandle`'s
-    came from the fast path (plain, no grad): none. Others: ``topk_idx`` and
+    """The tensors :func:`_plain_eager` looks at for a handle: ``topk_idx`` and
     ``recv_src_metadata`` stand for all (a handle's tensors come from one
-    dispatch: all plain or all not)."""
-    return () if type(handle) is DispatchedHandle else (handle.topk_idx, handle.recv_src_metadata)
+    dispatch: all plain or all not). A :class:`DispatchedHandle`'s came from the
+    fast path (plain, no grad): the callers look at none of them."""
+    return (handle.topk_idx, handle.recv_src_metadata)
 
 
 def dispatch(
@@ -72,7 +72,7 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    if _plain_eager(*((x, topk_idx, topk_weights) if x_scales is None else (x, x_scales, topk_idx, topk_weights))):
+    if _plain_eager(x, topk_idx, topk_weights) if x_scales is None else _plain_eager(x, x_scales, topk_idx, topk_weights):
         return ops.eager_dispatch(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
@@ -114,7 +114,7 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    if _plain_eager(*((x, topk_idx, topk_weights) if x_scales is None else (x, x_scales, topk_idx, topk_weights))):
+    if _plain_eager(x, topk_idx, topk_weights) if x_scales is None else _plain_eager(x, x_scales, topk_idx, topk_weights):
         return ops.eager_dispatch_exact(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
@@ -150,14 +150,14 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     Returns:
         [T, H] bf16.
     """
-    if _plain_eager(x, *_handle_stand_ins(handle)):
+    if _plain_eager(x) if type(handle) is DispatchedHandle else _plain_eager(x, *_handle_stand_ins(handle)):
         return ops.eager_combine("deepep_ops.combine", x, buffer, handle)
     return torch.ops.deepep_ops.combine(x, buffer, *handle)
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    if _plain_eager(x, out, *_handle_stand_ins(handle)):
+    if _plain_eager(x, out) if type(handle) is DispatchedHandle else _plain_eager(x, out, *_handle_stand_ins(handle)):
         ops.eager_combine("deepep_ops.combine_into", x, buffer, handle, out)
     else:
         torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)

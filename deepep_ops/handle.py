@@ -71,8 +71,8 @@ class DispatchedHandle(DispatchHandle):
     native = None
     #: ``topk_idx._version`` at dispatch (None: ``topk_idx`` is the handle's own copy).
     topk_idx_version = None
-    #: ``(the buffer's Agreement, the combine signature less H)`` when the dispatch
-    #: was a known call of an agree-once buffer (deepep_ops.ops' eager combine).
+    #: The known-call entry (``deepep_ops.ops._KnownDispatch``) when the dispatch was
+    #: a known call of an agree-once buffer (deepep_ops.ops' eager combine).
     known = None
 
     def _replace(self, **changes) -> DispatchHandle:

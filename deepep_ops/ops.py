@@ -17,8 +17,8 @@ from deepep_ops._torch_compat import without_dynamo
 from deepep_ops.agreement import (
     COMBINE_FIELDS,
     DISPATCH_FIELDS,
+    Agreement,
     combine_signature,
-    combine_signature_prefix,
     dispatch_signature,
 )
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
@@ -81,19 +81,22 @@ def _check_and_agree(op: str, buf: EPBuffer, kind: str, fields: tuple, signature
 
 
 class _KnownDispatch(NamedTuple):
-    """What an eager dispatch remembers of a known call (:meth:`Agreement.remember_call`)."""
+    """What an eager dispatch remembers of a known call (:meth:`Agreement.remember_call`);
+    its handles carry it to combine (``DispatchedHandle.known``)."""
 
+    #: The agreement (of the buffer) that remembered the call.
+    agreement: Agreement
     #: x, topk_idx and topk_weights already have row-major strides (no views to make).
     row_major: bool
-    #: ``DispatchedHandle.known``: (the buffer's Agreement, its handle's combine
-    #: signature less the hidden size, :func:`combine_signature_prefix`).
-    handle_known: tuple
     #: Decode: the handle's worst-case expanded rows X (fixed by R, M, K, E, A).
     num_expanded_tokens: Optional[int]
     #: Whether calls may need the host checks of topk_idx values
     #: (:func:`~deepep_ops.validation.value_checks_wanted`, the environment read
     #: once, here); each call still asks ``value_checks_enabled`` (capture state).
     value_checks: bool
+    #: The hidden sizes every rank agreed to combine this call's handles with
+    #: (:func:`run_combine` adds them): eager combine checks only the rows then.
+    combine_hidden: set
 
 
 def _call_key(exact: bool, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
@@ -116,36 +119,27 @@ def _call_key(exact: bool, x, x_scales, topk_idx, topk_weights, num_experts, num
         return None
 
 
-def _dispatch(
+def _admit(
     op: str,
+    buf: EPBuffer,
     x: torch.Tensor,
     x_scales: Optional[torch.Tensor],
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
-    buffer: EPBuffer,
     num_experts: int,
     num_max_tokens_per_rank: int,
     expert_alignment: int,
     exact: bool,
-    eager: bool = False,
+    eager: bool,
 ) -> tuple:
-    """Validate and agree, dispatch, pack the op's outputs (see ``schemas.DISPATCH*``).
+    """Validate and agree, or recognise a known call: ``(x, topk_idx, topk_weights,
+    known)`` with row-major strides, ``known`` the call's :class:`_KnownDispatch` or None.
 
-    ``eager=True`` (the eager fast path of :mod:`deepep_ops.api`) returns
-    ``(outputs, the backend's native handle, the routing the handle keeps, the
-    known-call entry or None)``: a repeat of a known call
-    (:attr:`Agreement.known_calls`) skips validation's explainers and the
-    agreement's signature; missing scales are None instead of the op's
-    placeholder tensor. The handle keeps the caller's ``topk_idx`` and its
-    version counter, which combine checks (:func:`check_routing_unchanged`): a
-    caller mutating it in place after dispatch gets a clear error, not a
-    combine that reduces with other routing. Inference tensors have no version
-    counter: the handle keeps a copy of those. (DeepEP's own
-    ``do_handle_copy=True`` cost ~33 µs a pair on the H200 host, bench_deepep.py's
-    ``raw`` vs ``raw/no copy``; on this project's 2-core CPU box, for an [8, 8]
-    int64 ``topk_idx``, ``_version`` reads in 54 ns and ``clone()`` takes 1.2 µs.)
+    ``eager=True`` (the eager fast path of :mod:`deepep_ops.api`): a repeat of a
+    known call (:attr:`Agreement.known_calls`, agree-once mode) skips validation's
+    explainers and the agreement's signature; a new one that passes is
+    remembered. Graph kernels (``eager=False``) check and agree on every call.
     """
-    buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
     agreement = buf.agreement
     key = _call_key(exact, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
                     expert_alignment) if eager else None
@@ -164,13 +158,13 @@ def _dispatch(
         )
         if key is not None and not agreement.check_mode(device):
             known = _KnownDispatch(
+                agreement,
                 _row_major(x) is x and _row_major(topk_idx) is topk_idx and _row_major(topk_weights) is topk_weights,
-                (agreement, combine_signature_prefix(exact, num_max_tokens_per_rank, num_experts, topk_idx.shape[1],
-                                                     expert_alignment)),
                 None if exact else decode_num_expanded_tokens(
                     buf.num_ranks, num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
                 ),
                 validation.value_checks_wanted(device, exact),
+                set(),
             )
             agreement.remember_call(key, known, device)
     elif known.value_checks and validation.value_checks_enabled(x.device, exact):
@@ -178,30 +172,40 @@ def _dispatch(
         check_topk_idx_values(op, topk_idx, num_experts)
     if known is None or not known.row_major:
         x, topk_idx, topk_weights = _row_major(x), _row_major(topk_idx), _row_major(topk_weights)
-    version = None
-    if eager:
-        if topk_idx.is_inference():
-            topk_idx = topk_idx.clone()
-        else:
-            version = topk_idx._version
+    return x, topk_idx, topk_weights, known
+
+
+def _dispatch(
+    op: str,
+    x: torch.Tensor,
+    x_scales: Optional[torch.Tensor],
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    buffer: EPBuffer,
+    num_experts: int,
+    num_max_tokens_per_rank: int,
+    expert_alignment: int,
+    exact: bool,
+) -> tuple:
+    """The dispatch ops' kernel: validate and agree, dispatch, pack the op's outputs
+    (see ``schemas.DISPATCH*``)."""
+    buf = unwrap_ep_buffer(buffer)
+    x, topk_idx, topk_weights, _ = _admit(
+        op, buf, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment,
+        exact, eager=False,
+    )
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
         expert_alignment=expert_alignment, expand=exact,
     )
-    recv_x_scales = out.recv_x_scales
-    if recv_x_scales is None and not eager:
-        recv_x_scales = no_scales(x)
+    recv_x_scales = no_scales(x) if out.recv_x_scales is None else out.recv_x_scales
     if exact:
         counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
         # N received tokens (rows of recv_src_metadata), X expanded rows.
         sizes = (out.handle_tensors[_RECV_SRC_METADATA].shape[0], out.recv_x.shape[0])
-        flat = sizes + (out.recv_x, recv_x_scales, out.recv_topk_weights, counts) + out.handle_tensors
-    else:
-        flat = (out.recv_x, recv_x_scales, out.recv_topk_idx, out.recv_topk_weights) + out.handle_tensors
-    if not eager:
-        return flat
-    return flat, out.native_handle, topk_idx, version, known
+        return sizes + (out.recv_x, recv_x_scales, out.recv_topk_weights, counts) + out.handle_tensors
+    return (out.recv_x, recv_x_scales, out.recv_topk_idx, out.recv_topk_weights) + out.handle_tensors
 
 
 def _kernel(op: str):
@@ -260,8 +264,9 @@ def run_combine(
         op, buf, "combine", COMBINE_FIELDS, combine_signature(x, handle), device, check, x, handle,
         num_ranks=buf.num_ranks, out=out, **kwargs,
     )
-    if dispatched and handle.known is not None and handle.known[0] is buf.agreement:
-        buf.agreement.remember_call(("combine", handle.known[1], x.shape[1]), (), device)
+    known = handle.known if dispatched else None
+    if known is not None and known.agreement is buf.agreement and not check_values:
+        known.combine_hidden.add(x.shape[1])
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -324,56 +329,77 @@ lib.impl("weight_and_reduce", without_dynamo(reduce.weight_and_reduce_cuda), "CU
 # ---------------------------------------------------------------------------
 
 
-def _dispatched_handle(fields: tuple, native: object, version: Optional[int],
-                       known: Optional[_KnownDispatch]) -> DispatchedHandle:
-    """The eager dispatch's handle: ``fields`` in :class:`DispatchHandle` order,
-    with what eager combine reads besides (see :class:`DispatchedHandle`)."""
-    handle = DispatchedHandle(*fields)
-    handle.native = native
-    handle.topk_idx_version = version
-    if known is not None:
-        handle.known = known.handle_known
-    return handle
+def _version_or_copy(topk_idx: torch.Tensor) -> tuple:
+    """``(topk_idx, its version counter)`` for the handle, or ``(a copy, None)`` for an
+    inference tensor, which has no version counter (see :func:`eager_dispatch`)."""
+    try:
+        return topk_idx, topk_idx._version
+    except RuntimeError:
+        return topk_idx.clone(), None
 
 
 @without_dynamo
 def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
                    expert_alignment) -> DispatchResult:
-    """:func:`deepep_ops.dispatch` without the dispatcher: its result, with a
-    :class:`DispatchedHandle` (see :func:`_dispatch`'s ``eager``)."""
-    flat, native, routing, version, known = _dispatch(
-        "deepep_ops.dispatch", x, x_scales, topk_idx, topk_weights, buffer,
-        num_experts, num_max_tokens_per_rank, expert_alignment, exact=False, eager=True,
+    """:func:`deepep_ops.dispatch` without the dispatcher: the op kernel's checks and
+    outputs, with a :class:`DispatchedHandle` and missing scales as None.
+
+    The handle keeps the caller's ``topk_idx`` and its version counter, which
+    combine checks (:func:`check_routing_unchanged`): a caller mutating it in
+    place after dispatch gets a clear error, not a combine that reduces with
+    other routing. Inference tensors have no version counter: the handle keeps
+    a copy of those. (DeepEP's own ``do_handle_copy=True`` cost ~33 µs a pair on
+    the H200 host, bench_deepep.py's ``raw`` vs ``raw/no copy``; on this
+    project's 2-core CPU box, for an [8, 8] int64 ``topk_idx``, ``_version``
+    reads in 54 ns and ``clone()`` takes 1.2 µs.)
+    """
+    buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
+    x, topk_idx, topk_weights, known = _admit(
+        "deepep_ops.dispatch", buf, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
+        expert_alignment, exact=False, eager=True,
     )
-    recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, psum_rank, psum_expert, unaligned, src_meta, slots = flat
+    topk_idx, version = _version_or_copy(topk_idx)
+    out = buf.backend.dispatch(
+        x, x_scales, topk_idx, topk_weights,
+        num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+        expert_alignment=expert_alignment, expand=False,
+    )
     if known is None:
         num_expanded_tokens = decode_num_expanded_tokens(
-            psum_rank.shape[0], num_max_tokens_per_rank, routing.shape[1], num_experts, expert_alignment
+            buf.num_ranks, num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
         )
     else:
         num_expanded_tokens = known.num_expanded_tokens
-    handle = _dispatched_handle(
-        (routing, psum_rank, psum_expert, unaligned, src_meta, slots,
-         num_experts, num_max_tokens_per_rank, expert_alignment, False, num_expanded_tokens),
-        native, version, known,
+    handle = DispatchedHandle(
+        topk_idx, *out.handle_tensors, num_experts, num_max_tokens_per_rank, expert_alignment, False,
+        num_expanded_tokens,
     )
-    return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, handle)
+    handle.native, handle.topk_idx_version, handle.known = out.native_handle, version, known
+    return DispatchResult(out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, handle)
 
 
 @without_dynamo
 def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
                          expert_alignment) -> ExactDispatchResult:
     """As :func:`eager_dispatch` for :func:`deepep_ops.dispatch_exact`."""
-    flat, native, routing, version, known = _dispatch(
-        "deepep_ops.dispatch_exact", x, x_scales, topk_idx, topk_weights, buffer,
-        num_experts, num_max_tokens_per_rank, expert_alignment, exact=True, eager=True,
+    buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
+    x, topk_idx, topk_weights, known = _admit(
+        "deepep_ops.dispatch_exact", buf, x, x_scales, topk_idx, topk_weights, num_experts,
+        num_max_tokens_per_rank, expert_alignment, exact=True, eager=True,
     )
-    _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = flat[:6]
-    handle = _dispatched_handle(
-        (routing, *flat[6:], num_experts, num_max_tokens_per_rank, expert_alignment, True, num_expanded_tokens),
-        native, version, known,
+    topk_idx, version = _version_or_copy(topk_idx)
+    out = buf.backend.dispatch(
+        x, x_scales, topk_idx, topk_weights,
+        num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+        expert_alignment=expert_alignment, expand=True,
     )
-    return ExactDispatchResult(recv_x, recv_x_scales, recv_topk_weights, counts, handle)
+    counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
+    handle = DispatchedHandle(
+        topk_idx, *out.handle_tensors, num_experts, num_max_tokens_per_rank, expert_alignment, True,
+        out.recv_x.shape[0],
+    )
+    handle.native, handle.topk_idx_version, handle.known = out.native_handle, version, known
+    return ExactDispatchResult(out.recv_x, out.recv_x_scales, out.recv_topk_weights, counts, handle)
 
 
 @without_dynamo
@@ -386,10 +412,11 @@ def eager_combine(
     buffer with a hidden size every rank already agreed on, needs only
     :func:`check_combine_rows`; anything else takes :func:`run_combine`.
     """
-    if type(handle) is DispatchedHandle and handle.known is not None and x.dim() == 2:
+    known = handle.known if type(handle) is DispatchedHandle else None
+    if known is not None:
         buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
-        agreement, prefix = handle.known
-        if agreement is buf.agreement and ("combine", prefix, x.shape[1]) in agreement.known_calls:
+        shape = x.shape
+        if known.agreement is buf.agreement and len(shape) == 2 and shape[1] in known.combine_hidden:
             check_combine_rows(op, x, handle, num_ranks=buf.num_ranks, out=out)
             return buf.backend.combine(x, handle, out=out)
     return run_combine(op, x, buffer, handle, out)

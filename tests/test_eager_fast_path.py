@@ -99,7 +99,8 @@ def test_known_call_still_checks_what_its_key_does_not_hold(agree_once):
     x, idx, w = _inputs()
     want = _pair(agree_once, x, idx, w)
     assert torch.equal(_pair(agree_once, x, idx, w), want)
-    assert len(agree_once.agreement.known_calls) == 2  # the dispatch and its combine
+    (known,) = agree_once.agreement.known_calls.values()  # the dispatch,
+    assert known.combine_hidden == {H}  # and the hidden size its combine agreed on
     bad = idx.clone()
     bad[1, 0] = E + 3
     with pytest.raises(ValueError, match=r"topk_idx\[1, 0\] must be -1 or in \[0, num_experts=4\), got 7"):

@@ -12,10 +12,11 @@ routed lanes (:mod:`deepep_ops.reduce`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, NoReturn, Optional, Union
 
 import torch
 
+from deepep_ops.agreement import COMBINE_FIELDS, combine_signature
 from deepep_ops.api import combine, dispatch, dispatch_exact
 from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
@@ -264,7 +265,10 @@ class DeepEPPrepareFinalize:
             topk_weights, topk_ids: as :meth:`prepare` returned them.
             handle: from :meth:`prepare`.
         """
-        reduced = weight_and_reduce(fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input)
+        try:
+            reduced = weight_and_reduce(fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input)
+        except (ValueError, TypeError) as error:
+            self._reject(error, fused_expert_output, handle)
         self.finalize_reduced(output, reduced, handle)
 
     def finalize_reduced(self, output: torch.Tensor, reduced: torch.Tensor, handle: DispatchHandle) -> None:
@@ -276,11 +280,27 @@ class DeepEPPrepareFinalize:
             handle: from :meth:`prepare`.
         """
         if reduced.dtype != torch.bfloat16:
-            raise ValueError(
+            self._reject(ValueError(
                 "finalize: DeepEP combine needs bfloat16 expert outputs, "
                 f"got reduced expert outputs of dtype {reduced.dtype}"
-            )
+            ), reduced, handle)
         output.copy_(combine(reduced, handle, self.buffer))
+
+    def _reject(self, error: Exception, rows: torch.Tensor, handle: DispatchHandle) -> NoReturn:
+        """Raise ``error``, a rejection of this rank's expert outputs before combine.
+
+        Its peers are entering combine. In check mode (:mod:`deepep_ops.agreement`)
+        this rank takes part in combine's exchange with the error, so every peer
+        raises it (naming this rank) instead of waiting in combine's collective
+        for the process-group timeout. In agree-once mode peers do not exchange on
+        a seen combine, and the error stays local (the agreement's documented
+        limit). Under tracing there is no exchange: the compile fails as before.
+        """
+        if not torch.compiler.is_compiling():
+            self.buffer.agreement.agree(
+                "deepep_ops.combine", "combine", COMBINE_FIELDS, combine_signature(rows, handle), error, rows.device
+            )
+        raise error
 
 
 def weight_and_reduce(

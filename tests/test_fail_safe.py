@@ -154,6 +154,20 @@ def case_default_bucket_T_differs(rank, world):
     return _max_rel_err(out.float(), inp, experts)
 
 
+def case_finalize_rejects_one_rank(rank, world):
+    """The last rank's experts return float32 rows (finalize needs bf16): that rank's
+    finalize rejects them before combine, and its peers, already in combine, raise
+    the same cause (check mode, the CPU default) instead of waiting for the timeout."""
+    import deepep_ops as D
+
+    inp = _inputs(21, [4] * world, rank)
+    pf = D.DeepEPPrepareFinalize(_buffer(world), E, K, decode=True)
+    p = pf.prepare(inp.x, inp.topk_weights, inp.topk_idx, num_max_tokens_per_rank=8)
+    fused = p.expert_x.float().unsqueeze(1).expand(-1, K, -1)
+    out = torch.empty(4, H, dtype=torch.bfloat16)
+    pf.finalize(out, fused if rank == world - 1 else fused.bfloat16(), p.topk_weights, p.topk_ids, p.handle)
+
+
 def case_T0_K1_odd_strides(rank, world):
     """T=0 on rank 0, K=1 weights from topk(...).values * 2.5 (strides (1, 0) at T=0)."""
     import deepep_ops as D
@@ -324,11 +338,13 @@ EXPECT_ERROR = {
     "zero_handle_one_rank": r"handle.psum_num_recv_tokens_per_scaleup_rank must be a non-decreasing prefix sum",
     "mutate_topk_after_dispatch": r"handle.topk_idx must be unchanged between dispatch and combine .*"
                                   r"got version 1, dispatched at version 0",
+    "finalize_rejects_one_rank": r"finalize: DeepEP combine needs bfloat16 expert outputs, got reduced expert "
+                                 r"outputs of dtype torch.float32",
 }
 
 
 #: Cases that also run on 3 ranks (where a third rank changes what must happen).
-THREE_RANK_ERRORS = ("bad_ids_one_rank", "disagree_M", "zero_handle_one_rank")
+THREE_RANK_ERRORS = ("bad_ids_one_rank", "disagree_M", "zero_handle_one_rank", "finalize_rejects_one_rank")
 
 
 @pytest.mark.parametrize(
@@ -355,9 +371,10 @@ def test_one_rank_rejection_names_the_rank(world):
     per_rank = _results(world)
     bad = world - 1
     for r, res in enumerate(per_rank):
-        msg = res["bad_ids_one_rank"][2]
-        if r != bad:
-            assert f"rank {bad} of {world} rejected its input" in msg, msg
+        for case in ("bad_ids_one_rank", "finalize_rejects_one_rank"):
+            msg = res[case][2]
+            if r != bad:
+                assert f"rank {bad} of {world} rejected its input" in msg, (case, msg)
 
 
 _DENSE_CASES = ["default_bucket_T_differs", "T0_K1_odd_strides", "mutate_topk_after_dispatch_inference",

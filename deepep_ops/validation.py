@@ -5,10 +5,11 @@ ids trap the device, a wrong hidden size fails an NVCC compile. Everything that
 can be checked on this rank alone is checked here, before the first collective,
 so a rank never enters a collective that its own input would make fail.
 
-Checks of tensor *values* (ids in range, no duplicates) need the data on the
+Checks of tensor *values* (ids in range, no duplicates) need a verdict on the
 host. They always run for CPU tensors and in exact (prefill) mode, which syncs
-anyway; for GPU decode they would add a host sync per layer, so they run only
-with ``DEEPEP_OPS_CHECK_VALUES=1`` and never while a CUDA graph is captured.
+anyway (on CUDA: one Triton kernel and one host read, :mod:`deepep_ops.triton_validation`);
+for GPU decode they would add a host sync per layer, so they run only with
+``DEEPEP_OPS_CHECK_VALUES=1`` and never while a CUDA graph is captured.
 """
 
 from __future__ import annotations
@@ -74,9 +75,25 @@ def value_checks_enabled(device: torch.device, exact: bool) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _values_ok_on_device(topk_idx: torch.Tensor, num_experts: int) -> bool:
+    """The verdict of one Triton kernel for CUDA ids (:mod:`deepep_ops.triton_validation`);
+    False (look closer) elsewhere or without Triton."""
+    if not topk_idx.is_cuda:
+        return False
+    try:
+        from deepep_ops.triton_validation import topk_idx_values_ok
+    except ImportError:  # a CUDA torch without Triton: the torch form below
+        return False
+    return topk_idx_values_ok(topk_idx, num_experts)
+
+
 def check_topk_idx_values(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Ids are −1 or in [0, E), and no expert repeats within a row."""
-    if topk_idx.numel() == 0:
+    """Ids are −1 or in [0, E), and no expert repeats within a row.
+
+    CUDA ids get one kernel and one host read first; the torch form (about ten
+    kernels and two host reads) runs only to name what a flagged tensor holds.
+    """
+    if topk_idx.numel() == 0 or _values_ok_on_device(topk_idx, num_experts):
         return
     bad = (topk_idx < -1) | (topk_idx >= num_experts)
     if bool(bad.any()):

@@ -23,7 +23,7 @@ from deepep_ops.agreement import (
 )
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import HANDLE_TENSORS, DispatchedHandle, DispatchHandle, DispatchResult, ExactDispatchResult
-from deepep_ops.layout import decode_num_expanded_tokens, no_scales
+from deepep_ops.layout import align, decode_num_expanded_tokens, no_scales
 from deepep_ops.validation import (
     check_cached_dispatch,
     check_combine,
@@ -48,6 +48,20 @@ lib.define(schemas.WEIGHT_AND_REDUCE)
 
 
 _RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
+_UNALIGNED_PER_EXPERT = HANDLE_TENSORS.index("num_unaligned_recv_tokens_per_expert")
+
+
+def _aligned_counts(handle_tensors: tuple, expert_alignment: int) -> torch.Tensor:
+    """Prefill's aligned rows per local expert, [EL] int32 on the tokens' device:
+    ``align(c_e, A)`` of the handle's unaligned counts c_e, on the device (what
+    the backend's host list holds, spec §3). Not ``torch.tensor(host list,
+    device=cuda)``: a copy from pageable memory synchronises the stream, so the
+    host would wait for the dispatch's payload kernels before it could queue
+    anything after them."""
+    unaligned = handle_tensors[_UNALIGNED_PER_EXPERT]
+    if expert_alignment == 1:
+        return unaligned.clone()
+    return align(unaligned, expert_alignment)
 
 
 def _device_of(x: object) -> torch.device:
@@ -201,7 +215,7 @@ def _dispatch(
     )
     recv_x_scales = no_scales(x) if out.recv_x_scales is None else out.recv_x_scales
     if exact:
-        counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
+        counts = _aligned_counts(out.handle_tensors, expert_alignment)
         # N received tokens (rows of recv_src_metadata), X expanded rows.
         sizes = (out.handle_tensors[_RECV_SRC_METADATA].shape[0], out.recv_x.shape[0])
         return sizes + (out.recv_x, recv_x_scales, out.recv_topk_weights, counts) + out.handle_tensors
@@ -393,7 +407,7 @@ def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_expert
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
         expert_alignment=expert_alignment, expand=True,
     )
-    counts = torch.tensor(out.num_recv_tokens_per_expert, dtype=torch.int32, device=x.device)
+    counts = _aligned_counts(out.handle_tensors, expert_alignment)
     handle = DispatchedHandle(
         topk_idx, *out.handle_tensors, num_experts, num_max_tokens_per_rank, expert_alignment, True,
         out.recv_x.shape[0],

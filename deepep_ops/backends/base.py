@@ -22,8 +22,6 @@ class DispatchOutput(NamedTuple):
     - ``recv_topk_weights`` [R·M, K] (decode) or [X] (expand) float32.
     - ``handle_tensors``: the five int32 handle tensors in
       :data:`deepep_ops.handle.HANDLE_TENSORS` order.
-    - ``num_recv_tokens_per_expert``: expand mode only, the host list of aligned
-      rows per local expert [EL] (sum X).
     - ``native_handle``: the backend's own handle object, if it has one; eager
       combine passes it back (see :class:`deepep_ops.handle.DispatchedHandle`).
     """
@@ -33,7 +31,6 @@ class DispatchOutput(NamedTuple):
     recv_topk_idx: Optional[torch.Tensor]
     recv_topk_weights: torch.Tensor
     handle_tensors: tuple
-    num_recv_tokens_per_expert: Optional[list]
     native_handle: Optional[object] = None
 
 

@@ -69,7 +69,6 @@ class DeepEPBackend(Backend):
             None if expand else recv_topk_idx,
             recv_topk_weights,
             _handle_tensors(handle),
-            list(handle.num_recv_tokens_per_expert_list) if expand else None,
             handle,
         )
 

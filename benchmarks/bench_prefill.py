@@ -34,29 +34,28 @@ from bench_deepep import _host_issue_us, _make_buffer, _time_interleaved_us  # n
 
 
 @contextlib.contextmanager
+def _replaced(module: object, name: str, value: object):
+    """``module.name`` set to ``value`` inside the block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def _torch_form_checks():
     """The value checks without their Triton verdict (``validation._values_ok_on_device``)."""
     import deepep_ops.validation as validation
 
-    saved = validation._values_ok_on_device
-    validation._values_ok_on_device = lambda topk_idx, num_experts: False
-    try:
-        yield
-    finally:
-        validation._values_ok_on_device = saved
+    return _replaced(validation, "_values_ok_on_device", lambda topk_idx, num_experts: False)
 
 
-@contextlib.contextmanager
 def _no_value_checks():
     """The host checks of ``topk_idx`` values off (``validation.value_checks_enabled``)."""
     import deepep_ops.validation as validation
 
-    saved = validation.value_checks_enabled
-    validation.value_checks_enabled = lambda device, exact: False
-    try:
-        yield
-    finally:
-        validation.value_checks_enabled = saved
+    return _replaced(validation, "value_checks_enabled", lambda device, exact: False)
 
 
 def main(argv=None) -> None:

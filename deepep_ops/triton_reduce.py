@@ -46,6 +46,10 @@ def weight_and_reduce_triton(
     expert_output: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_weights: bool
 ) -> torch.Tensor:
     """[rows, k, H], [rows, k] float32, [rows, k] int -> [rows, H] in expert_output's dtype (CUDA)."""
+    if expert_output.device.index != torch.cuda.current_device():
+        # Triton launches on the current device, not the tensor's.
+        with torch.cuda.device(expert_output.device):
+            return weight_and_reduce_triton(expert_output, topk_weights, topk_ids, apply_weights)
     rows, k, H = expert_output.shape
     out = torch.empty((rows, H), dtype=expert_output.dtype, device=expert_output.device)
     if rows == 0 or H == 0:

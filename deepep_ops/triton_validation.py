@@ -42,6 +42,10 @@ def _bad_topk_idx_kernel(
 def topk_idx_values_ok(topk_idx: torch.Tensor, num_experts: int) -> bool:
     """Whether every id of the [T, K] integer CUDA tensor ``topk_idx`` is −1 or in
     [0, E) and no row repeats an expert (one kernel, one host sync)."""
+    if topk_idx.device.index != torch.cuda.current_device():
+        # Triton launches on the current device, not the tensor's.
+        with torch.cuda.device(topk_idx.device):
+            return topk_idx_values_ok(topk_idx, num_experts)
     T, K = topk_idx.shape
     flag = torch.zeros(1, dtype=torch.int32, device=topk_idx.device)
     _bad_topk_idx_kernel[(triton.cdiv(T, _BLOCK_T),)](

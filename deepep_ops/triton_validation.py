@@ -2,12 +2,13 @@
 (imported on first use).
 
 The torch form of the value checks (range, then duplicates after a sort) is
-about ten kernels and two host syncs; on the H200 host that cost ~380 µs per
-prefill dispatch + combine pair, more than DeepEP's own pair at T = 512
-(``benchmarks/bench_prefill.py``, "ops − no value checks"). Here one program
-checks a block of rows (every id in [-1, E), no non-negative id twice in a
-row) and raises a flag; the host reads it once. When it is raised, the torch
-form runs to name the first bad entry.
+about ten kernels and two host syncs: +254 to +427 µs per prefill dispatch +
+combine pair on the H200 host, more than DeepEP's own pair at T = 512; this
+kernel, +110 to +187 µs (``benchmarks/bench_prefill.py``, columns "checks:
+torch form" and "checks: Triton", two runs). One program checks a block of
+rows (every id in [-1, E), no non-negative id twice in a row) and raises a
+flag; the host reads it once. When it is raised, the torch form runs to name
+the first bad entry.
 """
 
 from __future__ import annotations

@@ -30,9 +30,11 @@ except ImportError:  # torch 2.11 - 2.13
     _REFERENCE_KIND = "reference"
 
 __all__ = [
+    "CUDAGRAPH_INPUT_MARKER",
     "OpaqueBase",
     "STABLE_CACHE_KEY_METHOD",
     "dispatcher_is_a_no_op",
+    "install_cudagraph_inputs",
     "install_stable_cache_keys",
     "opaque_type_name",
     "register_reference_type",
@@ -106,6 +108,170 @@ def install_stable_cache_keys() -> bool:
     _reduce_fake_script_object._deepep_ops_stable = True  # type: ignore[attr-defined]
     FxGraphCachePickler._reduce_fake_script_object = _reduce_fake_script_object
     return True
+# ---------------------------------------------------------------------------
+# CUDA-graph trees (mode="reduce-overhead") for graphs that take an opaque
+# reference object as an input.
+#
+# torch 2.11.0 (2.12 has pytorch/pytorch#179793) records no CUDA graph for such a
+# graph: CompiledFxGraph.__init__ gives it the fail reason "non-Tensor inputs"
+# (output_code.py: a FakeScriptObject is not a Tensor, SymInt or Generator), and
+# cudagraph_partition_post_compile (graph_partition=True, the default) turns CUDA
+# graphs off without a skip counted or logged; past that check, recording would
+# trip CUDAGraphNode._allocate_and_copy_recording_inputs's assertion that a
+# non-tensor input is an int or a Generator. Nothing else in 2.11's trees touches
+# the object (it is not static, so never copied or pointer-checked).
+#
+# And in every torch 2.11-2.15, Dynamo guards a reference-type input on its type
+# only, so two buffers share one compiled graph, and a CUDA graph recorded with
+# buffer A replays A's device addresses when called with buffer B (measured on
+# the H200, torch 2.11 with the backport: B's calls returned A's results;
+# tests/test_gpu.py's test_reduce_overhead_replays_each_buffer_its_own_graph).
+#
+# Both patches act only on objects whose class sets CUDAGRAPH_INPUT_MARKER, wrap
+# torch's functions instead of copying them, and are idempotent.
+# ---------------------------------------------------------------------------
+
+#: Class attribute: objects of the class may be CUDA-graph tree inputs (see above).
+CUDAGRAPH_INPUT_MARKER = "_deepep_ops_cudagraph_input"
+_PATCHED = "_deepep_ops_patched"
+_NON_TENSOR_INPUTS = "non-Tensor inputs"  # the fail reason in output_code.CompiledFxGraph
+
+
+def _marked(x: object) -> bool:
+    """``x``, or the object a FakeScriptObject ``x`` stands for, is of a marked class."""
+    real = getattr(x, "real_obj", x)
+    return bool(getattr(type(real), CUDAGRAPH_INPUT_MARKER, False))
+
+
+def _trees_take_opaque_inputs(node_cls: type) -> bool:
+    # #179793 (torch 2.12) made check_invariants compare tensor inputs only
+    # (self.tensor_static_input_idxs): its presence marks the fixed versions.
+    fn = getattr(node_cls, "check_invariants", None)
+    while getattr(fn, "__wrapped__", None) is not None:
+        fn = fn.__wrapped__
+    code = getattr(fn, "__code__", None)
+    return code is None or "tensor_static_input_idxs" in code.co_names
+
+
+def _allow_marked_inputs(example_inputs, compiled_graph) -> None:
+    """Drop "non-Tensor inputs" from a compiled graph's CUDA-graph fail reasons when
+    its only non-tensor inputs are marked objects (and the trees are on: the
+    non-tree cudagraphify cannot replay a non-tensor input in any version).
+
+    Not for a graph of several partitions (graph_partition=True around ops kept out
+    of CUDA graphs): torch 2.11 can hand a partition another op's whole output
+    tuple as an input, which its trees cannot record (measured on the H200: the
+    partition after prefill's ``dispatch_exact`` failed the recording's assertion).
+    Such graphs keep 2.11's verdict and run without CUDA graphs, as before."""
+    import dataclasses
+
+    info = getattr(compiled_graph, "cudagraph_info", None)
+    if info is None or _NON_TENSOR_INPUTS not in info.cudagraph_fail_reasons:
+        return
+    if not torch._inductor.config.triton.cudagraph_trees:
+        return
+    partitions = getattr(compiled_graph, "partition_maps", None)
+    if partitions is not None and len(partitions) > 1:
+        return
+    plain = (torch.Tensor, torch.SymInt, torch.Generator)
+    if not all(isinstance(t, plain) or _marked(t) for t in example_inputs):
+        return
+    reasons = [r for r in info.cudagraph_fail_reasons if r != _NON_TENSOR_INPUTS]
+    compiled_graph.cudagraph_info = dataclasses.replace(info, cudagraph_fail_reasons=reasons)
+
+
+def _patch_trees() -> bool:
+    """Patch CUDA-graph trees (module comment), once; returns whether this torch needed
+    the backport (2.11). Called by the post-compile hooks below, so that
+    ``torch._inductor.cudagraph_trees`` (~0.9 s to import) loads only for graphs
+    compiled for CUDA graphs, as Inductor itself loads it."""
+    from torch._inductor.cudagraph_trees import CUDAGraphNode
+    from torch._inductor.cudagraph_utils import CheckInvariantStatus
+
+    backport = not _trees_take_opaque_inputs(CUDAGraphNode)
+    allocate = CUDAGraphNode._allocate_and_copy_recording_inputs
+    if backport and not getattr(allocate, _PATCHED, False):
+
+        @functools.wraps(allocate)
+        def _allocate_and_copy_recording_inputs(self, inputs):
+            marked = {i: x for i, x in enumerate(inputs) if _marked(x)}
+            if not marked:
+                return allocate(self, inputs)
+            # 2.11 asserts a non-tensor input is an int or a Generator: an int
+            # stand-in takes the same pass-through branch (no copy, no allocation).
+            for i in marked:
+                inputs[i] = 0
+            try:
+                recording_inputs = allocate(self, inputs)
+            finally:
+                for i, x in marked.items():
+                    inputs[i] = x
+            for i, x in marked.items():
+                recording_inputs[i] = x
+            return recording_inputs
+
+        setattr(_allocate_and_copy_recording_inputs, _PATCHED, True)
+        CUDAGraphNode._allocate_and_copy_recording_inputs = _allocate_and_copy_recording_inputs
+
+    check = CUDAGraphNode.check_invariants
+    if not getattr(check, _PATCHED, False):
+        mismatch = CheckInvariantStatus.StaticInputIdxMismatch
+
+        @functools.wraps(check)
+        def check_invariants(self, inputs):
+            # reconstructed_inputs keeps each non-tensor recording input as it was.
+            recorded = getattr(self, "reconstructed_inputs", None)
+            idxs = self.__dict__.get("_deepep_ops_marked_idxs")
+            if idxs is None and recorded is not None:
+                idxs = self.__dict__["_deepep_ops_marked_idxs"] = tuple(
+                    i for i, x in enumerate(recorded) if _marked(x)
+                )
+            for i in idxs or ():
+                if inputs[i] is not recorded[i]:
+                    # Re-record for this object instead of replaying another's addresses.
+                    return mismatch, lambda i=i: f"input {i} is not the {type(inputs[i]).__name__} recorded"
+            return check(self, inputs)
+
+        setattr(check_invariants, _PATCHED, True)
+        CUDAGraphNode.check_invariants = check_invariants
+    return backport
+
+
+def install_cudagraph_inputs() -> bool:
+    """Let CUDA-graph trees take objects of marked classes as graph inputs (module comment).
+
+    Wraps Inductor's two CUDA-graph post-compile hooks, which run (on a compile and
+    on a compile-cache hit) before any graph is recorded: the first one patches the
+    trees, and on torch 2.11 each lifts the "non-Tensor inputs" verdict for graphs
+    whose only non-tensor inputs are marked objects. Idempotent; False (nothing
+    changed) where torch lacks the hooks.
+    """
+    try:
+        from torch._inductor import output_code
+    except ImportError:  # pragma: no cover - torch without Inductor
+        return False
+    names = ("cudagraph_post_compile", "cudagraph_partition_post_compile")
+    hooks = [getattr(output_code, name, None) for name in names]
+    if not all(callable(h) for h in hooks):
+        return False
+    for name, original in zip(names, hooks):
+        if getattr(original, _PATCHED, False):
+            continue
+
+        def wrap(original):
+            @functools.wraps(original)
+            def post_compile(example_inputs, compiled_graph, *args, **kwargs):
+                if _patch_trees():
+                    _allow_marked_inputs(example_inputs, compiled_graph)
+                return original(example_inputs, compiled_graph, *args, **kwargs)
+
+            setattr(post_compile, _PATCHED, True)
+            return post_compile
+
+        setattr(output_code, name, wrap(original))
+    return True
+
+
 def without_dynamo(fn: _F) -> _F:
     """``fn`` run with Dynamo's frame hook off (what ``torch.library.register_kernel``
     does through ``torch._disable_dynamo``), for about 0.3 µs instead of ~9 µs.

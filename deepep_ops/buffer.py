@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from deepep_ops._torch_compat import (
+    CUDAGRAPH_INPUT_MARKER,
     STABLE_CACHE_KEY_METHOD,
     OpaqueBase,
+    install_cudagraph_inputs,
     install_stable_cache_keys,
     opaque_type_name,
     register_reference_type,
@@ -122,6 +124,11 @@ register_reference_type(EPBuffer, trace_time_members=("num_ranks", "capacity"))
 # Compile caches key graphs by cache_description(), the same in every process.
 setattr(EPBuffer, STABLE_CACHE_KEY_METHOD, EPBuffer.cache_description)
 install_stable_cache_keys()
+# mode="reduce-overhead": CUDA-graph trees take the buffer as an input (torch 2.11
+# needs a backport for that), and a graph recorded with one buffer re-records
+# rather than replay its device addresses for another.
+setattr(EPBuffer, CUDAGRAPH_INPUT_MARKER, True)
+install_cudagraph_inputs()
 
 #: The name schemas use for the buffer argument.
 EP_BUFFER_TYPE = opaque_type_name(EPBuffer)

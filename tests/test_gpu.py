@@ -18,18 +18,17 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 E, H, I, K, CAPACITY = 8, 256, 128, 2, 64
-_TORCH_BEFORE_2_13 = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
-def _layer(decode: bool):
+def _layer(decode: bool, native=None):
     import deepep_ops
     from deepep_ops.moe import MoELayer, make_moe_weights
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
 
     device = torch.device("cuda")
-    buffer = deepep_ops.EPBuffer(
-        deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
-    )
+    if native is None:
+        native = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
+    buffer = deepep_ops.EPBuffer(native)
     weights = make_moe_weights(E, H, I, seed=3)
     weights = type(weights)(*(w.to(device) for w in weights))
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
@@ -127,25 +126,72 @@ def _cuda_graph_launches(fn, *args, calls: int = 3) -> int:
     return sum("cudaGraphLaunch" in e.name for e in prof.events())
 
 
-@pytest.mark.xfail(
-    _TORCH_BEFORE_2_13,
-    strict=True,
-    reason="measured on torch 2.11 (H100): CUDA-graph trees never record a graph that takes "
-    "an opaque reference object (the EPBuffer) as input -- no skip is reported, the graph "
-    "just runs un-captured (0 cudaGraphLaunch, ~500 kernel launches per 3 calls; a control "
-    "function replays). torch 2.13 lets opaque reference inputs through (PR #179793)",
-)
+def _reduce_overhead_call(compiled):
+    """One serving step of a mode="reduce-overhead" function: a new step begins (the
+    previous outputs may be overwritten), and the output is copied out of the pool."""
+
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args).clone()
+
+    return call
+
+
 def test_decode_reduce_overhead_launches_cuda_graphs():
-    """Past warm-up and recording, each decode call is one CUDA-graph launch."""
+    """Past warm-up and recording each decode call is one CUDA-graph launch, with the
+    EPBuffer as a graph input (torch 2.11 needs deepep_ops._torch_compat's backport),
+    and T = 5..8 padded to their bucket replay that one graph with correct results."""
+    from torch._dynamo.utils import counters
+
     from deepep_ops import pow2_bucket
 
-    layer, _ = _layer(decode=True)
-    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=True)
+    layer, weights = _layer(decode=True)
+    call = _reduce_overhead_call(torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=True))
     m = pow2_bucket(8, CAPACITY)
-    x = _tokens(8, seed=0)
-    for _ in range(3):  # warm-up, record, replay
-        compiled(x, m)
-    assert _cuda_graph_launches(compiled, x, m) == 3
+    for step in range(3):  # warm-up, record, replay
+        call(_tokens(m, seed=100 + step), m)
+    x = _tokens(m, seed=0)
+    assert _cuda_graph_launches(call, x, m) == 3
+    for step, T in enumerate([5, 6, 7, 8, 5]):
+        x = _tokens(T, seed=step)
+        x_padded = torch.cat([x, x.new_zeros(m - T, H)])
+        out = call(x_padded, m)[:T]
+        torch.testing.assert_close(out, layer(x_padded, m)[:T], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out.float(), _dense(x, weights).float(), atol=3e-2, rtol=3e-2)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def _scaled_reference(scale: float):
+    """A :class:`ReferenceElasticBuffer` whose combine scales by a tensor it holds on
+    the GPU, as DeepEP's buffer holds device memory that a captured graph bakes in."""
+    import deepep_ops
+
+    class ScaledReference(deepep_ops.ReferenceElasticBuffer):
+        def combine(self, x, handle, **kwargs):
+            out, weights, event = super().combine(x, handle, **kwargs)
+            return (out.float() * self.scale).bfloat16(), weights, event
+
+    buf = ScaledReference(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
+    buf.scale = torch.tensor(scale, device="cuda")
+    return buf
+
+
+def test_reduce_overhead_replays_each_buffer_its_own_graph():
+    """Two EPBuffers share one compiled graph (Dynamo guards the opaque type, not the
+    object); a CUDA graph recorded with one must not be replayed for the other,
+    which would run the first buffer's device memory (deepep_ops._torch_compat's guard)."""
+    from deepep_ops import EPBuffer, pow2_bucket
+
+    layer, weights = _layer(decode=True, native=_scaled_reference(1.0))
+    buffers = {1.0: layer.pf.buffer, 3.0: EPBuffer(_scaled_reference(3.0))}
+    call = _reduce_overhead_call(torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=True))
+    m = pow2_bucket(8, CAPACITY)
+    for step, scale in enumerate([1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0, 3.0, 1.0, 3.0]):
+        layer.pf.buffer = buffers[scale]
+        x = _tokens(m, seed=step)
+        want = _dense(x, weights).float() * scale
+        torch.testing.assert_close(call(x, m).float(), want, atol=3e-2 * scale, rtol=3e-2)
+    assert _cuda_graph_launches(call, x, m) == 3
 
 
 def test_decode_manual_cuda_graph_capture_replays():
@@ -480,6 +526,13 @@ def _assert_rel_err(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert err < tol, f"relative error {err:.2e} >= {tol}"
 
 
+def _de_dense(x, weights):
+    """The independent dense answer (tests/dense_reference.py) for the real-DeepEP layers."""
+    import dense_reference as ref
+
+    return ref.dense_moe_layer(x, *weights, DE_K)[0].to(x.device)
+
+
 def _deepep_layer(buf, decode: bool, fp8: bool):
     from deepep_ops.moe import MoELayer, make_moe_weights
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
@@ -494,8 +547,6 @@ def _deepep_layer(buf, decode: bool, fp8: bool):
 def test_deepep_compiled_decode_replays_from_cuda_graph(deepep_buffers, fp8):
     """The compiled decode MoE step on real DeepEP, captured with torch.cuda.graph, replays
     correctly on new inputs (against the eager step and the dense MoE)."""
-    from deepep_ops.moe import dense_moe
-
     buf, _ = deepep_buffers
     layer, weights = _deepep_layer(buf, decode=True, fp8=fp8)
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
@@ -517,14 +568,12 @@ def test_deepep_compiled_decode_replays_from_cuda_graph(deepep_buffers, fp8):
         static_x.copy_(x)
         graph.replay()
         torch.testing.assert_close(static_out, layer(x, DE_M), **tol)
-        _assert_rel_err(static_out, dense_moe(x, weights, DE_K), 5e-2 if fp8 else 2e-2)
+        _assert_rel_err(static_out, _de_dense(x, weights), 5e-2 if fp8 else 2e-2)
 
 
 def test_deepep_prefill_only_exact_dispatch_leaves_cuda_graphs(deepep_buffers):
     """Prefill on real DeepEP under reduce-overhead with graph partitioning: correct, and only
     deepep_ops::dispatch_exact (and its outputs, bound checks) is kept out of CUDA graphs."""
-    from deepep_ops.moe import dense_moe
-
     buf, _ = deepep_buffers
     layer, weights = _deepep_layer(buf, decode=False, fp8=False)
     with _record_partitions() as partitioned:
@@ -534,7 +583,27 @@ def test_deepep_prefill_only_exact_dispatch_leaves_cuda_graphs(deepep_buffers):
             x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
             out = compiled(x).clone()
             torch.testing.assert_close(out, layer(x), atol=2e-2, rtol=2e-2)
-            _assert_rel_err(out, dense_moe(x, weights, DE_K), 2e-2)
+            _assert_rel_err(out, _de_dense(x, weights), 2e-2)
     exact = "deepep_ops.dispatch_exact.default"
     ops = {op for op, _reason in partitioned}
     assert exact in ops and ops <= {exact, f"output of {exact}", "AssertScalar"}, partitioned
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_deepep_decode_reduce_overhead_launches_cuda_graphs(deepep_buffers, fp8):
+    """mode="reduce-overhead" on real DeepEP: each decode call past recording is one
+    CUDA-graph launch, with correct results on new inputs (eager step, dense MoE)."""
+    buf, _ = deepep_buffers
+    layer, weights = _deepep_layer(buf, decode=True, fp8=fp8)
+    call = _reduce_overhead_call(torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=True))
+    T = 6
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randn(T, DE_H, generator=g).cuda().bfloat16() for _ in range(6)]
+    for x in tokens[:3]:  # warm-up, record, replay
+        call(x, DE_M)
+    assert _cuda_graph_launches(call, tokens[0], DE_M) == 3
+    tol = dict(atol=6e-2, rtol=6e-2) if fp8 else dict(atol=2e-2, rtol=2e-2)
+    for x in tokens[3:]:
+        out = call(x, DE_M)
+        torch.testing.assert_close(out, layer(x, DE_M), **tol)
+        _assert_rel_err(out, _de_dense(x, weights), 5e-2 if fp8 else 2e-2)

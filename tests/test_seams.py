@@ -123,3 +123,78 @@ def test_eager_and_compiled_bucket_the_same_count_on_every_rank():
     from _dist import run_distributed
 
     assert run_distributed(_same_bucket_eager_and_compiled, 2) == [[16, 16], [16, 16]]
+
+
+# --- CUDA-graph trees and the EPBuffer input (deepep_ops._torch_compat) ---------------------
+# The GPU behaviour (graphs recorded and replayed on torch 2.11, a swapped buffer re-recorded)
+# is in tests/test_gpu.py; here, on any torch, the two decisions the patches make.
+
+
+def _fake_compiled_graph(reasons):
+    import dataclasses
+
+    from torch._inductor.cudagraph_utils import CudagraphCachedInfo
+
+    given = {"placeholders": (), "stack_traces": [], "cudagraph_fail_reasons": list(reasons)}
+    info = CudagraphCachedInfo(**{f.name: given.get(f.name, ()) for f in dataclasses.fields(CudagraphCachedInfo)})
+    return type("CompiledGraph", (), {"cudagraph_info": info})()
+
+
+def _fake_script_object(obj):
+    from torch._library.fake_class_registry import maybe_to_fake_obj
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return maybe_to_fake_obj(FakeTensorMode(), obj)
+
+
+def test_cudagraph_verdict_lifted_only_for_an_ep_buffer_input():
+    """torch 2.11's "non-Tensor inputs" verdict is dropped for a graph whose only
+    non-tensor inputs are EPBuffers (as Dynamo hands them to Inductor: fake script
+    objects), other reasons stay, and any other object keeps the verdict."""
+    from deepep_ops._torch_compat import _allow_marked_inputs
+
+    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
+    fake = _fake_script_object(buf)
+    assert fake is not buf and getattr(fake, "real_obj", None) is buf
+    inputs = [torch.ones(2), fake, torch.ones(3)]
+    graph = _fake_compiled_graph(["non-Tensor inputs", "mutated inputs"])
+    _allow_marked_inputs(inputs, graph)
+    assert graph.cudagraph_info.cudagraph_fail_reasons == ["mutated inputs"]
+    for other in (object(), "a string", None):
+        graph = _fake_compiled_graph(["non-Tensor inputs"])
+        _allow_marked_inputs(inputs + [other], graph)
+        assert graph.cudagraph_info.cudagraph_fail_reasons == ["non-Tensor inputs"], other
+    with torch._inductor.config.patch({"triton.cudagraph_trees": False}):  # no trees: nothing lifted
+        graph = _fake_compiled_graph(["non-Tensor inputs"])
+        _allow_marked_inputs(inputs, graph)
+        assert graph.cudagraph_info.cudagraph_fail_reasons == ["non-Tensor inputs"]
+    # Several partitions (prefill around dispatch_exact): 2.11 may pass tuples between them.
+    graph = _fake_compiled_graph(["non-Tensor inputs"])
+    graph.partition_maps = [object(), object()]
+    _allow_marked_inputs(inputs, graph)
+    assert graph.cudagraph_info.cudagraph_fail_reasons == ["non-Tensor inputs"]
+    graph = _fake_compiled_graph(["non-Tensor inputs"])
+    graph.partition_maps = [object()]
+    _allow_marked_inputs(inputs, graph)
+    assert graph.cudagraph_info.cudagraph_fail_reasons == []
+
+
+def test_cudagraph_node_recorded_with_one_buffer_rejects_another():
+    """A CUDA-graph node recorded with buffer A answers a call with buffer B with a
+    mismatch (CUDA-graph trees then record anew) instead of replaying A's addresses."""
+    from torch._inductor.cudagraph_trees import CUDAGraphNode
+    from torch._inductor.cudagraph_utils import CheckInvariantStatus
+
+    from deepep_ops._torch_compat import _patch_trees
+
+    _patch_trees()
+    make = lambda: D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))  # noqa: E731
+    a, b = make(), make()
+    node = object.__new__(CUDAGraphNode)  # only what the identity check reads
+    node.reconstructed_inputs = [torch.ones(2), a, 3]
+    status, reason = CUDAGraphNode.check_invariants(node, [torch.ones(2), b, 3])
+    assert status == CheckInvariantStatus.StaticInputIdxMismatch
+    assert "EPBuffer" in reason()
+    # The same buffer reaches torch's own check (which a bare node cannot pass).
+    with pytest.raises(AttributeError):
+        CUDAGraphNode.check_invariants(node, [torch.ones(2), a, 3])

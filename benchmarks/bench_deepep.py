@@ -11,8 +11,14 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
   then DeepEP's combine on the handle it returns, no op layer (host table only);
 - ``ops``: ``deepep_ops.dispatch`` + ``deepep_ops.combine`` (the eager fast path);
   ``ops/torch.ops``: the same forced through the dispatcher;
-- ``pf``: :class:`DeepEPPrepareFinalize` prepare → identity experts → finalize,
-  eager and ``torch.compile(fullgraph=True, dynamic=True)``; the hidden size
+- ``pf``: :class:`DeepEPPrepareFinalize` prepare → expert stand-in → finalize,
+  eager and ``torch.compile(fullgraph=True, dynamic=True)``. The stand-in
+  (``--expert-output``): ``materialized`` (default) hands finalize a
+  persistent [R·M, K, H] bf16 tensor, one output per (row, lane) in memory, as
+  a grouped GEMM leaves it in a model, so the glue reads what it reads there
+  (every routed lane); ``broadcast`` hands it the received rows expanded over K
+  (stride 0: the identity experts of earlier runs, which make the
+  weight-and-reduce read one row K times over); the hidden size
   is marked static (``--hidden-dim static``, the default), as it is in a model,
   whose weights fix it, and in vLLM, which marks only the token dim dynamic:
   a symbolic H (``--hidden-dim dynamic``, what ``dynamic=True`` does to a
@@ -22,10 +28,10 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
 
 Then the compiled glue (quantization, id globalize, weight-and-reduce, the
 output copy: compiled pf graph − ops graph) against its memory-traffic floor:
-the bytes it must move over the device-to-device copy bandwidth measured in
-the same run. Times: median wall µs over ``--reps`` calls, each synchronized;
-the variants take turns call by call, so drifting clocks and load fall on all
-alike. ``--profile-glue`` lists the compiled step's kernels at the largest T.
+the bytes it must move (:func:`glue_bytes`) over the device-to-device copy
+bandwidth measured in the same run. Times: median wall µs over ``--reps``
+calls, each synchronized; the variants take turns call by call, so drifting
+clocks and load fall on all alike. ``--profile-glue`` lists the compiled step's kernels at the largest T.
 
     python benchmarks/bench_deepep.py --backend deepep     # deep_ep.ElasticBuffer, NCCL world size 1
     python benchmarks/bench_deepep.py --backend reference  # ReferenceElasticBuffer
@@ -117,16 +123,39 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / statistics.median(times)
 
 
-def glue_bytes(T: int, M: int, R: int, H: int, K: int, fp8: bool) -> int:
+def glue_bytes(T: int, M: int, R: int, H: int, K: int, fp8: bool, expert_output_bytes: int) -> int:
     """The fewest bytes the decode glue moves: quantize x (fp8: read bf16, write fp8 +
-    scales), read the received rows, local ids and weights once, write the reduced
-    rows. (No output copy: the step's output is fresh, so Inductor hands combine's
-    result back as it, and finalize's copy_ disappears.)"""
+    scales), read the expert outputs it reduces (``expert_output_bytes``), local ids
+    and weights once, write the reduced rows. (No output copy: the step's output is
+    fresh, so Inductor hands combine's result back as it, and finalize's copy_
+    disappears.)"""
     rows = R * M
     quant = (T * H * 2 + T * H + T * (H // 128) * 4) if fp8 else 0
-    return quant + rows * H * (1 if fp8 else 2) + rows * K * (8 + 4) + rows * H * 2
+    return quant + expert_output_bytes + rows * K * (8 + 4) + rows * H * 2
 
 
+def expert_output_bytes(T: int, M: int, R: int, H: int, K: int, fp8: bool, materialized: bool) -> int:
+    """What the weight-and-reduce must read of the expert outputs: materialized, every
+    routed lane of every real row, [H] bf16 each (R = 1 and no empty slot here:
+    all T·K lanes); broadcast, each received row once (all its lanes are that row,
+    read as received: fp8 before the stand-in's conversion)."""
+    return T * K * H * 2 if materialized else R * M * H * (1 if fp8 else 2)
+
+
+
+
+def make_lanes_step(pf, lanes: torch.Tensor):
+    """prepare → expert stand-in → finalize, the stand-in's outputs ``lanes[:rows]``
+    ([R·M_max, K, H] bf16, persistent): what the glue reads in a model, where the
+    experts' grouped GEMM writes one output per (row, lane), without the GEMM."""
+
+    def step(x, topk_weights, topk_ids, m):
+        p = pf.prepare(x, topk_weights, topk_ids, num_max_tokens_per_rank=m)
+        out = torch.empty_like(x)
+        pf.finalize(out, lanes[: p.topk_ids.shape[0]], p.topk_weights, p.topk_ids, p.handle)
+        return out
+
+    return step
 
 
 def _make_buffer(backend: str, capacity: int, args):
@@ -164,6 +193,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden-dim", choices=("static", "dynamic"), default="static",
                         help="whether the compiled step sees H as a constant (as in a model: its weights fix it) "
                              "or as a symbol (dynamic=True on a function of activations only)")
+    parser.add_argument("--expert-output", choices=("materialized", "broadcast"), default="materialized",
+                        help="what the expert stand-in hands finalize: a persistent [R*M, K, H] output per (row, "
+                             "lane), as a grouped GEMM leaves it, or the received rows broadcast over K (stride 0)")
     parser.add_argument("--profile-glue", action="store_true",
                         help="print the kernels of the compiled step and of the bare ops at the largest T")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -181,7 +213,15 @@ def main(argv=None) -> None:
     R = buffer.num_ranks
     bandwidth = copy_bandwidth()
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=True, use_fp8_dispatch=args.fp8, device="cuda")
-    step = make_step(pf, K)
+    lanes = None
+    if args.expert_output == "materialized":
+        # Distinct per lane, so a reduce that mixes up lanes or weights shows in the checks
+        # below; the same for every row, since DeepEP's decode row order is not deterministic
+        # (a stand-in keyed by row would give eager and compiled calls other answers).
+        g = torch.Generator().manual_seed(0)
+        lane_values = torch.randn(1, K, H, generator=g).to("cuda", torch.bfloat16)
+        lanes = lane_values.expand(R * capacity, K, H).contiguous()
+    step = make_step(pf, K) if lanes is None else make_lanes_step(pf, lanes)
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
 
     def tokens(t: torch.Tensor) -> torch.Tensor:
@@ -270,7 +310,8 @@ def main(argv=None) -> None:
 
         de = f", deep_ep {getattr(deep_ep, '__version__', '?')}"
     print(f"\ndecode dispatch+combine, {args.backend} backend, {R} rank on {dev}, torch {torch.__version__}{de}, "
-          f"H={H} K={K} E={E}, {'fp8' if args.fp8 else 'bf16'} prepare/finalize, compiled at the {args.compile_first} "
+          f"H={H} K={K} E={E}, {'fp8' if args.fp8 else 'bf16'} prepare/finalize with {args.expert_output} expert "
+          f"outputs, compiled at the {args.compile_first} "
           f"T first with a {args.hidden_dim} H; median wall µs of {args.reps} "
           f"synchronized calls; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     names = list(rows[0][2])
@@ -279,7 +320,8 @@ def main(argv=None) -> None:
     print("|---|---|" + "---|" * (len(names) + 4))
     for T, M, t, _issue in rows:
         glue = t["pf compiled graph"] - t["ops graph"]
-        floor = glue_bytes(T, M, R, H, K, args.fp8) / bandwidth * 1e6
+        read = expert_output_bytes(T, M, R, H, K, args.fp8, materialized=lanes is not None)
+        floor = glue_bytes(T, M, R, H, K, args.fp8, read) / bandwidth * 1e6
         print(f"| {T} | {M} | " + " | ".join(f"{t[n]:.0f}" for n in names)
               + f" | {t['ops'] - t['raw']:+.1f} | {glue:.1f} | {floor:.1f} | {glue / floor:.1f}× |")
     print("\nhost µs to issue one eager pair, unsynchronized (20 back to back, median of 30)")

@@ -208,6 +208,14 @@ def _ts_for(world, base):
     return [max(base - 3 * r, 1) for r in range(world)]
 
 
+#: Eager gradients of a compiled scenario's steps, kept for the scenario of the other
+#: backend with the same (decode, ckpt): the eager function, its weights and its
+#: inputs are the same there, so are its gradients (the reference buffer and the
+#: CPU kernels are deterministic). The first of the two computes them, the second
+#: takes them and drops the entry. Per spawned rank.
+_EAGER_GRADS: dict = {}
+
+
 def _compiled_case(rank, world, *, decode, backend, ckpt, Ts):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -220,15 +228,24 @@ def _compiled_case(rank, world, *, decode, backend, ckpt, Ts):
     eager = _checkpointed(s.block) if ckpt else s.block
     # With ckpt the checkpoint is inside the compiled region (Dynamo's checkpoint HOP).
     compiled = torch.compile(eager, backend=cnt, fullgraph=True, dynamic=True)
+    key = (decode, ckpt, tuple(Ts))
+    shared = _EAGER_GRADS.pop(key, None)
+    computed = []
     worst = 0.0
     for i, base in enumerate(Ts):
         step_ts = _ts_for(world, base)
         inputs, G = _inputs(100 + i, step_ts, s.E)
-        want = _step(s.block, inputs[rank], G[rank], fn=eager)
+        if shared is None:
+            want = _step(s.block, inputs[rank], G[rank], fn=eager)
+            computed.append(want)
+        else:
+            want = shared[i]
         got = _step(s.block, inputs[rank], G[rank], fn=compiled)
         for a, b, name in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2]), ("x", "w", "gate", "up", "down")):
             worst = max(worst, _assert_rel(a, b, f"rank {rank} T={step_ts[rank]} {name}.grad (compiled vs eager)",
                                            COMPILED_RTOL[backend]))
+    if shared is None:
+        _EAGER_GRADS[key] = computed
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= cnt.frame_count <= 2, f"{cnt.frame_count} frames"
     print(f"COMPILED rank {rank} {backend} decode={decode} ckpt={ckpt}: {cnt.frame_count} frames over "

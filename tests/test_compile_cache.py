@@ -20,7 +20,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 _CHILD = r"""
-import json, socket, sys, time
+import json, os, sys, tempfile, time
 import torch, torch.distributed as dist
 import deepep_ops as D
 from deepep_ops.moe import MoELayer, make_moe_weights
@@ -28,10 +28,9 @@ from torch._dynamo.utils import counters
 
 torch.set_num_threads(1)
 cap = int(sys.argv[1])
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+# A FileStore, not a port picked by binding port 0 (another process may take it in between).
+store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 H, K, E = 256, 2, 4
 buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=cap, hidden=H, num_topk=K))
 layer = MoELayer(make_moe_weights(E, H, 32), D.DeepEPPrepareFinalize(buf, E, K, decode=True))

@@ -204,3 +204,41 @@ def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwra
     _compare(reference, results)
     _compare(compiled_unwrapped[1], results)
     print(f"\nengine wall times (s): {WALL}")
+
+
+def test_engines_start_again_on_a_taken_port(tmp_path, monkeypatch):
+    """A DP master port taken between picking and binding it (the ranks log "address
+    already in use") costs one new start on another port, not a failed test; other
+    failures still raise."""
+    import subprocess
+
+    ports = []
+
+    def fake_launch(self, port):
+        ports.append(port)
+        taken = len(ports) == 1
+        self.logs, self.procs, self.t0 = [], [], time.monotonic()
+        for r in range(self.dp_size):
+            log = tmp_path / f"r{r}.{len(ports)}.log"
+            out = f"{self.out_prefix}.rank{r}.json"
+            code = ("import sys; print('OSError: [Errno 98] Address already in use'); sys.exit(1)" if taken else
+                    f"import json; json.dump({{'rank': {r}}}, open({out!r}, 'w'))")
+            self.logs.append(str(log))
+            with open(log, "w") as f:
+                self.procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+
+    monkeypatch.setattr(tiny.Engines, "_launch", fake_launch)
+    results, _, _ = tiny.Engines("model", tmp_path / "run", dp_size=2, ep=True, eager=True, timeout=60).wait()
+    assert [r["rank"] for r in results] == [0, 1]
+    assert len(ports) == 2, ports  # one start on a taken port, one on a fresh one
+
+    def failing_launch(self, port):
+        self.logs, self.procs, self.t0 = [str(tmp_path / "bad.log")], [], time.monotonic()
+        with open(self.logs[0], "w") as f:
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdout=f,
+                                               start_new_session=True))
+
+    monkeypatch.setattr(tiny.Engines, "_launch", failing_launch)
+    with pytest.raises(RuntimeError, match=r"exited with \[\(0, 3\)\]"):
+        tiny.Engines("model", tmp_path / "bad", dp_size=1, ep=False, eager=True, timeout=60).wait()

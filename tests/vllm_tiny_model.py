@@ -190,20 +190,39 @@ def main(argv=None) -> int:
 
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: What a rank's log says when the DP master port was taken between picking and binding it.
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE")
+
+
 class Engines:
-    """``dp_size`` engine processes (offline SPMD DP), each in its own process group."""
+    """``dp_size`` engine processes (offline SPMD DP), each in its own process group.
+
+    Without ``port``, the DP master port is a free one picked by binding port 0;
+    another process may take it before vLLM binds it, so a run whose ranks fail
+    with "address already in use" is started again once on a new port.
+    """
 
     def __init__(self, model, out_prefix, *, dp_size: int, ep: bool, eager: bool, env_extra=None,
                  timeout: float = 240.0, port: Optional[int] = None, extra_args=()):
-        import socket
+        self.out_prefix, self.dp_size, self.timeout = out_prefix, dp_size, timeout
+        self._cmd_args = (model, ep, eager, env_extra, extra_args)
+        self._port_retries = 0 if port is not None else 1
+        self._launch(_free_port() if port is None else port)
+
+    def _launch(self, port: int) -> None:
         import subprocess
 
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+        model, ep, eager, env_extra, extra_args = self._cmd_args
+        dp_size, out_prefix = self.dp_size, self.out_prefix
         bind = "|".join(str(r % (os.cpu_count() or 1)) for r in range(dp_size))
-        self.out_prefix, self.dp_size, self.timeout = out_prefix, dp_size, timeout
         self.procs, self.logs = [], []
         self.t0 = time.monotonic()
         for r in range(dp_size):
@@ -246,6 +265,12 @@ class Engines:
             self.kill()
         wall = time.monotonic() - self.t0
         bad = [(r, p.returncode) for r, p in enumerate(self.procs) if p.returncode != 0]
+        if bad and self._port_retries > 0 and any(
+            marker in Path(log).read_text(errors="replace") for log in self.logs for marker in _PORT_TAKEN
+        ):
+            self._port_retries -= 1
+            self._launch(_free_port())
+            return self.wait()
         if bad:
             raise RuntimeError(f"engine ranks exited with {bad}; logs: {self.logs}")
         results = [json.loads(Path(f"{self.out_prefix}.rank{r}.json").read_text()) for r in range(self.dp_size)]

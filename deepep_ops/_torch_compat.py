@@ -5,6 +5,10 @@ torch 2.14 renamed opaque objects to *custom classes*: ``torch._custom_class_bas
 ``torch._opaque_base.OpaqueBase`` and ``register_opaque_type(typ="reference")``,
 which remain as shims that log a deprecation warning. torch 2.11–2.13 have only
 the old names. Nothing else in deepep-ops imports either.
+
+Also here: stable compile-cache keys for the buffer, CUDA-graph trees that take
+it as an input (a backport for torch 2.11, an identity check for all), Dynamo's
+frame hook around the kernels, and the dispatcher's no-op test of the eager path.
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ def install_stable_cache_keys() -> bool:
     _reduce_fake_script_object._deepep_ops_stable = True  # type: ignore[attr-defined]
     FxGraphCachePickler._reduce_fake_script_object = _reduce_fake_script_object
     return True
+
+
 # ---------------------------------------------------------------------------
 # CUDA-graph trees (mode="reduce-overhead") for graphs that take an opaque
 # reference object as an input.

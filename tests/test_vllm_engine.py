@@ -22,7 +22,6 @@ on timeout).
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time

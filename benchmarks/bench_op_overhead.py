@@ -131,15 +131,19 @@ def _through_dispatcher():
     """The wrappers' eager fast path off: every call goes through torch.ops."""
     import deepep_ops.api as api
 
-    if not hasattr(api, "_plain_eager"):  # a tree without the fast path: always the dispatcher
+    # The gate's name in this tree and in older ones (bench_deepep.py runs on both).
+    for gate, off in (("_eager_mode_is_plain", lambda: False), ("_plain_eager", lambda *_: False)):
+        if hasattr(api, gate):
+            break
+    else:  # a tree without the fast path: always the dispatcher
         yield
         return
-    saved = api._plain_eager
-    api._plain_eager = lambda *_: False
+    saved = getattr(api, gate)
+    setattr(api, gate, off)
     try:
         yield
     finally:
-        api._plain_eager = saved
+        setattr(api, gate, saved)
 
 
 def main(argv=None) -> None:

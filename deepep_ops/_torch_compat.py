@@ -8,13 +8,14 @@ the old names. Nothing else in deepep-ops imports either.
 
 Also here: stable compile-cache keys for the buffer, CUDA-graph trees that take
 it as an input (a backport for torch 2.11, an identity check for all), Dynamo's
-frame hook around the kernels, and the dispatcher's no-op test of the eager path.
+frame hook around the kernels, the dispatcher's no-op test of the eager path,
+and the C++ tensor guard that recognises the eager path's known calls.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Optional, TypeVar
 
 import torch
 from torch._C import _are_functorch_transforms_active, _is_torch_function_mode_enabled, _len_torch_dispatch_stack
@@ -38,8 +39,10 @@ __all__ = [
     "OpaqueBase",
     "STABLE_CACHE_KEY_METHOD",
     "dispatcher_is_a_no_op",
+    "eager_mode_is_plain",
     "install_cudagraph_inputs",
     "install_stable_cache_keys",
+    "metadata_guard",
     "opaque_type_name",
     "register_reference_type",
     "without_dynamo",
@@ -336,3 +339,47 @@ def dispatcher_is_a_no_op(*tensors: torch.Tensor) -> bool:
 
 _is_compiling = torch.compiler.is_compiling
 _is_grad_enabled = torch.is_grad_enabled
+
+
+def eager_mode_is_plain() -> bool:
+    """The part of :func:`dispatcher_is_a_no_op` that no tensor guard sees: not
+    tracing with Dynamo, no torch-function mode, no profiler. ~0.15 µs."""
+    return not (_is_compiling() or _is_torch_function_mode_enabled() or _profiler_enabled())
+
+
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every torch this package supports has it
+    _TensorGuards = None
+
+
+def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callable[..., bool]]:
+    """``check(*others) -> bool``, True only if each of ``others`` has the Python
+    type, dtype, device, sizes, strides and ``requires_grad`` of the tensor of
+    ``tensors`` in its place, and the dispatch keys it had under the thread's
+    dispatch state then: under a torch-dispatch mode, a functorch transform,
+    inference mode or autocast they differ, so the check fails. One C++ call
+    (Dynamo's TENSOR_MATCH guard, ``torch._C._dynamo.guards.TensorGuards``):
+    ~0.3 µs for three tensors on the 2-core box, where reading the same
+    properties in Python and hashing them took ~1.4 µs.
+
+    Args:
+        tensors: plain tensors, none requiring grad.
+        dynamic_rows: indices into ``tensors`` whose dim 0 is not checked.
+
+    Returns:
+        None if any of ``tensors`` needs grad or is not a plain tensor (the guard
+        does not look at grad mode, so it could not tell when autograd records),
+        or if this torch has no ``TensorGuards``: the caller then keeps checking in full.
+    """
+    if _TensorGuards is None:
+        return None
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.requires_grad:
+            return None
+    sizes = [[None if i in dynamic_rows and d == 0 else n for d, n in enumerate(t.shape)] for i, t in enumerate(tensors)]
+    strides = [list(t.stride()) for t in tensors]
+    try:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
+    except (TypeError, RuntimeError):  # pragma: no cover - a constructor this module does not know
+        return None

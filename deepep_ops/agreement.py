@@ -22,8 +22,10 @@ Two modes, per :class:`EPBuffer`:
   difference (one rank's M) and one rank's rejection reach every rank.
 
 Agree-once mode also remembers the eager calls that passed (:attr:`Agreement.known_calls`):
-keyed on every property of the arguments that validation reads except tensor
-values, so a repeat skips validation's explainers and the signature build too.
+keyed on the mode, T and the int arguments, each with a guard over every
+property of the tensor arguments that validation reads except their values
+(:mod:`deepep_ops.ops`), so a repeat skips validation's explainers and the
+signature build too.
 
 Never during CUDA-graph capture: a host collective there would break capture
 (NCCL) or stall it; captured calls skip the exchange.

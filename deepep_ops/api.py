@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from deepep_ops import ops
-from deepep_ops._torch_compat import dispatcher_is_a_no_op
+from deepep_ops._torch_compat import eager_mode_is_plain
 from deepep_ops.buffer import EPBuffer
-from deepep_ops.handle import DispatchedHandle, DispatchHandle, DispatchResult, ExactDispatchResult
+from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
 from deepep_ops.layout import IntLike, decode_num_expanded_tokens
 from deepep_ops.validation import check_not_bool
 
@@ -32,20 +32,11 @@ def _eager_prologue(op: str, topk_idx: torch.Tensor, num_experts: object, expert
     return topk_idx.clone() if isinstance(topk_idx, torch.Tensor) else topk_idx
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether these wrappers may call the op's kernel directly (:mod:`deepep_ops.ops`'s
-    eager fast path) for an op with these tensor arguments: the dispatcher
-    would add nothing but ~5 µs (tests turn the fast path off by replacing this).
-    """
-    return dispatcher_is_a_no_op(*tensors)
-
-
-def _handle_stand_ins(handle: DispatchHandle) -> tuple:
-    """The tensors :func:`_plain_eager` looks at for a handle: ``topk_idx`` and
-    ``recv_src_metadata`` stand for all (a handle's tensors come from one
-    dispatch: all plain or all not). A :class:`DispatchedHandle`'s came from the
-    fast path (plain, no grad): the callers look at none of them."""
-    return (handle.topk_idx, handle.recv_src_metadata)
+#: Whether these wrappers may try the ops' kernels without the dispatcher
+#: (:mod:`deepep_ops.ops`' eager fast path, which still asks the dispatcher's
+#: no-op test of the tensors whenever a call is not a known one): not tracing,
+#: no torch-function mode, no profiler. Tests turn the fast path off by replacing it.
+_eager_mode_is_plain = eager_mode_is_plain
 
 
 def dispatch(
@@ -72,10 +63,12 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    if _plain_eager(x, topk_idx, topk_weights) if x_scales is None else _plain_eager(x, x_scales, topk_idx, topk_weights):
-        return ops.eager_dispatch(
+    if _eager_mode_is_plain():
+        result = ops.eager_dispatch(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
+        if result is not None:
+            return result
     topk_idx = _eager_prologue("deepep_ops.dispatch", topk_idx, num_experts, expert_alignment)
     out = torch.ops.deepep_ops.dispatch(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
@@ -114,10 +107,12 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    if _plain_eager(x, topk_idx, topk_weights) if x_scales is None else _plain_eager(x, x_scales, topk_idx, topk_weights):
-        return ops.eager_dispatch_exact(
+    if _eager_mode_is_plain():
+        result = ops.eager_dispatch_exact(
             x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
         )
+        if result is not None:
+            return result
     topk_idx = _eager_prologue("deepep_ops.dispatch_exact", topk_idx, num_experts, expert_alignment)
     out = torch.ops.deepep_ops.dispatch_exact(
         x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
@@ -150,17 +145,18 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     Returns:
         [T, H] bf16.
     """
-    if _plain_eager(x) if type(handle) is DispatchedHandle else _plain_eager(x, *_handle_stand_ins(handle)):
-        return ops.eager_combine("deepep_ops.combine", x, buffer, handle)
+    if _eager_mode_is_plain():
+        result = ops.eager_combine("deepep_ops.combine", x, buffer, handle)
+        if result is not None:
+            return result
     return torch.ops.deepep_ops.combine(x, buffer, *handle)
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    if _plain_eager(x, out) if type(handle) is DispatchedHandle else _plain_eager(x, out, *_handle_stand_ins(handle)):
-        ops.eager_combine("deepep_ops.combine_into", x, buffer, handle, out)
-    else:
-        torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)
+    if _eager_mode_is_plain() and ops.eager_combine("deepep_ops.combine_into", x, buffer, handle, out) is not None:
+        return
+    torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)
 
 
 def cached_dispatch(

@@ -8,12 +8,12 @@ sizes into the op's outputs; the handle's layout comes from the codec in
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from deepep_ops import reduce, schemas, validation
-from deepep_ops._torch_compat import without_dynamo
+from deepep_ops._torch_compat import dispatcher_is_a_no_op, metadata_guard, without_dynamo
 from deepep_ops.agreement import (
     COMBINE_FIELDS,
     DISPATCH_FIELDS,
@@ -28,6 +28,7 @@ from deepep_ops.validation import (
     check_cached_dispatch,
     check_combine,
     check_combine_rows,
+    combine_rows_ok,
     check_combine_with_weights,
     check_dispatch,
     check_not_bool,
@@ -100,6 +101,10 @@ class _KnownDispatch(NamedTuple):
 
     #: The agreement (of the buffer) that remembered the call.
     agreement: Agreement
+    #: ``check(x, [x_scales,] topk_idx, topk_weights) -> bool``
+    #: (:func:`~deepep_ops._torch_compat.metadata_guard`): a call it passes has every
+    #: property :func:`check_dispatch` reads except tensor values, and is plain eager.
+    guard: Callable[..., bool]
     #: x, topk_idx and topk_weights already have row-major strides (no views to make).
     row_major: bool
     #: Decode: the handle's worst-case expanded rows X (fixed by R, M, K, E, A).
@@ -108,28 +113,25 @@ class _KnownDispatch(NamedTuple):
     #: (:func:`~deepep_ops.validation.value_checks_wanted`, the environment read
     #: once, here); each call still asks ``value_checks_enabled`` (capture state).
     value_checks: bool
-    #: The hidden sizes every rank agreed to combine this call's handles with
-    #: (:func:`run_combine` adds them): eager combine checks only the rows then.
-    combine_hidden: set
+    #: Guards of the combine inputs every rank agreed on for this call's handles
+    #: (:func:`run_combine` adds them), keyed by whether ``out`` was given: a
+    #: combine that passes one checks only its rows and routing
+    #: (:func:`eager_combine`). Dim 0 of x is free: prefill's X varies per call.
+    combine_guards: dict
 
 
-def _call_key(exact: bool, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
+def _call_key(exact: bool, x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank,
               expert_alignment) -> Optional[tuple]:
-    """Every property of a dispatch's arguments that :func:`check_dispatch` reads
-    except tensor values (the buffer's own properties are fixed): two calls with
-    equal keys pass or fail its checks together. None for arguments that are
-    not plain tensors and ints (the full checks name what is wrong)."""
+    """Which known call (:attr:`Agreement.known_calls`) a dispatch may repeat: the
+    mode, T and the int arguments; the call's guard decides the rest. None for
+    arguments that are not plain ints or an x without rows (the full checks
+    name what is wrong)."""
+    # Bools hash like ints, and the ops reject them; SymInts never reach the eager path.
     if type(num_experts) is not int or type(num_max_tokens_per_rank) is not int or type(expert_alignment) is not int:
-        return None  # bools hash like ints; SymInts never reach the eager path
+        return None
     try:
-        return (
-            exact, num_experts, num_max_tokens_per_rank, expert_alignment,
-            x.dtype, x.device, x.shape, x.stride(),
-            None if x_scales is None else (x_scales.dtype, x_scales.device, x_scales.shape),
-            topk_idx.dtype, topk_idx.device, topk_idx.shape, topk_idx.stride(),
-            topk_weights.dtype, topk_weights.device, topk_weights.shape, topk_weights.stride(),
-        )
-    except (AttributeError, RuntimeError, TypeError):  # not tensors, or no strides (sparse)
+        return (exact, x_scales is None, x.shape[0], num_experts, num_max_tokens_per_rank, expert_alignment)
+    except (AttributeError, IndexError, TypeError):  # not a tensor, or 0-d
         return None
 
 
@@ -144,49 +146,82 @@ def _admit(
     num_max_tokens_per_rank: int,
     expert_alignment: int,
     exact: bool,
-    eager: bool,
+    key: Optional[tuple] = None,
 ) -> tuple:
-    """Validate and agree, or recognise a known call: ``(x, topk_idx, topk_weights,
-    known)`` with row-major strides, ``known`` the call's :class:`_KnownDispatch` or None.
+    """Validate and agree: ``(x, topk_idx, topk_weights, known)`` with row-major
+    strides, ``known`` the call's new :class:`_KnownDispatch` or None.
 
-    ``eager=True`` (the eager fast path of :mod:`deepep_ops.api`): a repeat of a
-    known call (:attr:`Agreement.known_calls`, agree-once mode) skips validation's
-    explainers and the agreement's signature; a new one that passes is
-    remembered. Graph kernels (``eager=False``) check and agree on every call.
+    ``key`` (the eager fast path, :func:`_eager_admit`, for a call it did not
+    recognise): the call's :func:`_call_key`; a call that passes is remembered
+    under it with its guard (agree-once mode). Graph kernels pass none and check
+    and agree on every call.
     """
-    agreement = buf.agreement
-    key = _call_key(exact, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
-                    expert_alignment) if eager else None
-    known = None if key is None else agreement.known_calls.get(key)
-    if known is None:
-        if eager and key is None:
-            check_not_bool(op, num_experts=num_experts, expert_alignment=expert_alignment)
-        device = _device_of(x)
-        _check_and_agree(
-            op, buf, "dispatch", DISPATCH_FIELDS,
-            dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact),
-            device, check_dispatch, x, x_scales, topk_idx, topk_weights,
-            num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
-            num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
-            expert_alignment=expert_alignment, exact=exact,
-        )
-        if key is not None and not agreement.check_mode(device):
+    device = _device_of(x)
+    _check_and_agree(
+        op, buf, "dispatch", DISPATCH_FIELDS,
+        dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact),
+        device, check_dispatch, x, x_scales, topk_idx, topk_weights,
+        num_ranks=buf.num_ranks, capacity=buf.capacity, topk_idx_dtype=buf.topk_idx_dtype,
+        num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+        expert_alignment=expert_alignment, exact=exact,
+    )
+    known = None
+    if key is not None and not buf.agreement.check_mode(device):
+        guard = metadata_guard((x, topk_idx, topk_weights) if x_scales is None else (x, x_scales, topk_idx, topk_weights))
+        if guard is not None:
             known = _KnownDispatch(
-                agreement,
+                buf.agreement,
+                guard,
                 _row_major(x) is x and _row_major(topk_idx) is topk_idx and _row_major(topk_weights) is topk_weights,
                 None if exact else decode_num_expanded_tokens(
                     buf.num_ranks, num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
                 ),
                 validation.value_checks_wanted(device, exact),
-                set(),
+                {},
             )
-            agreement.remember_call(key, known, device)
-    elif known.value_checks and validation.value_checks_enabled(x.device, exact):
-        # The known key vouches for metadata only (agree-once mode: a rejection stays local, as in the full checks).
-        check_topk_idx_values(op, topk_idx, num_experts)
-    if known is None or not known.row_major:
-        x, topk_idx, topk_weights = _row_major(x), _row_major(topk_idx), _row_major(topk_weights)
-    return x, topk_idx, topk_weights, known
+            buf.agreement.remember_call(key, known, device)
+    return _row_major(x), _row_major(topk_idx), _row_major(topk_weights), known
+
+
+def _eager_admit(
+    op: str,
+    buf: EPBuffer,
+    x: torch.Tensor,
+    x_scales: Optional[torch.Tensor],
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    num_max_tokens_per_rank: int,
+    expert_alignment: int,
+    exact: bool,
+) -> Optional[tuple]:
+    """:func:`_admit` for the eager fast path, or None where the dispatcher must run.
+
+    A repeat of a known call (:attr:`Agreement.known_calls`, agree-once mode;
+    its guard passes) is plain eager and has the metadata of a call every rank
+    agreed on: it skips validation's explainers and the agreement's signature,
+    keeping only the value checks the guard cannot vouch for. Otherwise, if
+    the dispatcher would do anything (:func:`dispatcher_is_a_no_op`), None; else
+    the full checks, and the call is remembered.
+    """
+    key = _call_key(exact, x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment)
+    known = None if key is None else buf.agreement.known_calls.get(key)
+    if known is not None and (
+        known.guard(x, topk_idx, topk_weights) if x_scales is None else known.guard(x, x_scales, topk_idx, topk_weights)
+    ):
+        if known.value_checks and validation.value_checks_enabled(x.device, exact):
+            # The guard vouches for metadata only (agree-once mode: a rejection stays local, as in the full checks).
+            check_topk_idx_values(op, topk_idx, num_experts)
+        if known.row_major:
+            return x, topk_idx, topk_weights, known
+        return _row_major(x), _row_major(topk_idx), _row_major(topk_weights), known
+    if not (dispatcher_is_a_no_op(x, topk_idx, topk_weights) if x_scales is None
+            else dispatcher_is_a_no_op(x, x_scales, topk_idx, topk_weights)):
+        return None
+    if key is None:
+        check_not_bool(op, num_experts=num_experts, expert_alignment=expert_alignment)
+    return _admit(op, buf, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
+                  expert_alignment, exact, key)
 
 
 def _dispatch(
@@ -205,8 +240,7 @@ def _dispatch(
     (see ``schemas.DISPATCH*``)."""
     buf = unwrap_ep_buffer(buffer)
     x, topk_idx, topk_weights, _ = _admit(
-        op, buf, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment,
-        exact, eager=False,
+        op, buf, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, exact
     )
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
@@ -280,7 +314,7 @@ def run_combine(
     )
     known = handle.known if dispatched else None
     if known is not None and known.agreement is buf.agreement and not check_values:
-        known.combine_hidden.add(x.shape[1])
+        known.combine_guards[out is None] = metadata_guard((x,) if out is None else (x, out), dynamic_rows=(0,))
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -340,23 +374,27 @@ lib.impl("weight_and_reduce", without_dynamo(reduce.weight_and_reduce_cuda), "CU
 # dispatcher would do nothing but call the kernel (deepep_ops._torch_compat
 # .dispatcher_is_a_no_op: not tracing, no modes, no autograd), the wrappers in
 # deepep_ops.api call these instead. Same kernels, same checks, same outputs.
+#
+# A repeat of a call whose inputs passed the checks (a known call) is recognised
+# by one C++ guard over its tensors (deepep_ops._torch_compat.metadata_guard:
+# type, dtype, device, sizes, strides, requires_grad and the dispatch keys under
+# the thread's modes), which answers both questions at once, what the
+# dispatcher would do and whether the metadata checks would pass; only a call
+# it rejects pays for the dispatcher's no-op test and the checks in Python.
 # ---------------------------------------------------------------------------
 
 
-def _version_or_copy(topk_idx: torch.Tensor) -> tuple:
-    """``(topk_idx, its version counter)`` for the handle, or ``(a copy, None)`` for an
-    inference tensor, which has no version counter (see :func:`eager_dispatch`)."""
-    try:
-        return topk_idx, topk_idx._version
-    except RuntimeError:
-        return topk_idx.clone(), None
+#: ``tuple.__new__(cls, values)`` builds a NamedTuple in one C call; calling the class
+#: runs its Python ``__new__`` (~0.1-0.15 µs more per result on the 2-core box).
+_new_tuple = tuple.__new__
 
 
 @without_dynamo
 def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
-                   expert_alignment) -> DispatchResult:
+                   expert_alignment) -> Optional[DispatchResult]:
     """:func:`deepep_ops.dispatch` without the dispatcher: the op kernel's checks and
-    outputs, with a :class:`DispatchedHandle` and missing scales as None.
+    outputs, with a :class:`DispatchedHandle` and missing scales as None; None
+    where the dispatcher must run (:func:`_eager_admit`).
 
     The handle keeps the caller's ``topk_idx`` and its version counter, which
     combine checks (:func:`check_routing_unchanged`): a caller mutating it in
@@ -368,11 +406,17 @@ def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num
     reads in 54 ns and ``clone()`` takes 1.2 µs.)
     """
     buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
-    x, topk_idx, topk_weights, known = _admit(
+    admitted = _eager_admit(
         "deepep_ops.dispatch", buf, x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank,
-        expert_alignment, exact=False, eager=True,
+        expert_alignment, False,
     )
-    topk_idx, version = _version_or_copy(topk_idx)
+    if admitted is None:
+        return None
+    x, topk_idx, topk_weights, known = admitted
+    try:
+        version = topk_idx._version
+    except RuntimeError:  # an inference tensor
+        topk_idx, version = topk_idx.clone(), None
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
@@ -384,24 +428,30 @@ def eager_dispatch(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num
         )
     else:
         num_expanded_tokens = known.num_expanded_tokens
-    handle = DispatchedHandle(
+    handle = _new_tuple(DispatchedHandle, (
         topk_idx, *out.handle_tensors, num_experts, num_max_tokens_per_rank, expert_alignment, False,
         num_expanded_tokens,
-    )
+    ))
     handle.native, handle.topk_idx_version, handle.known = out.native_handle, version, known
-    return DispatchResult(out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, handle)
+    return _new_tuple(DispatchResult, (out.recv_x, out.recv_x_scales, out.recv_topk_idx, out.recv_topk_weights, handle))
 
 
 @without_dynamo
 def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
-                         expert_alignment) -> ExactDispatchResult:
+                         expert_alignment) -> Optional[ExactDispatchResult]:
     """As :func:`eager_dispatch` for :func:`deepep_ops.dispatch_exact`."""
     buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
-    x, topk_idx, topk_weights, known = _admit(
+    admitted = _eager_admit(
         "deepep_ops.dispatch_exact", buf, x, x_scales, topk_idx, topk_weights, num_experts,
-        num_max_tokens_per_rank, expert_alignment, exact=True, eager=True,
+        num_max_tokens_per_rank, expert_alignment, True,
     )
-    topk_idx, version = _version_or_copy(topk_idx)
+    if admitted is None:
+        return None
+    x, topk_idx, topk_weights, known = admitted
+    try:
+        version = topk_idx._version
+    except RuntimeError:  # an inference tensor
+        topk_idx, version = topk_idx.clone(), None
     out = buf.backend.dispatch(
         x, x_scales, topk_idx, topk_weights,
         num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
@@ -419,18 +469,29 @@ def eager_dispatch_exact(x, x_scales, topk_idx, topk_weights, buffer, num_expert
 @without_dynamo
 def eager_combine(
     op: str, x: torch.Tensor, buffer: EPBuffer, handle: DispatchHandle, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """``deepep_ops::combine`` (``combine_into`` with ``out``) without the dispatcher.
+) -> Optional[torch.Tensor]:
+    """``deepep_ops::combine`` (``combine_into`` with ``out``) without the dispatcher;
+    None where the dispatcher must run.
 
-    A :class:`DispatchedHandle` from an agree-once buffer, combined on the same
-    buffer with a hidden size every rank already agreed on, needs only
-    :func:`check_combine_rows`; anything else takes :func:`run_combine`.
+    Inputs that pass a combine guard of a :class:`DispatchedHandle`'s known call
+    (inputs every rank agreed on for it, :func:`run_combine`) need only their
+    rows and the routing checked (:func:`~deepep_ops.validation.combine_rows_ok`);
+    anything else takes :func:`run_combine`.
     """
-    known = handle.known if type(handle) is DispatchedHandle else None
-    if known is not None:
-        buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
-        shape = x.shape
-        if known.agreement is buf.agreement and len(shape) == 2 and shape[1] in known.combine_hidden:
-            check_combine_rows(op, x, handle, num_ranks=buf.num_ranks, out=out)
-            return buf.backend.combine(x, handle, out=out)
-    return run_combine(op, x, buffer, handle, out)
+    buf = buffer if type(buffer) is EPBuffer else unwrap_ep_buffer(buffer)
+    if type(handle) is DispatchedHandle:
+        known = handle.known
+        if known is not None and known.agreement is buf.agreement:
+            guard = known.combine_guards.get(out is None)
+            if guard is not None and (guard(x) if out is None else guard(x, out)) and combine_rows_ok(x, handle):
+                return buf.backend.combine(x, handle, out=out)
+        # Its tensors came from the fast path: plain, no grad.
+        tensors = (x,) if out is None else (x, out)
+    else:
+        # topk_idx and recv_src_metadata stand for the handle's tensors (all
+        # come from one dispatch: all plain or all not).
+        tensors = (x, handle.topk_idx, handle.recv_src_metadata) if out is None else (
+            x, out, handle.topk_idx, handle.recv_src_metadata)
+    if not dispatcher_is_a_no_op(*tensors):
+        return None
+    return run_combine(op, x, buf, handle, out)

@@ -21,6 +21,7 @@ _handle_tensors = operator.attrgetter(*HANDLE_TENSORS)
 #: Their slice of a :class:`DispatchHandle`.
 _FIRST = DispatchHandle._fields.index(HANDLE_TENSORS[0])
 _HANDLE_TENSOR_SLICE = slice(_FIRST, _FIRST + len(HANDLE_TENSORS))
+_new_tuple = tuple.__new__
 
 
 class DeepEPBackend(Backend):
@@ -63,14 +64,15 @@ class DeepEPBackend(Backend):
             do_zero_padding=expand,
         )
         recv_x, recv_x_scales = recv if isinstance(recv, tuple) else (recv, None)
-        return DispatchOutput(
+        # tuple.__new__: the NamedTuple without its Python __new__ (eager dispatch's hot path).
+        return _new_tuple(DispatchOutput, (
             recv_x,
             recv_x_scales,
             None if expand else recv_topk_idx,
             recv_topk_weights,
             _handle_tensors(handle),
             handle,
-        )
+        ))
 
     def num_sms(self, num_experts: int, num_topk: int) -> int:
         """``buffer.get_theoretical_num_sms(E, K)``, computed once per (E, K)."""
@@ -106,7 +108,11 @@ class DeepEPBackend(Backend):
         return self._native_handle(handle) if native is None else native
 
     def combine(self, x, handle, out=None):
-        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle))
+        # native_handle(), inline: eager combine's hot path.
+        native = getattr(handle, "native", None)
+        if native is None:
+            native = self._native_handle(handle)
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=native)
         if out is None:
             return combined_x
         # deep_ep's combine allocates its result; one copy, inside the op.

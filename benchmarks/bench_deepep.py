@@ -31,7 +31,13 @@ output copy: compiled pf graph − ops graph) against its memory-traffic floor:
 the bytes it must move (:func:`glue_bytes`) over the device-to-device copy
 bandwidth measured in the same run. Times: median wall µs over ``--reps``
 calls, each synchronized; the variants take turns call by call, so drifting
-clocks and load fall on all alike. ``--profile-glue`` lists the compiled step's kernels at the largest T.
+clocks and load fall on all alike; ops − raw is also given paired (the median
+of the differences of neighbouring calls, with its 95 % confidence interval),
+which cancels the drift that a difference of two medians keeps. With
+``--backend deepep``, the host time of an eager pair is split at DeepEP's calls
+(a timing shim around the ``ElasticBuffer``): inside DeepEP, and the rest,
+which for the ops is the op layer's own. ``--profile-glue`` lists the compiled
+step's kernels at the largest T.
 
     python benchmarks/bench_deepep.py --backend deepep     # deep_ep.ElasticBuffer, NCCL world size 1
     python benchmarks/bench_deepep.py --backend reference  # ReferenceElasticBuffer
@@ -45,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -55,8 +62,9 @@ from bench_prepare_finalize import capture_cuda_graph, make_step  # noqa: E402
 SIZES = (1, 8, 64, 512)
 
 
-def _time_interleaved_us(fns: dict, reps: int, warmup: int = 5) -> dict:
-    """Median wall µs per synchronized call of each of ``fns``, taking turns call by call."""
+def _time_interleaved_us(fns: dict, reps: int, warmup: int = 5, samples: Optional[dict] = None) -> dict:
+    """Median wall µs per synchronized call of each of ``fns``, taking turns call by call
+    (each call's µs appended to ``samples[name]`` when given, for paired differences)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -69,7 +77,70 @@ def _time_interleaved_us(fns: dict, reps: int, warmup: int = 5) -> dict:
             fn()
             torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
+    if samples is not None:
+        for name, t in times.items():
+            samples[name] = [v * 1e6 for v in t]
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def paired_difference(a: list, b: list) -> tuple:
+    """Median of ``a[i] - b[i]`` (calls made one after the other) and its
+    distribution-free 95 % confidence interval (order statistics of the
+    differences): ``(median, low, high)``. Wall times of one pair drift by tens
+    of µs on the device hosts; a difference of neighbours cancels the drift that
+    a difference of two medians keeps."""
+    d = sorted(x - y for x, y in zip(a, b))
+    n = len(d)
+    half = 0.98 * n**0.5  # 1.96 * sqrt(n) / 2
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half))
+    return statistics.median(d), d[lo], d[hi]
+
+
+class TimedBuffer:
+    """``ElasticBuffer``'s API over ``native``, adding the host seconds spent inside
+    its ``dispatch`` and ``combine`` to :attr:`inside`: what is left of a pair's
+    host time is the caller's own (the op layer's, for the ops)."""
+
+    def __init__(self, native: object) -> None:
+        self._native = native
+        self.inside = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self._native, name)
+
+    def dispatch(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._native.dispatch(*args, **kwargs)
+        finally:
+            self.inside += time.perf_counter() - t0
+
+    def combine(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._native.combine(*args, **kwargs)
+        finally:
+            self.inside += time.perf_counter() - t0
+
+
+def _host_split_us(fns: dict, timed: TimedBuffer, reps: int = 30, batch: int = 20) -> dict:
+    """``{name: (host µs per pair, of it inside DeepEP's calls)}``, unsynchronized
+    batches as in :func:`_host_issue_us`, medians over ``reps``."""
+    total = {name: [] for name in fns}
+    inside = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            timed.inside = 0.0
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            total[name].append((time.perf_counter() - t0) / batch * 1e6)
+            inside[name].append(timed.inside / batch * 1e6)
+            torch.cuda.synchronize()
+    return {name: (statistics.median(total[name]), statistics.median(inside[name])) for name in fns}
 
 
 def _host_issue_us(fns: dict, reps: int = 30, batch: int = 20) -> dict:
@@ -210,6 +281,15 @@ def main(argv=None) -> None:
     capacity = max(sizes)
     native, cleanup = _make_buffer(args.backend, capacity, args)
     buffer = deepep_ops.EPBuffer(native)
+    timed = timed_buffer = None
+    if args.backend == "deepep":
+        from deep_ep.buffers.elastic import EPHandle
+
+        from deepep_ops.backends.deep_ep import DeepEPBackend
+
+        # The same DeepEP buffer behind a timing shim: where an eager pair's host time goes.
+        timed = TimedBuffer(native)
+        timed_buffer = deepep_ops.EPBuffer(DeepEPBackend(timed, EPHandle, buffer.topk_idx_dtype))
     R = buffer.num_ranks
     bandwidth = copy_bandwidth()
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=True, use_fp8_dispatch=args.fp8, device="cuda")
@@ -293,10 +373,27 @@ def main(argv=None) -> None:
                     err = (out.float() - expected).abs().max().item()
                     assert err < 0.05, f"T={T}: graph replay differs from eager by {err}"
                 fns[f"{name} graph"] = replay
-            times = _time_interleaved_us(fns, args.reps)
+            samples: dict = {}
+            times = _time_interleaved_us(fns, args.reps, samples=samples)
+            paired = {ref: paired_difference(samples["ops"], samples[ref]) for ref in ("raw", "raw/no copy")}
             issue = _host_issue_us({"raw": raw, "raw/no copy": raw_no_copy, "raw/as backend": raw_as_backend,
                                     "backend": backend, "ops": ops})
-            rows.append((T, M, times, issue))
+            split = None
+            if timed is not None:
+                def raw_timed():
+                    recv_x, _, _, handle, _ = timed.dispatch(
+                        x, topk_idx=ids, topk_weights=w, num_experts=E, num_max_tokens_per_rank=M,
+                        expert_alignment=1, num_sms=buffer.backend.num_sms(E, K), do_handle_copy=False,
+                        do_cpu_sync=False, do_expand=False, do_zero_padding=False,
+                    )
+                    return timed.combine(recv_x, handle=handle)[0]
+
+                def ops_timed():
+                    d = deepep_ops.dispatch(x, ids, w, timed_buffer, num_experts=E, num_max_tokens_per_rank=M)
+                    return deepep_ops.combine(d.recv_x, d.handle, timed_buffer)
+
+                split = _host_split_us({"raw/as backend": raw_timed, "ops": ops_timed}, timed)
+            rows.append((T, M, times, issue, paired, split))
             if args.profile_glue and T == sizes[-1]:
                 _profile_kernels(pf_compiled, f"pf compiled, T={T} M={M} (eager launches)")
                 _profile_kernels(ops, f"ops, T={T} M={M}")
@@ -318,7 +415,7 @@ def main(argv=None) -> None:
     print("| T | M | " + " | ".join(names) + " | ops − raw | glue = pf compiled graph − ops graph | glue floor |"
           " glue / floor |")
     print("|---|---|" + "---|" * (len(names) + 4))
-    for T, M, t, _issue in rows:
+    for T, M, t, *_ in rows:
         glue = t["pf compiled graph"] - t["ops graph"]
         read = expert_output_bytes(T, M, R, H, K, args.fp8, materialized=lanes is not None)
         floor = glue_bytes(T, M, R, H, K, args.fp8, read) / bandwidth * 1e6
@@ -330,10 +427,28 @@ def main(argv=None) -> None:
     print("| T | M | raw | raw/no copy | raw/as backend | backend | ops | ops − raw/no copy "
           "| backend − raw/as backend | ops − backend |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for T, M, _t, i in rows:
+    for T, M, _t, i, *_ in rows:
         print(f"| {T} | {M} | {i['raw']:.1f} | {i['raw/no copy']:.1f} | {i['raw/as backend']:.1f} "
               f"| {i['backend']:.1f} | {i['ops']:.1f} | {i['ops'] - i['raw/no copy']:+.1f} "
               f"| {i['backend'] - i['raw/as backend']:+.1f} | {i['ops'] - i['backend']:+.1f} |")
+    print(f"\nops − raw, wall µs, paired: the median of the differences of neighbouring calls in the first table's "
+          f"run [95 % CI], {args.reps} pairs")
+    print("| T | M | ops − raw | ops − raw/no copy |")
+    print("|---|---|---|---|")
+    for T, M, _t, _i, paired, _split in rows:
+        cells = " | ".join(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in (paired["raw"], paired["raw/no copy"]))
+        print(f"| {T} | {M} | {cells} |")
+    if rows and rows[0][5] is not None:
+        print("\nhost µs per eager pair, split at DeepEP's calls (a timing shim around the ElasticBuffer; "
+              "unsynchronized, 20 back to back, median of 30): inside = in ElasticBuffer.dispatch + combine, "
+              "outside = the rest (the op layer, for ops)")
+        print("| T | M | raw total | raw inside | raw outside | ops total | ops inside | ops outside "
+              "| ops − raw outside | ops − raw inside |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for T, M, _t, _i, _p, sp in rows:
+            (rt, ri), (ot, oi) = sp["raw/as backend"], sp["ops"]
+            print(f"| {T} | {M} | {rt:.1f} | {ri:.1f} | {rt - ri:.1f} | {ot:.1f} | {oi:.1f} | {ot - oi:.1f} "
+                  f"| {(ot - oi) - (rt - ri):+.1f} | {oi - ri:+.1f} |")
     sys.stdout.flush()
 
 

@@ -247,8 +247,7 @@ def check_combine_rows(
     """:func:`check_combine` for a handle whose tensors an eager dispatch made (a
     :class:`~deepep_ops.handle.DispatchedHandle`): only ``x`` and ``out`` against
     it, and its routing unchanged (:func:`check_routing_unchanged`), in one
-    expression; the full checks name whatever is wrong. This runs on every
-    eager combine, so it reads each property once and builds nothing."""
+    expression; the full checks name whatever is wrong."""
     version = getattr(handle, "topk_idx_version", None)
     try:
         rows, H = x.shape

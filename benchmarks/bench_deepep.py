@@ -108,19 +108,18 @@ class TimedBuffer:
     def __getattr__(self, name: str):
         return getattr(self._native, name)
 
-    def dispatch(self, *args, **kwargs):
+    def _timed(self, fn, *args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return self._native.dispatch(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             self.inside += time.perf_counter() - t0
 
+    def dispatch(self, *args, **kwargs):
+        return self._timed(self._native.dispatch, *args, **kwargs)
+
     def combine(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self._native.combine(*args, **kwargs)
-        finally:
-            self.inside += time.perf_counter() - t0
+        return self._timed(self._native.combine, *args, **kwargs)
 
 
 def _host_split_us(fns: dict, timed: TimedBuffer, reps: int = 30, batch: int = 20) -> dict:

@@ -30,7 +30,7 @@ from deepep_ops.layout import (
     MAX_TOPK,
     decode_num_recv_tokens,
 )
-from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchHandle, handle_dims
+from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchedHandle, DispatchHandle, handle_dims
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
 
@@ -226,11 +226,11 @@ def check_routing_unchanged(op: str, handle: DispatchHandle) -> None:
               "or a copy)", f"version {handle.topk_idx._version}, dispatched at version {version}")
 
 
-def combine_rows_ok(x: torch.Tensor, handle: DispatchHandle) -> bool:
-    """For an eager handle and an ``x`` whose other metadata a guard vouched for:
-    x has the handle's rows, and the handle's routing is unchanged
+def combine_rows_ok(x: torch.Tensor, handle: DispatchedHandle) -> bool:
+    """For an eager dispatch's handle and an ``x`` whose other metadata a guard
+    vouched for: x has the handle's rows, and the handle's routing is unchanged
     (:func:`check_routing_unchanged`). False means: check in full."""
-    version = getattr(handle, "topk_idx_version", None)
+    version = handle.topk_idx_version
     return (version is None or handle.topk_idx._version == version) and x.shape[0] == (
         handle.num_expanded_tokens if handle.do_expand else handle.recv_src_metadata.shape[0]
     )
@@ -246,25 +246,23 @@ def check_combine_rows(
 ) -> None:
     """:func:`check_combine` for a handle whose tensors an eager dispatch made (a
     :class:`~deepep_ops.handle.DispatchedHandle`): only ``x`` and ``out`` against
-    it, and its routing unchanged (:func:`check_routing_unchanged`), in one
-    expression; the full checks name whatever is wrong."""
-    version = getattr(handle, "topk_idx_version", None)
+    it, in one expression; the full check names whatever is wrong."""
+    check_routing_unchanged(op, handle)
     try:
         rows, H = x.shape
-        meta = handle.recv_src_metadata
+        device = handle.recv_src_metadata.device
         if (
-            (version is None or handle.topk_idx._version == version)
-            and x.dtype == torch.bfloat16
-            and H % COMBINE_HIDDEN_ALIGNMENT == 0
-            and rows == (handle.num_expanded_tokens if handle.do_expand else meta.shape[0])
+            x.dtype == torch.bfloat16
             and x.is_contiguous()
-            and x.device == meta.device
+            and H % COMBINE_HIDDEN_ALIGNMENT == 0
+            and rows == (handle.num_expanded_tokens if handle.do_expand else handle.recv_src_metadata.shape[0])
+            and x.device == device
             and (
                 out is None
                 or (
                     out.dtype == torch.bfloat16
                     and out.shape == (handle.topk_idx.shape[0], H)
-                    and out.device == meta.device
+                    and out.device == device
                     and out.is_contiguous()
                 )
             )
@@ -272,7 +270,6 @@ def check_combine_rows(
             return
     except (AttributeError, TypeError, ValueError, IndexError):
         pass
-    check_routing_unchanged(op, handle)
     check_combine(op, x, handle, num_ranks=num_ranks, out=out)
 
 

@@ -108,11 +108,7 @@ class DeepEPBackend(Backend):
         return self._native_handle(handle) if native is None else native
 
     def combine(self, x, handle, out=None):
-        # native_handle(), inline: eager combine's hot path.
-        native = getattr(handle, "native", None)
-        if native is None:
-            native = self._native_handle(handle)
-        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=native)
+        combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle))
         if out is None:
             return combined_x
         # deep_ep's combine allocates its result; one copy, inside the op.

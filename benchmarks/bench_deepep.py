@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_op_overhead import _through_dispatcher  # noqa: E402
+from bench_op_overhead import _through_dispatcher, backend_dispatch  # noqa: E402
 from bench_prepare_finalize import capture_cuda_graph, make_step  # noqa: E402
 
 SIZES = (1, 8, 64, 512)
@@ -341,8 +341,7 @@ def main(argv=None) -> None:
                 return raw(copy=False, num_sms=buffer.backend.num_sms(E, K))
 
             def backend():  # the backend module's dispatch, DeepEP's combine on its handle: no op layer
-                d = buffer.backend.dispatch(x, None, ids, w, num_experts=E, num_max_tokens_per_rank=M,
-                                            expert_alignment=1, expand=False)
+                d = backend_dispatch(buffer.backend, x, ids, w, E, M)
                 return native.combine(d.recv_x, handle=d.native_handle)[0]
 
             def ops():

@@ -36,6 +36,17 @@ import deepep_ops
 from deepep_ops.backends.deep_ep import DeepEPBackend
 
 
+def backend_dispatch(backend, x, ids, w, num_experts, num_max_tokens_per_rank):
+    """A decode dispatch straight through the backend module (no op layer), in this
+    tree's backend API; trees before the op codec took keywords (old-tree timings)."""
+    try:
+        from deepep_ops.handle import DispatchArgs
+    except ImportError:
+        return backend.dispatch(x, None, ids, w, num_experts=num_experts,
+                                num_max_tokens_per_rank=num_max_tokens_per_rank, expert_alignment=1, expand=False)
+    return backend.dispatch(DispatchArgs(x, None, ids, w, num_experts, num_max_tokens_per_rank, 1, True))
+
+
 class NullEPHandle:
     """``deep_ep.buffers.elastic.EPHandle``'s constructor, storing its fields."""
 
@@ -192,9 +203,8 @@ def main(argv=None) -> None:
             return null.combine(y, handle=handle)[0]
 
         def via_backend():
-            out = backend.dispatch(x, None, ids, w, num_experts=E, num_max_tokens_per_rank=m,
-                                   expert_alignment=1, expand=False)
-            handle = deepep_ops.DispatchHandle(ids, *out.handle_tensors, E, m, 1, False, 0)
+            out = backend_dispatch(backend, x, ids, w, E, m)
+            handle = deepep_ops.DispatchHandle(ids, *out.handle_tensors, E, m, 1, True, 0)
             return backend.combine(y, handle)
 
         def ops(buffer=buffer):

@@ -1,20 +1,29 @@
-"""The one module that touches version-specific torch APIs.
+"""The one module that touches private or version-specific torch APIs.
+
+Every private API deepep-ops uses is reached through this module, and each
+says which torch versions it was checked on (2.11 on the GPU machines, 2.13
+and 2.15 in CI, 2.14 by hand). Where one is missing, the caller falls back to
+the slow but public path, and an install function that cannot patch logs one
+line saying so.
 
 torch 2.14 renamed opaque objects to *custom classes*: ``torch._custom_class_base
 .CustomClassBase`` and ``register_custom_class(typ="symbolic")`` replace
 ``torch._opaque_base.OpaqueBase`` and ``register_opaque_type(typ="reference")``,
 which remain as shims that log a deprecation warning. torch 2.11–2.13 have only
-the old names. Nothing else in deepep-ops imports either.
+the old names (checked 2.11–2.15).
 
 Also here: stable compile-cache keys for the buffer, CUDA-graph trees that take
 it as an input (a backport for torch 2.11, an identity check for all), Dynamo's
 frame hook around the kernels, the dispatcher's no-op test of the eager path,
-and the C++ tensor guard that recognises the eager path's known calls.
+the C++ tensor guard that recognises the eager path's known calls, tensors'
+version counters, the fake/proxy-mode test of the fake kernels, and
+``guard_or_false`` for size tests on unbacked SymInts.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Iterable, Optional, TypeVar
 
 import torch
@@ -40,15 +49,26 @@ __all__ = [
     "STABLE_CACHE_KEY_METHOD",
     "dispatcher_is_a_no_op",
     "eager_mode_is_plain",
+    "guard_or_false",
     "install_cudagraph_inputs",
     "install_stable_cache_keys",
+    "is_real_meta_outside_tracing",
     "metadata_guard",
     "opaque_type_name",
     "register_reference_type",
+    "version_counter",
     "without_dynamo",
 ]
 
 _F = TypeVar("_F", bound=Callable)
+_log = logging.getLogger("deepep_ops")
+
+
+def _cannot_patch(what: str, why: str) -> bool:
+    """Log once (per call site: each install function runs once per import) that a
+    patch was not applied, and return False."""
+    _log.warning("deepep_ops: %s not installed on torch %s: %s", what, torch.__version__, why)
+    return False
 
 
 def register_reference_type(cls: type, trace_time_members: Iterable[str]) -> None:
@@ -93,16 +113,20 @@ def _stable_cache_key_ident(*description: object) -> tuple:
 def install_stable_cache_keys() -> bool:
     """Make Inductor/AOT-autograd cache keys use ``STABLE_CACHE_KEY_METHOD`` where defined.
 
-    Idempotent. Returns False (and changes nothing) on a torch whose cache
-    pickler has no ``_reduce_fake_script_object`` hook.
+    Idempotent. Returns False (and changes nothing, logging why) on a torch whose
+    cache pickler has no ``_reduce_fake_script_object`` hook (present in 2.11–2.15).
     """
     try:
         from torch._inductor.codecache import FxGraphCachePickler
     except ImportError:  # pragma: no cover - torch without Inductor
-        return False
+        return _cannot_patch("stable compile-cache keys for EPBuffer", "no torch._inductor.codecache")
     original = getattr(FxGraphCachePickler, "_reduce_fake_script_object", None)
     if original is None:
-        return False
+        return _cannot_patch(
+            "stable compile-cache keys for EPBuffer",
+            "FxGraphCachePickler has no _reduce_fake_script_object (compiled graphs with an EPBuffer "
+            "then miss the FX/AOT caches in a new process)",
+        )
     if getattr(original, "_deepep_ops_stable", False):
         return True
 
@@ -253,16 +277,21 @@ def install_cudagraph_inputs() -> bool:
     on a compile-cache hit) before any graph is recorded: the first one patches the
     trees, and on torch 2.11 each lifts the "non-Tensor inputs" verdict for graphs
     whose only non-tensor inputs are marked objects. Idempotent; False (nothing
-    changed) where torch lacks the hooks.
+    changed, logging why) where torch lacks the hooks (present in 2.11–2.15).
     """
     try:
         from torch._inductor import output_code
     except ImportError:  # pragma: no cover - torch without Inductor
-        return False
+        return _cannot_patch("CUDA-graph inputs for EPBuffer", "no torch._inductor.output_code")
     names = ("cudagraph_post_compile", "cudagraph_partition_post_compile")
     hooks = [getattr(output_code, name, None) for name in names]
     if not all(callable(h) for h in hooks):
-        return False
+        missing = [n for n, h in zip(names, hooks) if not callable(h)]
+        return _cannot_patch(
+            "CUDA-graph inputs for EPBuffer",
+            f"torch._inductor.output_code lacks {missing} (mode='reduce-overhead' then runs graphs with an "
+            "EPBuffer input without CUDA graphs on torch 2.11, and may replay one buffer's graph for another)",
+        )
     for name, original in zip(names, hooks):
         if getattr(original, _PATCHED, False):
             continue
@@ -283,7 +312,8 @@ def install_cudagraph_inputs() -> bool:
 
 def without_dynamo(fn: _F) -> _F:
     """``fn`` run with Dynamo's frame hook off (what ``torch.library.register_kernel``
-    does through ``torch._disable_dynamo``), for about 0.3 µs instead of ~9 µs.
+    does through ``torch._disable_dynamo``), at a fraction of its cost
+    (``benchmarks/bench_op_overhead.py``; figures in benchmarks/README.md).
 
     An op kernel that runs eagerly while Dynamo's hook is live (code after a
     graph break inside a compiled function) must not have its own frames traced.
@@ -313,7 +343,8 @@ def dispatcher_is_a_no_op(*tensors: torch.Tensor) -> bool:
     torch-function or torch-dispatch mode (fake tensors, make_fx, export,
     DebugMode, FlopCounter), functorch transforms, the profiler (it should see
     the op), for tensor subclasses and meta tensors, and when autograd would
-    record (an input needs grad): each of those is what the dispatcher is for. ~0.5 µs.
+    record (an input needs grad): each of those is what the dispatcher is for.
+    Private flags of ``torch._C`` (checked 2.11–2.15).
     """
     if (
         _is_compiling()
@@ -343,7 +374,7 @@ _is_grad_enabled = torch.is_grad_enabled
 
 def eager_mode_is_plain() -> bool:
     """The part of :func:`dispatcher_is_a_no_op` that no tensor guard sees: not
-    tracing with Dynamo, no torch-function mode, no profiler. ~0.15 µs."""
+    tracing with Dynamo, no torch-function mode, no profiler."""
     return not (_is_compiling() or _is_torch_function_mode_enabled() or _profiler_enabled())
 
 
@@ -359,9 +390,9 @@ def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callabl
     ``tensors`` in its place, and the dispatch keys it had under the thread's
     dispatch state then: under a torch-dispatch mode, a functorch transform,
     inference mode or autocast they differ, so the check fails. One C++ call
-    (Dynamo's TENSOR_MATCH guard, ``torch._C._dynamo.guards.TensorGuards``):
-    ~0.3 µs for three tensors on the 2-core box, where reading the same
-    properties in Python and hashing them took ~1.4 µs.
+    (Dynamo's TENSOR_MATCH guard, ``torch._C._dynamo.guards.TensorGuards``,
+    checked 2.11–2.15), several times cheaper than reading the same properties
+    in Python (benchmarks/README.md).
 
     Args:
         tensors: plain tensors, none requiring grad.
@@ -383,3 +414,32 @@ def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callabl
         return _TensorGuards(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
     except (TypeError, RuntimeError):  # pragma: no cover - a constructor this module does not know
         return None
+
+
+def version_counter(t: torch.Tensor) -> Optional[int]:
+    """``t._version`` (bumped by every in-place write to ``t`` or a view of it), or
+    None for an inference tensor, which has no version counter (checked 2.11–2.15)."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
+def is_real_meta_outside_tracing(t: object) -> bool:
+    """``t`` is a real (not fake) meta-device tensor and no fake or proxy dispatch
+    mode is active: an eager call with meta tensors, not a trace. Uses
+    ``FakeTensor`` and ``torch._C._get_dispatch_mode`` (checked 2.11–2.15)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not (isinstance(t, torch.Tensor) and t.is_meta) or isinstance(t, FakeTensor):
+        return False
+    keys = torch._C._TorchDispatchModeKey
+    return torch._C._get_dispatch_mode(keys.FAKE) is None and torch._C._get_dispatch_mode(keys.PROXY) is None
+
+
+def guard_or_false(condition) -> bool:
+    """``condition`` (a bool or a SymBool) if it can be decided without a guard on an
+    unbacked size, else False (``torch.fx.experimental.symbolic_shapes``, checked 2.11–2.15)."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
+
+    return _guard_or_false(condition)

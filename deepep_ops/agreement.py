@@ -4,11 +4,12 @@ A collective whose ranks disagree on its sizes does not raise: gloo aborts the
 process (``EnforceNotMet``, uncatchable), NCCL hangs or reads garbage, and a
 rank that rejects its own input leaves its peers waiting for the whole
 process-group timeout. Before the first payload collective of an op, the ranks
-therefore exchange (over the EP group, on the host: a fixed-size digest through
-:meth:`Backend.all_gather_ints`, and only when something differs the values
-themselves through :meth:`Backend.all_gather_object`) a small tuple of the values that must match
-(:data:`DISPATCH_FIELDS`, :data:`COMBINE_FIELDS`) plus their local validation
-verdict, and all raise the same error when anything is off.
+therefore exchange (over the EP group, on the host, :mod:`deepep_ops.exchange`:
+a fixed-size digest, and only when something differs the values themselves) a
+small tuple of the values that must match (:data:`DISPATCH_FIELDS`,
+:data:`COMBINE_FIELDS`) plus their local validation verdict, and all raise the
+same error when anything is off. Every site that agrees goes through
+:func:`agree_dispatch` or :func:`agree_combine`.
 
 Two modes, per :class:`EPBuffer`:
 
@@ -20,12 +21,6 @@ Two modes, per :class:`EPBuffer`:
   ``EPBuffer(check=True)`` or ``DEEPEP_OPS_CHECK=1``; ``DEEPEP_OPS_CHECK=0`` or
   ``check=False`` turns it off): the exchange runs on every call, so a per-call
   difference (one rank's M) and one rank's rejection reach every rank.
-
-Agree-once mode also remembers the eager calls that passed (:attr:`Agreement.known_calls`):
-keyed on the mode, T and the int arguments, each with a guard over every
-property of the tensor arguments that validation reads except their values
-(:mod:`deepep_ops.ops`), so a repeat skips validation's explainers and the
-signature build too.
 
 Never during CUDA-graph capture: a host collective there would break capture
 (NCCL) or stall it; captured calls skip the exchange.
@@ -42,6 +37,10 @@ import os
 from typing import Optional, Sequence
 
 import torch
+
+from deepep_ops.exchange import HostExchange
+from deepep_ops.layout import layout_name
+from deepep_ops.validation import device_of
 
 #: The values of a dispatch that must be the same on every EP rank.
 DISPATCH_FIELDS = (
@@ -77,11 +76,16 @@ def _safe(fn) -> object:
     return str(v) if isinstance(v, torch.dtype) else v
 
 
-def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, exact) -> tuple:
-    """The :data:`DISPATCH_FIELDS` of one dispatch call."""
+def _dispatch_mode(decode: bool) -> str:
+    return f"{layout_name(decode)} ({'dispatch' if decode else 'dispatch_exact'})"
+
+
+def dispatch_signature(args) -> tuple:
+    """The :data:`DISPATCH_FIELDS` of one dispatch call (a :class:`~deepep_ops.handle.DispatchArgs`)."""
+    x, x_scales, topk_idx, _w, num_experts, num_max_tokens_per_rank, expert_alignment, decode = args
     try:  # well-formed arguments (the hot path): plain reads
         return (
-            "prefill (dispatch_exact)" if exact else "decode (dispatch)",
+            _dispatch_mode(decode),
             int(num_max_tokens_per_rank),
             int(num_experts),
             x.shape[1],
@@ -94,7 +98,7 @@ def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_ra
     except Exception:  # noqa: BLE001 - malformed: field by field (validation names the culprit)
         pass
     return (
-        "prefill (dispatch_exact)" if exact else "decode (dispatch)",
+        _dispatch_mode(decode),
         _safe(lambda: int(num_max_tokens_per_rank)),
         _safe(lambda: int(num_experts)),
         _safe(lambda: int(x.shape[1])),
@@ -106,15 +110,11 @@ def dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_ra
     )
 
 
-def _combine_mode(do_expand: bool) -> str:
-    return "prefill (do_expand=True)" if do_expand else "decode (do_expand=False)"
-
-
 def combine_signature(x, handle) -> tuple:
     """The :data:`COMBINE_FIELDS` of one combine call."""
     try:  # the hot path
         return (
-            _combine_mode(handle.do_expand),
+            layout_name(handle.decode),
             int(handle.num_max_tokens_per_rank),
             int(handle.num_experts),
             x.shape[1],
@@ -124,7 +124,7 @@ def combine_signature(x, handle) -> tuple:
     except Exception:  # noqa: BLE001 - malformed: field by field
         pass
     return (
-        _safe(lambda: _combine_mode(handle.do_expand)),
+        _safe(lambda: layout_name(handle.decode)),
         _safe(lambda: int(handle.num_max_tokens_per_rank)),
         _safe(lambda: int(handle.num_experts)),
         _safe(lambda: int(x.shape[1])),
@@ -143,10 +143,6 @@ def _digest(ok: bool, signature: tuple) -> tuple:
     return (int(ok), h)
 
 
-#: Bound on :meth:`Agreement.remember_call`'s keys (one per T, dtype, ... seen).
-_MAX_KNOWN_CALLS = 4096
-
-
 def _env_check() -> Optional[bool]:
     v = os.environ.get("DEEPEP_OPS_CHECK")
     return None if v in (None, "") else v not in ("0", "false", "False")
@@ -160,34 +156,21 @@ class Agreement:
     """The agreement state of one :class:`EPBuffer` (see the module doc).
 
     Args:
-        backend: the buffer's backend; its ``all_gather_object`` exchanges.
+        exchange: the host exchange over the buffer's EP group.
         check: check mode on/off; ``None``: ``DEEPEP_OPS_CHECK`` (read when the
             buffer is built) if set, else on for CPU tensors only.
     """
 
-    def __init__(self, backend, check: Optional[bool] = None) -> None:
-        self._backend = backend
+    def __init__(self, exchange: HostExchange, check: Optional[bool] = None) -> None:
+        self._exchange = exchange
         # DEEPEP_OPS_CHECK is read once, here: the hot path does no environment lookup.
         self._check = _env_check() if check is None else check
         # Combinations every rank has agreed on: (op kind, signature).
         self._seen: set = set()
-        #: Agree-once mode: eager call keys (deepep_ops.ops) that passed validation
-        #: and agreement -> what the op derived from them (read it; add through
-        #: :meth:`remember_call`). Bounded: a key holds T.
-        self.known_calls: dict = {}
 
     def check_mode(self, device: torch.device) -> bool:
         """Whether every call exchanges (check mode) for tensors on ``device``."""
         return device.type == "cpu" if self._check is None else self._check
-
-    def remember_call(self, key: Optional[tuple], value: tuple, device: torch.device) -> None:
-        """Remember that a call with ``key`` passed validation and agreement, in
-        agree-once mode only (check mode exchanges on every call)."""
-        if key is None or self.check_mode(device):
-            return
-        if len(self.known_calls) >= _MAX_KNOWN_CALLS:
-            self.known_calls.clear()
-        self.known_calls[key] = value
 
     def agree(
         self, op: str, kind: str, fields: Sequence[str], signature: tuple,
@@ -216,7 +199,7 @@ class Agreement:
             return
         # Fast path: one small fixed-size exchange. Every rank sees the same
         # digests, so all of them take the slow path (names and messages) together.
-        digests = self._backend.all_gather_ints(_digest(error is None, signature))
+        digests = self._exchange.all_gather_ints(_digest(error is None, signature))
         if digests is None:  # the backend cannot exchange (no group): local checks only
             if error is not None:
                 raise error
@@ -225,7 +208,7 @@ class Agreement:
             self._seen.add(key)
             return
         verdict = None if error is None else f"{type(error).__name__}: {error}"
-        gathered = self._backend.all_gather_object((verdict, signature))
+        gathered = self._exchange.all_gather_object((verdict, signature))
         if gathered is None:  # the backend cannot exchange (no group): local checks only
             if error is not None:
                 raise error
@@ -252,5 +235,27 @@ class Agreement:
         itself without a group, or during CUDA-graph capture."""
         if device is not None and _capturing(device):
             return value
-        gathered = self._backend.all_gather_ints((value,))
+        gathered = self._exchange.all_gather_ints((value,))
         return value if gathered is None else max(v for (v,) in gathered)
+
+
+def agree_dispatch(op: str, buf, args, error: Optional[BaseException]) -> None:
+    """Agree on a dispatch (``args``: a :class:`~deepep_ops.handle.DispatchArgs`)
+    with every EP rank of ``buf``, given this rank's validation ``error``
+    (:func:`deepep_ops.validation.verdict`): all raise together, or return."""
+    buf.agreement.agree(op, "dispatch", DISPATCH_FIELDS, dispatch_signature(args), error, device_of(args.x))
+
+
+def agree_combine(
+    op: str, buf, x, handle, error: Optional[BaseException], device: Optional[torch.device] = None
+) -> None:
+    """Agree on a combine of ``x`` with ``handle`` (the combine ops, the backward's
+    cached dispatch and weighted combine, finalize's rejection of expert outputs,
+    a fake kernel's rejection of meta tensors) with every EP rank of ``buf``,
+    given this rank's ``error``: all raise together, or return.
+
+    ``device`` overrides x's (selects the default mode; meta tensors are host-side).
+    """
+    buf.agreement.agree(
+        op, "combine", COMBINE_FIELDS, combine_signature(x, handle), error, device or device_of(x)
+    )

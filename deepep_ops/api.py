@@ -1,20 +1,21 @@
 """Python entry points over the ``deepep_ops::`` ops; traceable by Dynamo.
 
-They pack the ops' flat outputs into :class:`DispatchResult` /
-:class:`ExactDispatchResult` and take the handle back as one value.
+They call the ops (or, eagerly, :mod:`deepep_ops.eager`), turn the ops' flat
+outputs into :class:`DispatchResult` / :class:`ExactDispatchResult` through the
+codec (:mod:`deepep_ops.handle`) and take the handle back as one value.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from deepep_ops import ops
+from deepep_ops import eager, ops  # noqa: F401  (ops: defines torch.ops.deepep_ops)
 from deepep_ops._torch_compat import eager_mode_is_plain
-from deepep_ops.buffer import EPBuffer
-from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult
-from deepep_ops.layout import IntLike, decode_num_expanded_tokens
+from deepep_ops.buffer import EPBuffer, static_num_ranks
+from deepep_ops.handle import DispatchArgs, DispatchHandle, DispatchResult, ExactDispatchResult, unpack_dispatch
+from deepep_ops.layout import IntLike
 from deepep_ops.validation import check_not_bool
 
 
@@ -33,10 +34,30 @@ def _eager_prologue(op: str, topk_idx: torch.Tensor, num_experts: object, expert
 
 
 #: Whether these wrappers may try the ops' kernels without the dispatcher
-#: (:mod:`deepep_ops.ops`' eager fast path, which still asks the dispatcher's
-#: no-op test of the tensors whenever a call is not a known one): not tracing,
-#: no torch-function mode, no profiler. Tests turn the fast path off by replacing it.
+#: (:mod:`deepep_ops.eager`, which still asks the dispatcher's no-op test of
+#: the tensors whenever a call is not a known one): not tracing, no
+#: torch-function mode, no profiler. Tests turn the fast path off by replacing it.
 _eager_mode_is_plain = eager_mode_is_plain
+
+
+def _dispatch(
+    decode: bool, x, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, x_scales
+) -> Union[DispatchResult, ExactDispatchResult]:
+    """:func:`dispatch` (``decode``) or :func:`dispatch_exact`."""
+    if _eager_mode_is_plain():
+        result = eager.dispatch(
+            decode, x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
+        )
+        if result is not None:
+            return result
+    if decode:
+        op, name = torch.ops.deepep_ops.dispatch, "deepep_ops.dispatch"
+    else:
+        op, name = torch.ops.deepep_ops.dispatch_exact, "deepep_ops.dispatch_exact"
+    topk_idx = _eager_prologue(name, topk_idx, num_experts, expert_alignment)
+    outputs = op(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment)
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode)
+    return unpack_dispatch(args, outputs, static_num_ranks(buffer))
 
 
 def dispatch(
@@ -63,31 +84,8 @@ def dispatch(
         expert_alignment: A.
         x_scales: [T, P] float32 (or int32 packed) scales of fp8 ``x``.
     """
-    if _eager_mode_is_plain():
-        result = ops.eager_dispatch(
-            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-        )
-        if result is not None:
-            return result
-    topk_idx = _eager_prologue("deepep_ops.dispatch", topk_idx, num_experts, expert_alignment)
-    out = torch.ops.deepep_ops.dispatch(
-        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-    )
-    recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = out[:4]
-    handle = DispatchHandle(
-        topk_idx,
-        *out[4:],
-        num_experts=num_experts,
-        num_max_tokens_per_rank=num_max_tokens_per_rank,
-        expert_alignment=expert_alignment,
-        do_expand=False,
-        # out[4] is the per-rank psum, so its length is R.
-        num_expanded_tokens=decode_num_expanded_tokens(
-            out[4].shape[0], num_max_tokens_per_rank, topk_idx.shape[1], num_experts, expert_alignment
-        ),
-    )
-    return DispatchResult(
-        recv_x, None if x_scales is None else recv_x_scales, recv_topk_idx, recv_topk_weights, handle
+    return _dispatch(
+        True, x, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, x_scales
     )
 
 
@@ -107,33 +105,13 @@ def dispatch_exact(
     Same arguments as :func:`dispatch`; ``num_max_tokens_per_rank`` is usually
     the buffer capacity. Not CUDA-graph capturable.
     """
-    if _eager_mode_is_plain():
-        result = ops.eager_dispatch_exact(
-            x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-        )
-        if result is not None:
-            return result
-    topk_idx = _eager_prologue("deepep_ops.dispatch_exact", topk_idx, num_experts, expert_alignment)
-    out = torch.ops.deepep_ops.dispatch_exact(
-        x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment
-    )
-    _num_recv_tokens, num_expanded_tokens, recv_x, recv_x_scales, recv_topk_weights, counts = out[:6]
-    handle = DispatchHandle(
-        topk_idx,
-        *out[6:],
-        num_experts=num_experts,
-        num_max_tokens_per_rank=num_max_tokens_per_rank,
-        expert_alignment=expert_alignment,
-        do_expand=True,
-        num_expanded_tokens=num_expanded_tokens,
-    )
-    return ExactDispatchResult(
-        recv_x, None if x_scales is None else recv_x_scales, recv_topk_weights, counts, handle
+    return _dispatch(
+        False, x, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, x_scales
     )
 
 
 def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.Tensor:
-    """Send expert outputs back and reduce them per token (spec §4, unweighted).
+    """Send expert outputs back and reduce them per token (docs/deepep_contract.md §4, unweighted).
 
     Args:
         x: bf16 expert outputs with the rows of ``recv_x``: [R·M, H] after
@@ -146,7 +124,7 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
         [T, H] bf16.
     """
     if _eager_mode_is_plain():
-        result = ops.eager_combine("deepep_ops.combine", x, buffer, handle)
+        result = eager.combine("deepep_ops.combine", x, buffer, handle)
         if result is not None:
             return result
     return torch.ops.deepep_ops.combine(x, buffer, *handle)
@@ -154,7 +132,7 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
-    if _eager_mode_is_plain() and ops.eager_combine("deepep_ops.combine_into", x, buffer, handle, out) is not None:
+    if _eager_mode_is_plain() and eager.combine("deepep_ops.combine_into", x, buffer, handle, out) is not None:
         return
     torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)
 

@@ -33,10 +33,16 @@ from typing import Optional
 
 import torch
 
-from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
-from deepep_ops.layout import decode_num_expanded_tokens
+from deepep_ops.buffer import unwrap_ep_buffer
+from deepep_ops.handle import (
+    HANDLE_TENSOR_FIELDS,
+    DispatchArgs,
+    DispatchHandle,
+    dispatch_handle,
+    dispatch_output_index,
+    recv_rows,
+)
 
-_NUM_HANDLE_TENSORS = len(HANDLE_TENSORS)
 _NUM_HANDLE_FIELDS = len(DispatchHandle._fields)
 
 
@@ -44,7 +50,7 @@ def _save_handle(ctx, buffer, handle: DispatchHandle) -> None:
     # Tensors through save_for_backward; the static ints (E, M, A, mode, X) as ctx values.
     ctx.save_for_backward(handle.topk_idx, *handle.tensors)
     ctx.buffer = buffer
-    ctx.handle_statics = handle[1 + _NUM_HANDLE_TENSORS :]
+    ctx.handle_statics = handle[HANDLE_TENSOR_FIELDS.stop :]
 
 
 def _saved_handle(ctx) -> DispatchHandle:
@@ -53,8 +59,8 @@ def _saved_handle(ctx) -> DispatchHandle:
 
 def _received_rows_grad(recv: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """Zero the decode padding rows (≥ psum[-1]): DeepEP leaves them stale.
-    Prefill padding rows are already zero (``do_zero_padding``)."""
-    if handle.do_expand:
+    Prefill padding rows are already zero (DeepEP's ``do_zero_padding``)."""
+    if not handle.decode:
         return recv
     rows = recv.shape[0]
     real = torch.arange(rows, device=recv.device) < handle.psum_num_recv_tokens_per_scaleup_rank[-1]
@@ -67,7 +73,7 @@ def _dispatch_backward(ctx, grad_recv_x: Optional[torch.Tensor], grad_recv_w: Op
     if grad_recv_x is None:
         grad_recv_x = handle.topk_idx.new_zeros((rows, ctx.hidden), dtype=torch.bfloat16)
     if grad_recv_w is None:
-        w_shape = (rows,) if handle.do_expand else (rows, handle.topk_idx.shape[1])
+        w_shape = (rows, handle.topk_idx.shape[1]) if handle.decode else (rows,)
         grad_recv_w = handle.topk_idx.new_zeros(w_shape, dtype=torch.float32)
     grad_x, grad_w = torch.ops.deepep_ops.combine_with_weights(
         grad_recv_x.to(torch.bfloat16).contiguous(), grad_recv_w.to(torch.float32).contiguous(),
@@ -77,40 +83,29 @@ def _dispatch_backward(ctx, grad_recv_x: Optional[torch.Tensor], grad_recv_w: Op
     return grad_x, grad_w
 
 
-# ------------------------------------------------------------------------------ dispatch (decode)
-def _dispatch_setup_context(ctx, inputs, output) -> None:
-    x, _x_scales, topk_idx, _w, buffer, num_experts, m, a = inputs
-    handle_tensors = output[4 : 4 + _NUM_HANDLE_TENSORS]
-    num_ranks = handle_tensors[0].shape[0]
-    handle = DispatchHandle(
-        topk_idx, *handle_tensors, num_experts, m, a, False,
-        decode_num_expanded_tokens(num_ranks, m, topk_idx.shape[1], num_experts, a),
-    )
-    _save_handle(ctx, buffer, handle)
-    ctx.recv_rows = output[0].shape[0]
-    ctx.hidden = x.shape[1]
-    ctx.x_dtype = x.dtype
-    ctx.x_differentiable = x.dtype.is_floating_point and x.dtype.itemsize > 1  # not fp8
+# ------------------------------------------------------------------------------ dispatch, dispatch_exact
+def _dispatch_setup_context(decode: bool):
+    """``setup_context`` of the dispatch op of this mode: the handle (through the
+    codec, :func:`~deepep_ops.handle.dispatch_handle`) and where the gradients
+    of ``recv_x`` and ``recv_topk_weights`` arrive."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, x_scales, topk_idx, w, buffer, num_experts, m, a = inputs
+        args = DispatchArgs(x, x_scales, topk_idx, w, num_experts, m, a, decode)
+        handle = dispatch_handle(args, output, unwrap_ep_buffer(buffer).num_ranks)
+        _save_handle(ctx, buffer, handle)
+        ctx.recv_rows = recv_rows(handle)
+        ctx.hidden = x.shape[1]
+        ctx.x_dtype = x.dtype
+        ctx.x_differentiable = x.dtype.is_floating_point and x.dtype.itemsize > 1  # not fp8
+        ctx.grad_recv_x_index = dispatch_output_index(decode, "recv_x")
+        ctx.grad_recv_w_index = dispatch_output_index(decode, "recv_topk_weights")
+
+    return setup_context
 
 
-def _dispatch_backward_decode(ctx, grad_recv_x, _g_scales, _g_idx, grad_recv_w, *_g_handle):
-    grad_x, grad_w = _dispatch_backward(ctx, grad_recv_x, grad_recv_w)
-    return grad_x, None, None, grad_w, None, None, None, None
-
-
-# ------------------------------------------------------------------------------ dispatch_exact (prefill)
-def _dispatch_exact_setup_context(ctx, inputs, output) -> None:
-    x, _x_scales, topk_idx, _w, buffer, num_experts, m, a = inputs
-    handle = DispatchHandle(topk_idx, *output[6 : 6 + _NUM_HANDLE_TENSORS], num_experts, m, a, True, output[1])
-    _save_handle(ctx, buffer, handle)
-    ctx.recv_rows = output[1]
-    ctx.hidden = x.shape[1]
-    ctx.x_dtype = x.dtype
-    ctx.x_differentiable = x.dtype.is_floating_point and x.dtype.itemsize > 1
-
-
-def _dispatch_exact_backward(ctx, _g_n, _g_x_rows, grad_recv_x, _g_scales, grad_recv_w, _g_counts, *_g_handle):
-    grad_x, grad_w = _dispatch_backward(ctx, grad_recv_x, grad_recv_w)
+def _dispatch_op_backward(ctx, *grads):
+    grad_x, grad_w = _dispatch_backward(ctx, grads[ctx.grad_recv_x_index], grads[ctx.grad_recv_w_index])
     return grad_x, None, None, grad_w, None, None, None, None
 
 
@@ -150,8 +145,8 @@ def _cached_dispatch_backward(ctx, grad_recv_x, _g_scales):
 def register(ns: str) -> None:
     """Attach the backward formulas to the ops of namespace ``ns`` (called once by ``import deepep_ops``)."""
     for name, backward, setup in (
-        ("dispatch", _dispatch_backward_decode, _dispatch_setup_context),
-        ("dispatch_exact", _dispatch_exact_backward, _dispatch_exact_setup_context),
+        ("dispatch", _dispatch_op_backward, _dispatch_setup_context(decode=True)),
+        ("dispatch_exact", _dispatch_op_backward, _dispatch_setup_context(decode=False)),
         ("combine", _combine_backward, _combine_setup_context),
         ("cached_dispatch", _cached_dispatch_backward, _cached_dispatch_setup_context),
     ):

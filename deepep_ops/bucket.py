@@ -1,7 +1,8 @@
 """Power-of-two bucketing of DeepEP's ``num_max_tokens_per_rank``.
 
-Every distinct M is a fresh JIT compile of four DeepEP kernels (3.6–7.2 s on
-H200, spec §8), and every decode consumer processes all R·M received rows, so
+Every distinct M is a fresh JIT compile of four DeepEP kernels (seconds each
+time, docs/deepep_contract.md §5, §8), and every decode consumer processes all
+R·M received rows, so
 M must be small *and* drawn from a bounded set: the powers of two up to the
 buffer capacity, ⌈log2(capacity)⌉ + 1 values at most.
 """
@@ -42,22 +43,19 @@ def pow2_bucket(n: int, capacity: int) -> int:
 # The bucket inside a compiled graph.
 #
 # vLLM compiles once with a symbolic token count and drops Dynamo's guards, so
-# M must be derived from that SymInt in the graph. Measured on torch 2.13
-# (shared/torch_compile_notes.md): bit_length recompiles on every n, a Python
-# loop gives one graph per bucket, log2/ceil recompiles on every n once the
-# FX/AOT cache is warm, bit smearing takes 200 s to compile, sym_ite never
-# finishes. What works is to compute the bucket on the host at run time: the
+# M must be derived from that SymInt in the graph. On torch 2.13 every in-graph
+# formula failed (benchmarks/README.md): bit_length recompiles on every n, a
+# Python loop gives one graph per bucket, log2/ceil recompiles on every n once
+# the FX/AOT cache is warm, bit smearing takes minutes to compile, sym_ite
+# never finishes. What works is to compute the bucket on the host at run time: the
 # ``deepep_ops::token_bucket`` op returns it as an unbacked SymInt. No guard is ever
 # installed on it (so no recompiles, cold or warm cache), compile cost is one
 # tiny node, and the DP-global maximum can be read on the host without a device
 # sync (the buffer's token source). Under CUDA graphs, Inductor runs this host-only node outside the graph
-# partition (it binds an unbacked symbol); it launches no kernel.
-#
-# Measured (benchmarks/bench_bucket_compile.py: decode MoE layer, CPU, torch
-# 2.13, inductor, cold cache, T = 1..64): 2 frames either way; the dynamic
-# compile took 2.9 s against 2.8 s with the bucket passed in as an int, and a
-# step 3.29 ms against 3.14 ms. The graph gains two host-side bound checks on
-# the unbacked M (from the fake's min/max).
+# partition (it binds an unbacked symbol); it launches no kernel. The graph
+# gains two host-side bound checks on the unbacked M (from the fake's min/max);
+# compile time and step time stay within a few percent of a bucket passed in
+# as an int (benchmarks/bench_bucket_compile.py).
 # ---------------------------------------------------------------------------
 
 import torch  # noqa: E402

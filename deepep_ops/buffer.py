@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
+
 from deepep_ops._torch_compat import (
     CUDAGRAPH_INPUT_MARKER,
     STABLE_CACHE_KEY_METHOD,
@@ -26,6 +28,8 @@ from deepep_ops._torch_compat import (
 from deepep_ops.agreement import Agreement
 from deepep_ops.backends import Backend, as_backend
 from deepep_ops.bucket import pow2_bucket
+from deepep_ops.eager import KnownCalls
+from deepep_ops.exchange import HostExchange
 
 #: ``source(local_num_tokens) -> tokens to bucket``, run on the host.
 TokenSource = Callable[[int], int]
@@ -51,7 +55,9 @@ class EPBuffer(OpaqueBase):
         rank: this process's rank in the EP group.
         capacity: the largest M.
         topk_idx_dtype: the dtype ``topk_idx`` must have.
+        exchange: the :class:`~deepep_ops.exchange.HostExchange` over the EP group.
         agreement: the :class:`~deepep_ops.agreement.Agreement` of this buffer.
+        known_calls: the eager fast path's :class:`~deepep_ops.eager.KnownCalls`.
     """
 
     def __init__(
@@ -63,7 +69,9 @@ class EPBuffer(OpaqueBase):
         self.capacity: int = self.backend.capacity
         self.topk_idx_dtype = self.backend.topk_idx_dtype
         self.num_tokens_source = num_tokens_source
-        self.agreement = Agreement(self.backend, check)
+        self.exchange = HostExchange(self.backend.group, self.num_ranks)
+        self.agreement = Agreement(self.exchange, check)
+        self.known_calls = KnownCalls()
 
     def bucket(self, num_local_tokens: int) -> int:
         """M for a step with ``num_local_tokens`` here: ``pow2_bucket`` of the
@@ -137,6 +145,17 @@ EP_BUFFER_TYPE = opaque_type_name(EPBuffer)
 def as_ep_buffer(buffer: object) -> EPBuffer:
     """Wrap a backend in :class:`EPBuffer` unless it already is one."""
     return buffer if isinstance(buffer, EPBuffer) else EPBuffer(buffer)
+
+
+@torch.compiler.assume_constant_result
+def static_num_ranks(buffer: object) -> int:
+    """R of an :class:`EPBuffer` argument, as a constant under ``torch.compile``.
+
+    Dynamo would turn ``buffer.num_ranks`` into a symbolic graph input; the fake
+    kernels bake R into every shape (R·M rows), so the Python wrappers bake it
+    the same way.
+    """
+    return unwrap_ep_buffer(buffer).num_ranks
 
 
 def unwrap_ep_buffer(buffer: object) -> EPBuffer:

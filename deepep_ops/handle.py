@@ -1,4 +1,4 @@
-"""The dispatch handle codec, and what ``dispatch`` returns: written once.
+"""The op codec: what the dispatch ops take and return, and the handle, written once.
 
 A handle travels through graphs as plain values (the routing ``topk_idx``, five
 int32 tensors, five static ints): no Python object per call, nothing mutable,
@@ -9,20 +9,46 @@ every schema (:func:`schema_args`, :func:`schema_returns`), in the op wrappers
 gives every tensor's shape for validation and the fake kernels. Backends
 receive a :class:`DispatchHandle` and build their own handle object from it.
 
+What each dispatch op returns (its flat outputs) is defined here too:
+:func:`dispatch_schema_returns` writes the schema's returns,
+:func:`pack_dispatch` builds the tuple (real and fake kernels), and
+:func:`dispatch_handle` / :func:`unpack_dispatch` read it back (the Python
+wrappers, autograd). No other module knows an output's position.
+
 Shape letters are those of the glossary in :mod:`deepep_ops.layout`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from deepep_ops.layout import IntLike, recv_src_metadata_cols
+from deepep_ops.layout import IntLike, align, decode_num_expanded_tokens, recv_src_metadata_cols
+
+
+class DispatchArgs(NamedTuple):
+    """One dispatch call's arguments (both ops take them; ``decode`` picks the op).
+
+    - ``x`` [T, H] bf16, or float8_e4m3fn with ``x_scales`` [T, P] float32/int32.
+    - ``topk_idx`` [T, K] topk_idx_t global expert ids, −1 for an empty slot.
+    - ``topk_weights`` [T, K] float32.
+    - ``num_experts`` E, ``num_max_tokens_per_rank`` M, ``expert_alignment`` A.
+    - ``decode``: the mode (:mod:`deepep_ops.layout`).
+    """
+
+    x: torch.Tensor
+    x_scales: Optional[torch.Tensor]
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    num_experts: int
+    num_max_tokens_per_rank: IntLike
+    expert_alignment: int
+    decode: bool
 
 
 class DispatchHandle(NamedTuple):
-    """DeepEP's ``EPHandle`` as graph values (spec §3, direct mode).
+    """DeepEP's ``EPHandle`` as graph values (docs/deepep_contract.md §3, direct mode).
 
     Tensors are int32 on the tokens' device except ``topk_idx``:
 
@@ -34,7 +60,7 @@ class DispatchHandle(NamedTuple):
     - ``recv_src_metadata`` [N, K+2] (N = R·M in decode mode).
     - ``dst_buffer_slot_idx`` [T, K].
 
-    Static ints: E, M, A, the mode (``do_expand``: prefill) and X.
+    Static ints: E, M, A, the mode (``decode``) and X.
     """
 
     topk_idx: torch.Tensor
@@ -46,7 +72,7 @@ class DispatchHandle(NamedTuple):
     num_experts: int
     num_max_tokens_per_rank: IntLike
     expert_alignment: int
-    do_expand: bool
+    decode: bool
     num_expanded_tokens: IntLike
 
     @property
@@ -69,14 +95,20 @@ class DispatchedHandle(DispatchHandle):
     # No __slots__: the instance dict holds the three below.
     #: The backend's own handle object, if it made one.
     native = None
-    #: ``topk_idx._version`` at dispatch (None: ``topk_idx`` is the handle's own copy).
+    #: ``topk_idx``'s version counter at dispatch (None: ``topk_idx`` is the handle's own copy).
     topk_idx_version = None
-    #: The known-call entry (``deepep_ops.ops._KnownDispatch``) when the dispatch was
-    #: a known call of an agree-once buffer (deepep_ops.ops' eager combine).
+    #: The known-call entry (:class:`deepep_ops.eager.KnownDispatch`) when the
+    #: dispatch was a known call of an agree-once buffer.
     known = None
 
     def _replace(self, **changes) -> DispatchHandle:
         return DispatchHandle(*self)._replace(**changes)
+
+
+def recv_rows(handle: DispatchHandle) -> IntLike:
+    """Rows of the received tokens (``recv_x``), which combine's ``x`` must have:
+    R·M in decode mode, X in prefill mode."""
+    return handle.recv_src_metadata.shape[0] if handle.decode else handle.num_expanded_tokens
 
 
 class HandleDims(NamedTuple):
@@ -93,7 +125,7 @@ class HandleTensorSpec(NamedTuple):
     """Shape of one int32 handle tensor, and its storage offset in decode mode.
 
     DeepEP returns the decode per-expert psum as a view at storage offset 1 of an
-    [EL+1] buffer (spec §3); the reference and the fake do the same.
+    [EL+1] buffer (contract §3); the reference and the fake do the same.
     """
 
     shape: Callable[[HandleDims], tuple]
@@ -109,6 +141,8 @@ HANDLE_TENSOR_SPECS: dict = {
     "dst_buffer_slot_idx": HandleTensorSpec(lambda d: (d.num_tokens, d.num_topk)),
 }
 HANDLE_TENSORS = tuple(HANDLE_TENSOR_SPECS)
+#: Where the handle's tensors sit among its fields (after ``topk_idx``).
+HANDLE_TENSOR_FIELDS = slice(1, 1 + len(HANDLE_TENSORS))
 
 #: Schema types of the handle's fields that are not int32 tensors.
 _FIELD_SCHEMA_TYPES = {
@@ -116,10 +150,10 @@ _FIELD_SCHEMA_TYPES = {
     "num_experts": "int",
     "num_max_tokens_per_rank": "SymInt",
     "expert_alignment": "int",
-    "do_expand": "bool",
+    "decode": "bool",
     "num_expanded_tokens": "SymInt",
 }
-assert DispatchHandle._fields[1 : 1 + len(HANDLE_TENSORS)] == HANDLE_TENSORS
+assert DispatchHandle._fields[HANDLE_TENSOR_FIELDS] == HANDLE_TENSORS
 assert set(DispatchHandle._fields) == set(HANDLE_TENSORS) | set(_FIELD_SCHEMA_TYPES)
 
 
@@ -154,6 +188,11 @@ def empty_handle_tensors(like: torch.Tensor, dims: HandleDims, decode: bool) -> 
     return tuple(out)
 
 
+# ---------------------------------------------------------------------------
+# What the dispatch ops return.
+# ---------------------------------------------------------------------------
+
+
 class DispatchResult(NamedTuple):
     """Decode-mode dispatch output. Rows ≥ ``handle.psum_num_recv_tokens_per_scaleup_rank[-1]``
     are padding with unspecified content.
@@ -186,3 +225,130 @@ class ExactDispatchResult(NamedTuple):
     recv_topk_weights: torch.Tensor
     num_recv_tokens_per_expert: torch.Tensor
     handle: DispatchHandle
+
+
+#: The outputs of ``deepep_ops::dispatch`` (decode) before the handle tensors.
+_DECODE_OUTPUTS = (
+    ("Tensor", "recv_x"), ("Tensor", "recv_x_scales"), ("Tensor", "recv_topk_idx"), ("Tensor", "recv_topk_weights"),
+)
+#: The outputs of ``deepep_ops::dispatch_exact`` (prefill) before the handle tensors.
+#: N and X come first, as SymInts: see ``schemas.DISPATCH_EXACT``.
+_PREFILL_OUTPUTS = (
+    ("SymInt", "num_recv_tokens"), ("SymInt", "num_expanded_tokens"), ("Tensor", "recv_x"),
+    ("Tensor", "recv_x_scales"), ("Tensor", "recv_topk_weights"), ("Tensor", "num_recv_tokens_per_expert"),
+)
+
+
+def _outputs(decode: bool) -> tuple:
+    return _DECODE_OUTPUTS if decode else _PREFILL_OUTPUTS
+
+
+def dispatch_schema_returns(decode: bool) -> str:
+    """The returns of the dispatch op of this mode, as schema text."""
+    return ", ".join(f"{typ} {name}" for typ, name in _outputs(decode)) + ", " + schema_returns()
+
+
+_UNALIGNED = HANDLE_TENSORS.index("num_unaligned_recv_tokens_per_expert")
+_RECV_SRC_METADATA = HANDLE_TENSORS.index("recv_src_metadata")
+
+
+def prefill_counts(handle_tensors: tuple, expert_alignment: int) -> torch.Tensor:
+    """Prefill's aligned rows per local expert, [EL] int32 on the tokens' device:
+    ``align(c_e, A)`` of the unaligned counts c_e among a dispatch's
+    ``handle_tensors`` (what the backend's host list holds, contract §3),
+    computed on the device. Not ``torch.tensor(host list, device=cuda)``: a copy
+    from pageable memory synchronises the stream, so the host would wait for
+    the dispatch's payload kernels before it could queue anything after them."""
+    unaligned = handle_tensors[_UNALIGNED]
+    if expert_alignment == 1:
+        return unaligned.clone()
+    return align(unaligned, expert_alignment)
+
+
+def pack_dispatch(
+    decode: bool,
+    recv_x: torch.Tensor,
+    recv_x_scales: torch.Tensor,
+    recv_topk_idx: Optional[torch.Tensor],
+    recv_topk_weights: torch.Tensor,
+    handle_tensors: tuple,
+    expert_alignment: int,
+    num_recv_tokens_per_expert: Optional[torch.Tensor] = None,
+) -> tuple:
+    """The flat outputs of the dispatch op of this mode.
+
+    ``recv_x_scales`` is a tensor here (custom ops cannot return None: see
+    :func:`deepep_ops.layout.no_scales`). Prefill's N and X are read off
+    ``recv_src_metadata`` and ``recv_x``, and its per-expert counts computed
+    from the handle (:func:`prefill_counts`) unless given (the fake kernel).
+    """
+    if decode:
+        return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + tuple(handle_tensors)
+    if num_recv_tokens_per_expert is None:
+        num_recv_tokens_per_expert = prefill_counts(handle_tensors, expert_alignment)
+    sizes = (handle_tensors[_RECV_SRC_METADATA].shape[0], recv_x.shape[0])
+    return sizes + (recv_x, recv_x_scales, recv_topk_weights, num_recv_tokens_per_expert) + tuple(handle_tensors)
+
+
+def num_expanded_tokens(args: DispatchArgs, num_ranks: int, prefill_rows: Optional[IntLike] = None) -> IntLike:
+    """X of the handle that a dispatch of ``args`` makes, the one value a handle
+    derives: in decode the worst case of R, M, K, E, A
+    (:func:`~deepep_ops.layout.decode_num_expanded_tokens`: what DeepEP's handle
+    carries without CPU sync), in prefill the ``prefill_rows`` the dispatch returned."""
+    if not args.decode:
+        return prefill_rows
+    return decode_num_expanded_tokens(
+        num_ranks, args.num_max_tokens_per_rank, args.topk_idx.shape[1], args.num_experts, args.expert_alignment
+    )
+
+
+def dispatch_handle(args: DispatchArgs, outputs: tuple, num_ranks: int) -> DispatchHandle:
+    """The handle that the dispatch op's flat ``outputs`` and its ``args`` make."""
+    first = len(_outputs(args.decode))
+    handle_tensors = outputs[first : first + len(HANDLE_TENSORS)]
+    # Prefill's X is the op's own SymInt output (see schemas.DISPATCH_EXACT), not recv_x's size read back.
+    x_rows = num_expanded_tokens(args, num_ranks, None if args.decode else outputs[1])
+    return DispatchHandle(
+        args.topk_idx, *handle_tensors, args.num_experts, args.num_max_tokens_per_rank, args.expert_alignment,
+        args.decode, x_rows,
+    )
+
+
+def dispatch_result(
+    decode: bool,
+    recv_x: torch.Tensor,
+    recv_x_scales: Optional[torch.Tensor],
+    recv_topk_idx: Optional[torch.Tensor],
+    recv_topk_weights: torch.Tensor,
+    num_recv_tokens_per_expert: Optional[torch.Tensor],
+    handle: DispatchHandle,
+) -> Union[DispatchResult, ExactDispatchResult]:
+    """The result the Python entry points return for this mode."""
+    if decode:
+        return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, handle)
+    return ExactDispatchResult(recv_x, recv_x_scales, recv_topk_weights, num_recv_tokens_per_expert, handle)
+
+
+def unpack_dispatch(
+    args: DispatchArgs, outputs: tuple, num_ranks: int
+) -> Union[DispatchResult, ExactDispatchResult]:
+    """The dispatch op's flat ``outputs`` as the result of the call ``args``
+    (missing scales back to None)."""
+    decode = args.decode
+    handle = dispatch_handle(args, outputs, num_ranks)
+    if decode:
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = outputs[:4]
+        counts = None
+    else:
+        recv_x, recv_x_scales, recv_topk_weights, counts = outputs[2:6]
+        recv_topk_idx = None
+    return dispatch_result(
+        decode, recv_x, None if args.x_scales is None else recv_x_scales, recv_topk_idx, recv_topk_weights,
+        counts, handle,
+    )
+
+
+def dispatch_output_index(decode: bool, name: str) -> int:
+    """Where output ``name`` (as in :func:`dispatch_schema_returns`) sits among the
+    dispatch op's flat outputs (autograd reads its gradients there)."""
+    return [n for _t, n in _outputs(decode)].index(name)

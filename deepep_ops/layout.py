@@ -1,5 +1,6 @@
-"""Shape formulas of DeepEP v2's direct-mode dispatch (spec §2, §3), and the
-glossary of the shape letters every docstring uses.
+"""Shape formulas of DeepEP v2's direct-mode dispatch (docs/deepep_contract.md §2,
+§3), the glossary of the shape letters every docstring uses, and the one word
+for the mode.
 
 One place for every size the fake kernels, the reference buffer and the op
 layer agree on. Each function accepts Python ints or SymInts.
@@ -20,6 +21,13 @@ N     tokens this rank received (R·M in decode mode, data-dependent in prefill)
 X     expanded rows in prefill: one per (token, local expert), padded to A
 P     scale columns of fp8 tokens (H / 128 for block fp8)
 ====  ==================================================================
+
+The mode is one bool everywhere in the package, ``decode``: True for the
+decode layout (no expand, no CPU sync: R·M rows, CUDA-graph capturable),
+False for the prefill layout (expand + CPU sync: X exact rows). DeepEP calls it
+``do_expand`` (the negation; only :mod:`deepep_ops.backends.deep_ep` says so)
+and vLLM ``use_cudagraph`` (only :mod:`deepep_ops.vllm` says so);
+:func:`layout_name` is its name in messages and tables.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import torch
 
 IntLike = Union[int, torch.SymInt]
 
-#: DeepEP's JIT limits (spec §1, `layout.cuh`).
+#: DeepEP's limits (contract §1): E, EL and R from `layout.cuh`, checked on DeepEP's
+#: host; K a static_assert in its kernels (a JIT failure).
 MAX_TOPK = 32
 MAX_EXPERTS = 2048
 MAX_LOCAL_EXPERTS = 256
@@ -44,6 +53,11 @@ DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 #: Token rows are copied in 32-byte TMA units (kNumTMAAlignBytes, layout.cuh:198;
 #: stricter than buffer.hpp:754's 16): bf16 needs H % 16, fp8 H % 32.
 DISPATCH_ROW_BYTES_ALIGNMENT = 32
+
+
+def layout_name(decode: bool) -> str:
+    """``"decode"`` or ``"prefill"``: the mode's name in messages, tables and warm-up."""
+    return "decode" if decode else "prefill"
 
 
 def align(value: IntLike, alignment: int) -> IntLike:
@@ -68,7 +82,9 @@ def decode_num_expanded_tokens(
     num_experts: int,
     expert_alignment: int,
 ) -> IntLike:
-    """Worst-case expanded rows without CPU sync: align(R·M·min(K, EL) + (A−1)·EL, A)."""
+    """Worst-case expanded rows without CPU sync: align(R·M·min(K, EL) + (A−1)·EL, A).
+
+    What a decode handle carries as X (DeepEP's ``num_expanded_tokens``)."""
     local = num_local_experts(num_experts, num_ranks)
     worst = num_ranks * num_max_tokens_per_rank * min(num_topk, local)
     return align(worst + (expert_alignment - 1) * local, expert_alignment)

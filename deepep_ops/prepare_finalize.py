@@ -16,7 +16,7 @@ from typing import NamedTuple, NoReturn, Optional, Union
 
 import torch
 
-from deepep_ops.agreement import COMBINE_FIELDS, combine_signature
+from deepep_ops.agreement import agree_combine
 from deepep_ops.api import combine, dispatch, dispatch_exact
 from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
@@ -297,9 +297,7 @@ class DeepEPPrepareFinalize:
         limit). Under tracing there is no exchange: the compile fails as before.
         """
         if not torch.compiler.is_compiling():
-            self.buffer.agreement.agree(
-                "deepep_ops.combine", "combine", COMBINE_FIELDS, combine_signature(rows, handle), error, rows.device
-            )
+            agree_combine("deepep_ops.combine", self.buffer, rows, handle, error)
         raise error
 
 

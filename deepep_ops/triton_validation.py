@@ -2,10 +2,9 @@
 (imported on first use).
 
 The torch form of the value checks (range, then duplicates after a sort) is
-about ten kernels and two host syncs: +254 to +427 µs per prefill dispatch +
-combine pair on the H200 host, more than DeepEP's own pair at T = 512; this
-kernel, +110 to +187 µs (``benchmarks/bench_prefill.py``, columns "checks:
-torch form" and "checks: Triton", two runs). One program checks a block of
+about ten kernels and two host syncs, more than DeepEP's own prefill pair at
+T = 512 on the H200; this kernel and one host read cost about half of that
+(``benchmarks/bench_prefill.py``; figures in benchmarks/README.md). One program checks a block of
 rows (every id in [-1, E), no non-negative id twice in a row) and raises a
 flag; the host reads it once. When it is raised, the torch form runs to name
 the first bad entry.

@@ -1,4 +1,4 @@
-"""Input checks of spec §6, raised as Python errors before any communication.
+"""Input checks of docs/deepep_contract.md §6, raised as Python errors before any communication.
 
 DeepEP itself checks little on the host: bad ids read out of bounds, duplicate
 ids trap the device, a wrong hidden size fails an NVCC compile. Everything that
@@ -30,9 +30,47 @@ from deepep_ops.layout import (
     MAX_TOPK,
     decode_num_recv_tokens,
 )
-from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchedHandle, DispatchHandle, handle_dims
+from deepep_ops._torch_compat import version_counter
+from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchArgs, DispatchedHandle, DispatchHandle, handle_dims, recv_rows
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
+
+
+def verdict(check, *args, **kwargs) -> Optional[Exception]:
+    """The ``ValueError``/``TypeError`` that ``check(*args, **kwargs)`` raises, or None:
+    this rank's verdict, which :mod:`deepep_ops.agreement` shares with its peers."""
+    try:
+        check(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        return error
+    return None
+
+
+def device_of(x: object) -> torch.device:
+    """x's device (CPU for a non-tensor: its validation error reports it)."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D, ``is_contiguous()``) as a view with row-major strides.
+
+    ``is_contiguous()`` ignores the strides of size-1 and empty dims: K=1 weights
+    from ``torch.topk(...).values * c`` with T=0 have strides (1, 0), which byte
+    views (and DeepEP's pointer arithmetic) reject. Same elements, no copy.
+    """
+    rows, cols = t.shape
+    if t.stride(1) == 1 and (t.stride(0) == cols or rows <= 1):
+        return t
+    return t.as_strided((rows, cols), (cols, 1))
+
+
+def row_major_args(args: DispatchArgs) -> DispatchArgs:
+    """Validated dispatch ``args`` with row-major x, topk_idx and topk_weights
+    (``args`` itself when they already are)."""
+    x, topk_idx, topk_weights = row_major(args.x), row_major(args.topk_idx), row_major(args.topk_weights)
+    if x is args.x and topk_idx is args.topk_idx and topk_weights is args.topk_weights:
+        return args
+    return args._replace(x=x, topk_idx=topk_idx, topk_weights=topk_weights)
 
 
 def _is_int(v: object) -> bool:
@@ -59,18 +97,18 @@ def _check_tensor(
         _fail(op, name, "contiguous", f"strides {t.stride()} for shape {tuple(t.shape)}")
 
 
-def value_checks_wanted(device: torch.device, exact: bool) -> bool:
+def value_checks_wanted(device: torch.device, decode: bool) -> bool:
     """The policy of the module doc, without the capture state: CPU tensors and
     prefill always, GPU decode with ``DEEPEP_OPS_CHECK_VALUES=1``."""
-    return device.type == "cpu" or exact or os.environ.get("DEEPEP_OPS_CHECK_VALUES") == "1"
+    return device.type == "cpu" or not decode or os.environ.get("DEEPEP_OPS_CHECK_VALUES") == "1"
 
 
-def value_checks_enabled(device: torch.device, exact: bool) -> bool:
+def value_checks_enabled(device: torch.device, decode: bool) -> bool:
     """Whether checks that read tensor values on the host run now (see module doc)."""
     if device.type == "cpu":
         return True
     # GPU decode, the hot path: one dict lookup, no query of the capture state.
-    if not value_checks_wanted(device, exact):
+    if not value_checks_wanted(device, decode):
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
@@ -106,22 +144,13 @@ def check_topk_idx_values(op: str, topk_idx: torch.Tensor, num_experts: int) -> 
         _fail(op, f"topk_idx[{t}]", "free of repeated expert ids", topk_idx[t].tolist())
 
 
-def check_dispatch(
-    op: str,
-    x: torch.Tensor,
-    x_scales: Optional[torch.Tensor],
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    *,
-    num_ranks: int,
-    capacity: int,
-    topk_idx_dtype: torch.dtype,
-    num_experts: int,
-    num_max_tokens_per_rank: int,
-    expert_alignment: int,
-    exact: bool,
-) -> None:
-    """Every dispatch check of spec §6 that this rank can make on its own."""
+def check_dispatch(op: str, args: DispatchArgs, buf) -> None:
+    """Every dispatch check of contract §6 that this rank can make on its own.
+
+    ``buf``: the :class:`~deepep_ops.EPBuffer` (its R, capacity and id dtype).
+    """
+    x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode = args
+    num_ranks = buf.num_ranks
     if not isinstance(x, torch.Tensor):
         _fail(op, "x", "a torch.Tensor", type(x).__name__, TypeError)
     device = x.device
@@ -135,14 +164,14 @@ def check_dispatch(
     if x.dtype == torch.bfloat16 and x_scales is not None:
         _fail(op, "x_scales", "None when x is bfloat16", f"a {x_scales.dtype} tensor")
     if x_scales is not None:
-        # DeepEP reads scales through their strides (spec §1): any layout will do.
+        # DeepEP reads scales through their strides (contract §1): any layout will do.
         _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
         if x_scales.shape[0] != T:
             _fail(op, "x_scales.shape[0]", f"x.shape[0]={T}", x_scales.shape[0])
         if x_scales.shape[1] < 1:
             _fail(op, "x_scales.shape[1] (scale columns)", ">= 1", x_scales.shape[1])
 
-    _check_tensor(op, "topk_idx", topk_idx, 2, (topk_idx_dtype,), device)
+    _check_tensor(op, "topk_idx", topk_idx, 2, (buf.topk_idx_dtype,), device)
     if topk_idx.shape[0] != T:
         _fail(op, "topk_idx.shape[0]", f"x.shape[0]={T}", topk_idx.shape[0])
     K = topk_idx.shape[1]
@@ -171,12 +200,12 @@ def check_dispatch(
         _fail(op, "num_max_tokens_per_rank", "> 0", M)
     if T > M:
         _fail(op, "x.shape[0] (tokens)", f"<= num_max_tokens_per_rank={M}", T)
-    if capacity > 0 and M > capacity:
-        _fail(op, "num_max_tokens_per_rank", f"<= the buffer capacity {capacity}", M)
+    if buf.capacity > 0 and M > buf.capacity:
+        _fail(op, "num_max_tokens_per_rank", f"<= the buffer capacity {buf.capacity}", M)
     if decode_num_recv_tokens(num_ranks, M) > INT32_MAX:
         _fail(op, "num_ranks * num_max_tokens_per_rank", f"<= {INT32_MAX} (int32 token ids)", num_ranks * M)
 
-    if value_checks_enabled(device, exact):
+    if value_checks_enabled(device, decode):
         check_topk_idx_values(op, topk_idx, num_experts)
 
 
@@ -184,13 +213,13 @@ def check_combine(
     op: str,
     x: torch.Tensor,
     handle: DispatchHandle,
-    *,
-    num_ranks: int,
+    buf,
     out: Optional[torch.Tensor] = None,
     check_values: bool = False,
 ) -> None:
-    """Combine checks of spec §6 plus the consistency of the handle with its mode;
+    """Combine checks of contract §6 plus the consistency of the handle with its mode;
     with ``check_values`` also the handle's values (:func:`check_handle_values`, a host read)."""
+    num_ranks = buf.num_ranks
     check_routing_unchanged(op, handle)
     device = x.device
     _check_tensor(op, "x", x, 2, (torch.bfloat16,), device)
@@ -199,13 +228,10 @@ def check_combine(
         _fail(op, "x.shape[1] (hidden)", f"a multiple of {COMBINE_HIDDEN_ALIGNMENT} (DeepEP combine kernels)", H)
     check_handle(op, handle, num_ranks, device)
     T = handle.topk_idx.shape[0]
-    if handle.do_expand:
-        if x.shape[0] != handle.num_expanded_tokens:
-            _fail(op, "x.shape[0]", f"the {handle.num_expanded_tokens} expanded rows dispatch_exact returned", x.shape[0])
-    else:
-        n_rows = handle.recv_src_metadata.shape[0]
-        if x.shape[0] != n_rows:
-            _fail(op, "x.shape[0]", f"the {n_rows} rows dispatch returned", x.shape[0])
+    rows = recv_rows(handle)
+    if x.shape[0] != rows:
+        what = "rows dispatch returned" if handle.decode else "expanded rows dispatch_exact returned"
+        _fail(op, "x.shape[0]", f"the {rows} {what}", x.shape[0])
     if out is not None:
         _check_tensor(op, "out", out, 2, (torch.bfloat16,), device)
         if tuple(out.shape) != (T, H):
@@ -219,11 +245,11 @@ def check_routing_unchanged(op: str, handle: DispatchHandle) -> None:
     counter has not moved since (an in-place write to it, or to a view of it,
     moves it). Combine would otherwise reduce with routing the dispatch never saw."""
     version = getattr(handle, "topk_idx_version", None)
-    if version is not None and handle.topk_idx._version != version:
+    if version is not None and version_counter(handle.topk_idx) != version:
         _fail(op, "handle.topk_idx",
               "unchanged between dispatch and combine (it was written in place after dispatch, so combine "
               "would reduce with routing that was never dispatched; pass dispatch a tensor you do not modify, "
-              "or a copy)", f"version {handle.topk_idx._version}, dispatched at version {version}")
+              "or a copy)", f"version {version_counter(handle.topk_idx)}, dispatched at version {version}")
 
 
 def combine_rows_ok(x: torch.Tensor, handle: DispatchedHandle) -> bool:
@@ -231,17 +257,14 @@ def combine_rows_ok(x: torch.Tensor, handle: DispatchedHandle) -> bool:
     vouched for: x has the handle's rows, and the handle's routing is unchanged
     (:func:`check_routing_unchanged`). False means: check in full."""
     version = handle.topk_idx_version
-    return (version is None or handle.topk_idx._version == version) and x.shape[0] == (
-        handle.num_expanded_tokens if handle.do_expand else handle.recv_src_metadata.shape[0]
-    )
+    return (version is None or version_counter(handle.topk_idx) == version) and x.shape[0] == recv_rows(handle)
 
 
 def check_combine_rows(
     op: str,
     x: torch.Tensor,
     handle: DispatchHandle,
-    *,
-    num_ranks: int,
+    buf,
     out: Optional[torch.Tensor] = None,
 ) -> None:
     """:func:`check_combine` for a handle whose tensors an eager dispatch made (a
@@ -255,7 +278,7 @@ def check_combine_rows(
             x.dtype == torch.bfloat16
             and x.is_contiguous()
             and H % COMBINE_HIDDEN_ALIGNMENT == 0
-            and rows == (handle.num_expanded_tokens if handle.do_expand else handle.recv_src_metadata.shape[0])
+            and rows == recv_rows(handle)
             and x.device == device
             and (
                 out is None
@@ -270,11 +293,11 @@ def check_combine_rows(
             return
     except (AttributeError, TypeError, ValueError, IndexError):
         pass
-    check_combine(op, x, handle, num_ranks=num_ranks, out=out)
+    check_combine(op, x, handle, buf, out=out)
 
 
 def check_handle_values(op: str, handle: DispatchHandle, num_ranks: int, num_rows: int) -> None:
-    """The handle's values are those a dispatch of this mode returns (spec §3), so a
+    """The handle's values are those a dispatch of this mode returns (contract §3), so a
     relabelled, hand-made or corrupted handle fails here rather than combining to
     zeros or indexing out of bounds after the collective."""
     M = int(handle.num_max_tokens_per_rank)
@@ -285,22 +308,22 @@ def check_handle_values(op: str, handle: DispatchHandle, num_ranks: int, num_row
         _fail(op, "handle.psum_num_recv_tokens_per_scaleup_rank",
               f"a non-decreasing prefix sum in [0, {n_rows}] (rows of recv_src_metadata)", psum)
     n = psum[-1] if psum else 0
-    if handle.do_expand and n != n_rows:
+    if not handle.decode and n != n_rows:
         _fail(op, "handle.psum_num_recv_tokens_per_scaleup_rank[-1]",
-              f"the {n_rows} rows of recv_src_metadata for an expand handle; is this a dispatch (decode) handle?", n)
+              f"the {n_rows} rows of recv_src_metadata for a prefill handle; is this a dispatch (decode) handle?", n)
     meta = handle.recv_src_metadata[:n]
     src = meta[:, 0]
     if n and bool(((src < 0) | (src >= num_ranks * M)).any()):
         _fail(op, "handle.recv_src_metadata[:, 0] (source token ids)", f"in [0, R*M={num_ranks * M})",
               f"values in [{int(src.min())}, {int(src.max())}]")
-    if handle.do_expand and n:
+    if not handle.decode and n:
         slots = meta[:, 2:]
         if bool(((slots < -1) | (slots >= num_rows)).any()):
             _fail(op, "handle.recv_src_metadata[:, 2:] (expanded slots)", f"-1 or in [0, {num_rows})",
                   f"values in [{int(slots.min())}, {int(slots.max())}]")
         if not bool((slots >= 0).any(dim=1).all()):
             _fail(op, "handle.recv_src_metadata[:, 2:] (expanded slots)",
-                  "a slot >= 0 in every received row of an expand handle; is this a dispatch (decode) handle?",
+                  "a slot >= 0 in every received row of a prefill handle; is this a dispatch (decode) handle?",
                   "a row without one")
     ids = handle.topk_idx
     if ids.numel() and bool(((ids < -1) | (ids >= E)).any()):
@@ -359,7 +382,7 @@ def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_id
 
 # --- training (issue 14): the ops the backward passes call ---------------------------------------
 def check_cached_dispatch(
-    op: str, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle, *, num_ranks: int
+    op: str, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle, buf
 ) -> None:
     """``x`` [T, H] (bf16, or fp8 with scales) has the handle's T tokens; the handle is well formed."""
     if not isinstance(x, torch.Tensor):
@@ -375,21 +398,21 @@ def check_cached_dispatch(
         _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
         if x_scales.shape[0] != x.shape[0]:
             _fail(op, "x_scales.shape[0]", f"x.shape[0]={x.shape[0]}", x_scales.shape[0])
-    check_handle(op, handle, num_ranks, device)
+    check_handle(op, handle, buf.num_ranks, device)
     if x.shape[0] != handle.topk_idx.shape[0]:
         _fail(op, "x.shape[0] (tokens)", f"the handle's {handle.topk_idx.shape[0]} dispatched tokens", x.shape[0])
 
 
 def check_combine_with_weights(
-    op: str, x: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle, *, num_ranks: int
+    op: str, x: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle, buf
 ) -> None:
     """:func:`check_combine`, plus ``topk_weights`` float32 [rows, K] (decode) or [X] (prefill)."""
-    check_combine(op, x, handle, num_ranks=num_ranks)
+    check_combine(op, x, handle, buf)
     K = handle.topk_idx.shape[1]
-    shape = (x.shape[0],) if handle.do_expand else (x.shape[0], K)
+    shape = (x.shape[0], K) if handle.decode else (x.shape[0],)
     _check_tensor(op, "topk_weights", topk_weights, len(shape), (torch.float32,), x.device)
     if tuple(topk_weights.shape) != shape:
-        _fail(op, "topk_weights.shape", f"{shape} (rows of x{'' if handle.do_expand else ', K'})",
+        _fail(op, "topk_weights.shape", f"{shape} (rows of x{', K' if handle.decode else ''})",
               tuple(topk_weights.shape))
 
 
@@ -415,13 +438,13 @@ def check_handle(op: str, handle: DispatchHandle, num_ranks: int, device: torch.
         if tuple(t.shape) != shape:
             _fail(op, f"handle.{name}.shape", str(shape), tuple(t.shape))
     n_rows = dims.num_recv_tokens
-    if handle.do_expand:
+    if not handle.decode:
         if n_rows > decode_num_recv_tokens(num_ranks, M):
-            _fail(op, "handle.recv_src_metadata.shape[0]", f"<= R*M = {num_ranks * M} for an expand handle", n_rows)
+            _fail(op, "handle.recv_src_metadata.shape[0]", f"<= R*M = {num_ranks * M} for a prefill handle", n_rows)
     elif n_rows != decode_num_recv_tokens(num_ranks, M):
         _fail(
             op,
             "handle.recv_src_metadata.shape[0]",
-            f"R*M = {num_ranks * M} for a decode (do_expand=False) handle; is this a dispatch_exact handle?",
+            f"R*M = {num_ranks * M} for a decode (decode=True) handle; is this a dispatch_exact handle?",
             n_rows,
         )

@@ -1,9 +1,9 @@
 """Pre-warm every bucket's DeepEP kernels before serving.
 
 DeepEP v2 JIT-compiles its dispatch/combine kernels per ``num_max_tokens_per_rank``
-(M), hidden size, top-k, expert count, dtype and mode. Measured on H200 at
-H = 7168: 6.6–7.2 s for the four kernels of a new M on its first dispatch +
-combine, 0.01–0.05 s when a later process finds them in ``EP_JIT_CACHE_DIR``.
+(M), hidden size, top-k, expert count, dtype and mode (docs/deepep_contract.md §5): seconds
+for each new M on its first dispatch + combine, unless a later process finds
+them in ``EP_JIT_CACHE_DIR`` (figures: contract §8, README).
 Decode buckets M over the powers of two up to the capacity
 (:func:`deepep_ops.pow2_bucket`), so a server that does not warm up stalls for
 seconds the first time each batch size shows up.
@@ -26,6 +26,7 @@ import torch
 
 from deepep_ops.api import combine, dispatch, dispatch_exact
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.layout import layout_name
 from deepep_ops.prepare_finalize import FP8_BLOCK, quantize_block_fp8
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 #: ``warmup(num_tokens=FULL)``: every step carries a full bucket, M tokens per rank.
 FULL = "full"
 
-#: Modes :func:`warmup` knows: decode runs every bucket, prefill the capacity.
-MODES = ("decode", "prefill")
+#: Modes :func:`warmup` knows (:func:`~deepep_ops.layout.layout_name`): decode runs
+#: every bucket, prefill the capacity.
+MODES = (layout_name(True), layout_name(False))
+_DECODE = MODES[0]
 _DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 
 
@@ -88,8 +91,8 @@ WARMUP_ENV = "DEEPEP_OPS_WARMUP"
 
 def warmup_enabled(buffer: EPBuffer, override: Optional[bool] = None) -> bool:
     """Whether start-up warm-up runs: ``override`` if given, else ``DEEPEP_OPS_WARMUP``
-    (``0``/``1``), else True exactly when the buffer is real DeepEP (the reference
-    and other backends have no JIT to warm).
+    (``0``/``1``), else the backend's :attr:`~deepep_ops.backends.Backend.needs_warmup`
+    (real DeepEP's JIT; the reference buffer has nothing to warm).
 
     Raises:
         ValueError: ``DEEPEP_OPS_WARMUP`` is set to something other than 0 or 1.
@@ -101,10 +104,7 @@ def warmup_enabled(buffer: EPBuffer, override: Optional[bool] = None) -> bool:
         if value.strip() not in ("0", "1"):
             raise ValueError(f"{WARMUP_ENV} must be 0 or 1, got {value!r}")
         return value.strip() == "1"
-    from deepep_ops.backends.deep_ep import DeepEPBackend
-    from deepep_ops.backends.reference import ReferenceBackend
-
-    return isinstance(buffer.backend, DeepEPBackend) and not isinstance(buffer.backend, ReferenceBackend)
+    return buffer.backend.needs_warmup
 
 
 def _check_args(buf: EPBuffer, hidden, num_topk, num_experts, expert_alignment, dispatch_dtypes, modes,
@@ -134,7 +134,7 @@ def _check_args(buf: EPBuffer, hidden, num_topk, num_experts, expert_alignment, 
         bad = [m for m in buckets if m not in all_buckets]
         if bad:
             fail("buckets", f"buckets of capacity {buf.capacity} ({all_buckets})", bad)
-    smallest = min(buckets) if "decode" in modes else buf.capacity
+    smallest = min(buckets) if _DECODE in modes else buf.capacity
     if num_tokens != FULL and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)
                                or not 0 <= num_tokens <= smallest):
         fail("num_tokens", f"{FULL!r} or an int in [0, {smallest}] (the smallest M warmed)", num_tokens)
@@ -216,7 +216,7 @@ def warmup(
     device = torch.device(device)
 
     steps = [(mode, dtype, m) for dtype in dispatch_dtypes for mode in modes
-             for m in (buckets if mode == "decode" else [buf.capacity])]
+             for m in (buckets if mode == _DECODE else [buf.capacity])]
     rows: List[WarmupRow] = []
     for i, (mode, dtype, m) in enumerate(steps, 1):
         n = m if num_tokens == FULL else num_tokens
@@ -227,7 +227,7 @@ def warmup(
         with torch.no_grad():
             kwargs = dict(num_experts=num_experts, num_max_tokens_per_rank=m,
                           expert_alignment=expert_alignment, x_scales=scales)
-            out = (dispatch if mode == "decode" else dispatch_exact)(x, topk_idx, topk_weights, buf, **kwargs)
+            out = (dispatch if mode == _DECODE else dispatch_exact)(x, topk_idx, topk_weights, buf, **kwargs)
             # Combine takes bf16 rows, whatever was dispatched.
             expert_out = torch.zeros(out.recv_x.shape, dtype=torch.bfloat16, device=device)
             combine(expert_out, out.handle, buf)

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import torch
 
-from deepep_ops.agreement import COMBINE_FIELDS, combine_signature
+from deepep_ops.agreement import agree_combine
+from deepep_ops.buffer import unwrap_ep_buffer
 from deepep_ops.handle import DispatchHandle
 from fake_impls._eager_meta import reject_eager_meta
 
 
-def combine_fake(x, buffer, topk_idx, *handle_rest):
-    reject_eager_meta("combine", x, topk_idx, buffer=buffer, agree=lambda: (
-        "combine", COMBINE_FIELDS, combine_signature(x, DispatchHandle(topk_idx, *handle_rest))))
-    return x.new_empty((topk_idx.shape[0], x.shape[1]), dtype=torch.bfloat16)
+def _reject_eager_meta(op: str, x, buffer, handle: DispatchHandle, *tensors) -> None:
+    # Meta tensors are host-side: the CPU default of check mode applies.
+    reject_eager_meta(op, x, handle.topk_idx, *tensors, agree=lambda error: agree_combine(
+        f"deepep_ops.{op}", unwrap_ep_buffer(buffer), x, handle, error, device=torch.device("cpu")))
+
+
+def combine_fake(x, buffer, *handle):
+    handle = DispatchHandle(*handle)
+    _reject_eager_meta("combine", x, buffer, handle)
+    return x.new_empty((handle.topk_idx.shape[0], x.shape[1]), dtype=torch.bfloat16)
 
 
 def combine_into_fake(out, x, buffer, *handle):
-    reject_eager_meta("combine_into", out, x, buffer=buffer, agree=lambda: (
-        "combine", COMBINE_FIELDS, combine_signature(x, DispatchHandle(*handle))))
+    _reject_eager_meta("combine_into", x, buffer, DispatchHandle(*handle), out)
     return None

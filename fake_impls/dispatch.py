@@ -1,18 +1,18 @@
 """Fake kernels of ``deepep_ops::dispatch`` and ``deepep_ops::dispatch_exact``.
 
-Shapes, dtypes and strides are those real DeepEP v2 returns (spec §2, §3, §8);
-every output is contiguous (row-major scales: ``use_tma_aligned_col_major_sf``
-is not exposed). The handle tensors come from the codec in
-:mod:`deepep_ops.handle`.
+Shapes, dtypes and strides are those real DeepEP v2 returns (docs/deepep_contract.md §2, §3,
+§8); every output is contiguous (row-major scales: ``use_tma_aligned_col_major_sf``
+is not exposed). The handle tensors and the order of the outputs come from the
+codec in :mod:`deepep_ops.handle`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from deepep_ops.agreement import DISPATCH_FIELDS, dispatch_signature
+from deepep_ops.agreement import agree_dispatch
 from deepep_ops.buffer import unwrap_ep_buffer
-from deepep_ops.handle import HandleDims, empty_handle_tensors
+from deepep_ops.handle import DispatchArgs, HandleDims, empty_handle_tensors, pack_dispatch
 from deepep_ops.layout import (
     decode_num_expanded_tokens,
     decode_num_recv_tokens,
@@ -28,20 +28,28 @@ def _recv_scales(x, x_scales, rows):
     return x_scales.new_empty((rows, x_scales.shape[1]))
 
 
+def _reject_eager_meta(op: str, args: DispatchArgs, buffer) -> None:
+    reject_eager_meta(op, args.x, args.topk_idx, args.topk_weights, agree=lambda error: agree_dispatch(
+        f"deepep_ops.{op}", unwrap_ep_buffer(buffer), args, error))
+
+
 def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     """Decode mode: R·M rows, a pure function of the SymInt M."""
-    reject_eager_meta("dispatch", x, topk_idx, topk_weights, buffer=buffer, agree=lambda: (
-        "dispatch", DISPATCH_FIELDS, dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, False)))
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, True)
+    _reject_eager_meta("dispatch", args, buffer)
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
     rows = decode_num_recv_tokens(num_ranks, num_max_tokens_per_rank)
     T, K = topk_idx.shape
     dims = HandleDims(num_ranks, num_local_experts(num_experts, num_ranks), rows, T, K)
-    return (
+    return pack_dispatch(
+        True,
         x.new_empty((rows, x.shape[1])),
         _recv_scales(x, x_scales, rows),
         topk_idx.new_empty((rows, K)),
         topk_weights.new_empty((rows, K)),
-    ) + empty_handle_tensors(x, dims, decode=True)
+        empty_handle_tensors(x, dims, decode=True),
+        expert_alignment,
+    )
 
 
 def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
@@ -51,8 +59,8 @@ def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     Bounds: 0 <= N <= R·M; each received token has a local expert, so N <= X;
     X is at most the worst case of decode mode.
     """
-    reject_eager_meta("dispatch_exact", x, topk_idx, topk_weights, buffer=buffer, agree=lambda: (
-        "dispatch", DISPATCH_FIELDS, dispatch_signature(x, x_scales, topk_idx, num_experts, num_max_tokens_per_rank, expert_alignment, True)))
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, False)
+    _reject_eager_meta("dispatch_exact", args, buffer)
     num_ranks = unwrap_ep_buffer(buffer).num_ranks
     T, K = topk_idx.shape
     ctx = torch.library.get_ctx()
@@ -66,11 +74,13 @@ def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     )
     num_local = num_local_experts(num_experts, num_ranks)
     dims = HandleDims(num_ranks, num_local, num_recv, T, K)
-    return (
-        num_recv,
-        num_expanded,
+    return pack_dispatch(
+        False,
         x.new_empty((num_expanded, x.shape[1])),
         _recv_scales(x, x_scales, num_expanded),
+        None,
         topk_weights.new_empty((num_expanded,)),
-        x.new_empty((num_local,), dtype=torch.int32),
-    ) + empty_handle_tensors(x, dims, decode=False)
+        empty_handle_tensors(x, dims, decode=False),
+        expert_alignment,
+        num_recv_tokens_per_expert=x.new_empty((num_local,), dtype=torch.int32),
+    )

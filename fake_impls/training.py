@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from deepep_ops.handle import DispatchHandle, recv_rows
 from deepep_ops.layout import no_scales
 
 
-def cached_dispatch_fake(x, x_scales, buffer, topk_idx, psum_rank, psum_expert, unaligned, recv_src_metadata,
-                         dst_buffer_slot_idx, num_experts, num_max_tokens_per_rank, expert_alignment, do_expand,
-                         num_expanded_tokens):
-    rows = num_expanded_tokens if do_expand else recv_src_metadata.shape[0]
+def cached_dispatch_fake(x, x_scales, buffer, *handle):
+    rows = recv_rows(DispatchHandle(*handle))
     scales = no_scales(x) if x_scales is None else x_scales.new_empty((rows, x_scales.shape[1]))
     return x.new_empty((rows, x.shape[1])), scales
 

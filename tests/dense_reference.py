@@ -96,7 +96,7 @@ class Experts:
 
     ``kind='matrix'``: expert e is x @ W_e (W_e [H, H] ~ N(0, 1/H)).
     ``kind='diag'``: expert e is x * s_e (elementwise; bitwise reproducible, so
-    spec §4's rounding can be emulated exactly).
+    docs/deepep_contract.md §4's rounding can be emulated exactly).
     ``kind='identity'``: expert e is x.
     """
 
@@ -182,7 +182,7 @@ def dense_moe(inp: RankInputs, experts: Experts, weighted: bool = True) -> torch
 
 
 def spec_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = True, *, expand: bool) -> torch.Tensor:
-    """Bit-exact expected combine result (spec §4) for elementwise experts.
+    """Bit-exact expected combine result (contract §4) for elementwise experts.
 
     Per token, each destination rank r contributes one fp32 partial over its
     lanes in ascending lane order, rounded once to bf16; combine sums those in

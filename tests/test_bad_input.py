@@ -53,8 +53,8 @@ def spy(monkeypatch):
     buf = D.EPBuffer(backend)
     # The stub peer agrees with whatever this rank sends in the cross-rank check
     # (deepep_ops.agreement, a host exchange, not a payload collective).
-    buf.backend.all_gather_object = lambda obj: [obj] * buf.num_ranks
-    buf.backend.all_gather_ints = lambda values: [tuple(values)] * buf.num_ranks
+    buf.exchange.all_gather_object = lambda obj: [obj] * buf.num_ranks
+    buf.exchange.all_gather_ints = lambda values: [tuple(values)] * buf.num_ranks
     assert buf.num_ranks == 2 and buf.rank == 0
     return buf, calls
 
@@ -234,9 +234,9 @@ BAD_COMBINE = [
      ValueError, r"x\.shape\[0\]"),
     ("x_non_contiguous", lambda buf: (lambda r: (torch.cat([r.recv_x, r.recv_x], 1)[:, ::2], r.handle))(_decode(buf)),
      ValueError, r"\bx must be contiguous"),
-    ("exact_handle_flagged_decode", lambda buf: (lambda r: (r.recv_x, r.handle._replace(do_expand=False)))(_exact(buf)),
-     ValueError, r"do_expand=False"),
-    ("decode_handle_flagged_expand", lambda buf: (lambda r: (r.recv_x, r.handle._replace(do_expand=True)))(_decode(buf)),
+    ("exact_handle_flagged_decode", lambda buf: (lambda r: (r.recv_x, r.handle._replace(decode=True)))(_exact(buf)),
+     ValueError, r"decode=True"),
+    ("decode_handle_flagged_expand", lambda buf: (lambda r: (r.recv_x, r.handle._replace(decode=False)))(_decode(buf)),
      ValueError, r"x\.shape\[0\]"),
 ]
 

@@ -74,7 +74,7 @@ def test_modes_see_the_ops(buf):
 def test_edited_handle_is_checked_in_full(buf):
     x, idx, w = _inputs()
     d = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=8)
-    edited = d.handle._replace(do_expand=True)
+    edited = d.handle._replace(decode=False)
     assert type(edited) is DispatchHandle
     with pytest.raises(ValueError, match=r"x\.shape\[0\]"):
         D.combine(d.recv_x, edited, buf)
@@ -99,7 +99,7 @@ def test_known_call_still_checks_what_its_key_does_not_hold(agree_once):
     x, idx, w = _inputs()
     want = _pair(agree_once, x, idx, w)
     assert torch.equal(_pair(agree_once, x, idx, w), want)
-    (known,) = agree_once.agreement.known_calls.values()  # the dispatch,
+    (known,) = agree_once.known_calls.entries()  # the dispatch,
     assert set(known.combine_guards) == {True}  # and the combine inputs (no out) every rank agreed on
     bad = idx.clone()
     bad[1, 0] = E + 3
@@ -162,7 +162,7 @@ def _warm(buf, x, idx, w):
     """Make (x, idx, w) and its combine a known call of ``buf`` (agree-once mode)."""
     _pair(buf, x, idx, w)
     _pair(buf, x, idx, w)
-    (known,) = buf.agreement.known_calls.values()
+    (known,) = buf.known_calls.entries()
     return known
 
 
@@ -200,7 +200,7 @@ def test_requires_grad_under_no_grad_is_not_remembered(agree_once):
     with torch.no_grad():
         _pair(agree_once, xg, idx, w)
         _pair(agree_once, xg, idx, w)
-    assert not agree_once.agreement.known_calls
+    assert not agree_once.known_calls
     d = D.dispatch(xg, idx, w, agree_once, num_experts=E, num_max_tokens_per_rank=8)
     assert d.recv_x.grad_fn is not None
 
@@ -254,4 +254,4 @@ def test_without_a_guard_every_call_is_checked_in_full(agree_once, monkeypatch):
     monkeypatch.setattr(compat, "_TensorGuards", None)
     for _ in range(2):
         assert torch.equal(_pair(fresh, x, idx, w), want)
-    assert not fresh.agreement.known_calls
+    assert not fresh.known_calls

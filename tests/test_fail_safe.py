@@ -220,12 +220,12 @@ def _decode_handle(D, buf, world, rank, seed):
 
 
 def case_relabelled_handle(rank, world):
-    """A decode handle relabelled do_expand=True on every rank."""
+    """A decode handle relabelled decode=False (prefill) on every rank."""
     import deepep_ops as D
 
     buf = _buffer(world)
     r = _decode_handle(D, buf, world, rank, 11)
-    h = r.handle._replace(do_expand=True)
+    h = r.handle._replace(decode=False)
     D.combine(torch.zeros(h.num_expanded_tokens, H, dtype=torch.bfloat16), h, buf)
 
 
@@ -234,7 +234,7 @@ def case_relabelled_handle_one_rank(rank, world):
 
     buf = _buffer(world)
     r = _decode_handle(D, buf, world, rank, 12)
-    h = r.handle._replace(do_expand=True) if rank == 0 else r.handle
+    h = r.handle._replace(decode=False) if rank == 0 else r.handle
     D.combine(torch.zeros(h.num_expanded_tokens if rank == 0 else r.recv_x.shape[0], H, dtype=torch.bfloat16), h, buf)
 
 

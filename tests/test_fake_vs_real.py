@@ -93,9 +93,9 @@ def _meta(t: torch.Tensor):
     return (tuple(t.shape), str(t.dtype), tuple(t.stride()), t.storage_offset())
 
 
-def _combine_args(x, handle_flat, topk_idx, buf, c: Config, M, do_expand, num_expanded):
+def _combine_args(x, handle_flat, topk_idx, buf, c: Config, M, decode, num_expanded):
     # The combine schema: rows, buffer, then the handle's fields (DispatchHandle order).
-    return (x, buf, topk_idx, *handle_flat, c.E, M, c.A, do_expand, num_expanded)
+    return (x, buf, topk_idx, *handle_flat, c.E, M, c.A, decode, num_expanded)
 
 
 def real_metas(c: Config, rank: int, buf) -> dict:
@@ -107,10 +107,10 @@ def real_metas(c: Config, rank: int, buf) -> dict:
     # the sizes dispatch_exact returns are those of its tensors (X rows of recv_x, N of recv_src_metadata)
     assert (N, X) == (ex[7].shape[0], ex[0].shape[0]), (N, X, ex[7].shape, ex[0].shape)
     dec_comb = torch.ops.deepep_ops.combine(*_combine_args(
-        torch.zeros(dec[0].shape, dtype=torch.bfloat16), dec[4:], inp.topk_idx, buf, c, c.M, False,
+        torch.zeros(dec[0].shape, dtype=torch.bfloat16), dec[4:], inp.topk_idx, buf, c, c.M, True,
         ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)))
     ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
-        torch.zeros(ex[0].shape, dtype=torch.bfloat16), ex[4:], inp.topk_idx, buf, c, c.M, True, ex[0].shape[0]))
+        torch.zeros(ex[0].shape, dtype=torch.bfloat16), ex[4:], inp.topk_idx, buf, c, c.M, False, ex[0].shape[0]))
     return {
         "dispatch": [_meta(t) for t in dec],
         "dispatch_exact": [_meta(t) for t in ex],
@@ -156,9 +156,9 @@ def fake_outputs(c: Config, rank: int):
         n_out, x_out, *ex = torch.ops.deepep_ops.dispatch_exact(*args)
         dec_worst = ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)
         dec_comb = torch.ops.deepep_ops.combine(*_combine_args(
-            torch.empty(dec[0].shape, dtype=torch.bfloat16), dec[4:], fi, buf, c, c.M, False, dec_worst))
+            torch.empty(dec[0].shape, dtype=torch.bfloat16), dec[4:], fi, buf, c, c.M, True, dec_worst))
         ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
-            torch.empty(ex[0].shape, dtype=torch.bfloat16), ex[4:], fi, buf, c, c.M, True, ex[0].shape[0]))
+            torch.empty(ex[0].shape, dtype=torch.bfloat16), ex[4:], fi, buf, c, c.M, False, ex[0].shape[0]))
     return shape_env, {"sizes": (n_out, x_out), "dispatch": list(dec), "dispatch_exact": ex,
                        "combine_decode": [dec_comb], "combine_exact": [ex_comb]}
 
@@ -193,7 +193,7 @@ def compare(c: Config, rank: int, real: dict) -> None:
     for asserts in shape_env.deferred_runtime_asserts.values():
         for ra in asserts:
             assert bool(ra.expr.xreplace(subs)), f"declared {ra.expr} is false for N={N}, X={X}"
-    # spec §2 facts on the real sizes: N <= R·M, N <= X <= worst case
+    # docs/deepep_contract.md §2 facts on the real sizes: N <= R·M, N <= X <= worst case
     EL = c.E // c.R
     assert 0 <= N <= c.R * c.M and N <= X <= ref.align_up(c.R * c.M * min(c.K, EL) + (c.A - 1) * EL, c.A)
 

@@ -355,7 +355,7 @@ class TestTrainingOnDeepEP:
 # (shapes, dtypes, strides; prefill's unbacked sizes inside their declared
 # ranges) and against the reference buffer on the same inputs; combine also
 # against x * (routed lanes), computed here. H, K, E, the buckets and the
-# capacity are few and fixed: every new M costs DeepEP a JIT compile (spec §8).
+# capacity are few and fixed: every new M costs DeepEP a JIT compile (docs/deepep_contract.md §5, §8).
 # =============================================================================
 
 DE_H, DE_K, DE_E, DE_CAP, DE_M = 2048, 8, 64, 64, 8
@@ -453,7 +453,7 @@ def test_deepep_outputs_match_fakes(deepep_buffers, fp8):
 
 def _rows_by_source(recv, handle, n: int):
     """The first ``n`` rows of ``recv`` ordered by source token (DeepEP's order within a
-    source rank is not deterministic, spec §8)."""
+    source rank is not deterministic, contract §2, §8)."""
     order = handle.recv_src_metadata[:n, 0].argsort()
     return recv[:n][order]
 

@@ -2,7 +2,7 @@
 
 Every scenario runs on every rank with the SAME global inputs (shared seed);
 each rank checks its own tokens against :mod:`dense_reference`, plus the
-layout facts of spec §2/§3 for what it received. World size 1 runs in-process
+layout facts of docs/deepep_contract.md §2/§3 for what it received. World size 1 runs in-process
 (``group=None``); 2 and 4 run all scenarios in one spawn per world size.
 """
 
@@ -41,7 +41,7 @@ def _cumsum(xs: List[int]) -> List[int]:
 
 # ----------------------------------------------------------------------------- layout checks
 def check_dst_slots(dst: torch.Tensor, idx: torch.Tensor, me: int, EL: int, M: int) -> None:
-    """Spec §3 direct mode: at the highest lane per destination rank, my_rank·M + slot; else −1.
+    """Contract §3 direct mode: at the highest lane per destination rank, my_rank·M + slot; else −1.
     The slots of the tokens going to one destination are a permutation of 0..count-1."""
     T, K = idx.shape
     assert dst.shape == (T, K) and dst.dtype == torch.int32, (dst.shape, dst.dtype)
@@ -73,7 +73,7 @@ def _check_rows_match_sources(recv_x, recv_sf, rows_idx, srcs, inputs):
 
 
 def check_decode_layout(r, inputs, me, R, E, M, A) -> int:
-    """Spec §2/§3 decode-mode (no expand, no CPU sync) facts. Returns the real N."""
+    """Contract §2/§3 decode-mode (no expand, no CPU sync) facts. Returns the real N."""
     EL = E // R
     inp = inputs[me]
     T, K = inp.topk_idx.shape
@@ -111,14 +111,14 @@ def check_decode_layout(r, inputs, me, R, E, M, A) -> int:
     assert h.psum_num_recv_tokens_per_expert.dtype == torch.int32
     assert h.psum_num_recv_tokens_per_expert.tolist() == _cumsum([ref.align_up(v, A) for v in c])
     assert h.num_expanded_tokens == ref.align_up(R * M * min(K, EL) + (A - 1) * EL, A)
-    assert h.do_expand is False and h.num_experts == E and h.num_max_tokens_per_rank == M
+    assert h.decode is True and h.num_experts == E and h.num_max_tokens_per_rank == M
     assert torch.equal(h.topk_idx, inp.topk_idx)
     check_dst_slots(h.dst_buffer_slot_idx, inp.topk_idx, me, EL, M)
     return N
 
 
 def check_prefill_layout(res, inputs, me, R, E, M, A):
-    """Spec §2/§3 prefill-mode (expand + CPU sync) facts. Returns (S_e list, c_e list)."""
+    """Contract §2/§3 prefill-mode (expand + CPU sync) facts. Returns (S_e list, c_e list)."""
     EL = E // R
     inp = inputs[me]
     T, K = inp.topk_idx.shape
@@ -172,7 +172,7 @@ def check_prefill_layout(res, inputs, me, R, E, M, A):
         assert not res.recv_topk_weights[pad].any(), f"expert {el}: padding weights not zero"
         if res.recv_x_scales is not None:
             assert not res.recv_x_scales[pad].any(), f"expert {el}: padding scales not zero"
-    assert h.do_expand is True and h.num_expanded_tokens == X
+    assert h.decode is False and h.num_expanded_tokens == X
     check_dst_slots(h.dst_buffer_slot_idx, inp.topk_idx, me, EL, M)
     return S, c
 
@@ -246,8 +246,8 @@ def _compare(out, expected_fn, kind, mode, T):
     exp = expected_fn()
     if kind == "matrix":  # vs the float64 dense MoE, bf16 tolerance
         torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
-    else:  # elementwise experts: spec §4's rounding emulated exactly
-        assert torch.equal(out, exp), f"{mode} {kind}: not bitwise spec §4, max err {(out.float() - exp.float()).abs().max()}"
+    else:  # elementwise experts: contract §4's rounding emulated exactly
+        assert torch.equal(out, exp), f"{mode} {kind}: not bitwise contract §4, max err {(out.float() - exp.float()).abs().max()}"
 
 
 def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, experts_pool=None,
@@ -273,7 +273,7 @@ def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, exper
     S = [a - b for a, b in zip(_cumsum(aligned), aligned)]
 
     def check_combines(mode, result, expert_rows, *extra):
-        """Each expert kind's rows through combine, against the dense MoE or spec §4's rounding."""
+        """Each expert kind's rows through combine, against the dense MoE or contract §4's rounding."""
         for kind, ex in kinds.items():
             weighted = kind != "identity"
             rows = check(f"{mode} {kind} expert rows", expert_rows, result, me, EL, ex, weighted, *extra)
@@ -290,7 +290,7 @@ def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, exper
     check("decode layout", check_decode_layout, r, inputs, me, R, E, M, A)
     check_combines("decode", r, decode_expert_rows)
     if not fp8:
-        # spec §8: combine of the received rows themselves = x·(#distinct destination ranks), bitwise
+        # contract §8: combine of the received rows themselves = x·(#distinct destination ranks), bitwise
         # (x·n is exact in fp32 and rounded once). Padding rows are NaN: combine must not read them.
         n = int(r.handle.psum_num_recv_tokens_per_scaleup_rank[-1])
         y = r.recv_x.clone()
@@ -306,8 +306,8 @@ def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, exper
     check("prefill layout", check_prefill_layout, res, inputs, me, R, E, CAPACITY, A)
     check_combines("prefill", res, prefill_expert_rows, S, c)
     if small_ints and not fp8:
-        # spec §8: combine of the expanded rows themselves = x·(#valid lanes), bitwise. Exactly
-        # representable data, so spec §4's per-rank bf16 rounding cannot change the result.
+        # contract §8: combine of the expanded rows themselves = x·(#valid lanes), bitwise. Exactly
+        # representable data, so contract §4's per-rank bf16 rounding cannot change the result.
         y = res.recv_x.clone()
         for el in range(EL):
             y[S[el] + c[el] : S[el] + aligned[el]] = float("nan")
@@ -339,7 +339,7 @@ SCENARIOS = {
                                        fp8=True, neg_frac=0.2),
     # one expert per rank, K = 1
     "k1": lambda rank, world: run_moe(rank, world, seed=16, Ts=_ts(world, [3, 8]), K=1, E=world, neg_frac=0.2),
-    # exactly representable data: identity combine = x·#ranks (decode), x·#lanes (prefill), spec §8
+    # exactly representable data: identity combine = x·#ranks (decode), x·#lanes (prefill), contract §8
     "identity_exact": lambda rank, world: run_moe(rank, world, seed=17, Ts=_ts(world, [8, 6]), K=4, E=max(4, 2 * world),
                                                   neg_frac=0.3, small_ints=True),
 }

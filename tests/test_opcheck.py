@@ -61,7 +61,7 @@ def test_opcheck_dispatch_exact(fp8, T, M, A):
 
 @pytest.mark.parametrize("op", ["dispatch", "dispatch_exact"])
 def test_opcheck_int32_packed_scales(op):
-    """Scales may be int32 (packed UE8M0x4, spec §1): moved as opaque 4-byte values, dtype kept."""
+    """Scales may be int32 (packed UE8M0x4, docs/deepep_contract.md §1): moved as opaque 4-byte values, dtype kept."""
     x, sf, idx, w = _inputs(True, 4, seed=3)
     packed = sf.view(torch.int32)  # any 4-byte payload
     M = 4 if op == "dispatch" else CAP
@@ -104,7 +104,7 @@ def test_opcheck_combine_into(exact):
     out = torch.full_like(x, float("nan"))
     _check(torch.ops.deepep_ops.combine_into.default, (out,) + _combine_args(r.handle, r.recv_x, buf))
     D.combine_into(out, r.recv_x, r.handle, buf)
-    # Identity experts at world size 1 (spec §8): decode sends each token back once
+    # Identity experts at world size 1 (contract §8): decode sends each token back once
     # (x if it has any expert), prefill sums one copy per valid lane (K=2: exact in bf16).
     valid = (idx >= 0).sum(dim=1, keepdim=True)
     copies = valid if exact else (valid > 0).to(valid.dtype)

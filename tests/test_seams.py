@@ -32,7 +32,7 @@ idx = torch.tensor([[0, 1], [1, 2], [3, -1], [2, 0], [-1, -1]])
 w = torch.rand(5, 2)
 r = D.dispatch(x, idx, w, buf, num_experts=4, num_max_tokens_per_rank=8)
 y = D.combine(r.recv_x, r.handle, buf)
-# identity experts at world size 1: each routed token comes back once (spec §8)
+# identity experts at world size 1: each routed token comes back once (docs/deepep_contract.md §8)
 expected = torch.where((idx >= 0).any(1, keepdim=True), x.float(), 0.0).bfloat16()
 assert torch.equal(y, expected), (y - expected).abs().max()
 assert torch.ops.deepep.dispatch.default._schema.arguments[1].name == "topk_idx"
@@ -64,12 +64,12 @@ class _CountingBackend(D.Backend):
         self.topk_idx_dtype = torch.int64
         self.calls = []
 
-    def dispatch(self, *args, **kwargs):
-        self.calls.append(("dispatch", kwargs["num_max_tokens_per_rank"], kwargs["expand"]))
-        return self.inner.dispatch(*args, **kwargs)
+    def dispatch(self, args):
+        self.calls.append(("dispatch", args.num_max_tokens_per_rank, args.decode))
+        return self.inner.dispatch(args)
 
     def combine(self, x, handle, out=None):
-        self.calls.append(("combine", handle.num_max_tokens_per_rank, handle.do_expand))
+        self.calls.append(("combine", handle.num_max_tokens_per_rank, handle.decode))
         return self.inner.combine(x, handle, out=out)
 
 
@@ -86,7 +86,7 @@ def test_a_backend_is_one_class():
     pf.finalize(out, p.expert_x.unsqueeze(1), p.topk_weights, p.topk_ids, p.handle)
     w = torch.where(inp.topk_idx >= 0, inp.topk_weights, 0.0).sum(1, keepdim=True)
     torch.testing.assert_close(out.float(), inp.x.float() * w, rtol=2e-2, atol=2e-2)
-    assert backend.calls == [("dispatch", 16, True), ("combine", 16, True)]
+    assert backend.calls == [("dispatch", 16, False), ("combine", 16, False)]
 
 
 
@@ -198,3 +198,62 @@ def test_cudagraph_node_recorded_with_one_buffer_rejects_another():
     # The same buffer reaches torch's own check (which a bare node cannot pass).
     with pytest.raises(AttributeError):
         CUDAGraphNode.check_invariants(node, [torch.ones(2), a, 3])
+
+
+# --- a new all-to-all library reuses the reference layout: one class, no registration ---------
+class PointToPointBuffer(D.ReferenceElasticBuffer):
+    """The reference layout over another transport: point-to-point sends instead of
+    ``all_to_all_single`` (what a new all-to-all library overrides). ``EPBuffer``
+    wraps it with no registration: it is a ``ReferenceElasticBuffer``."""
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        self.transfers = getattr(self, "transfers", 0) + 1
+        recv = torch.empty_like(send)
+        recv[self.rank_idx].copy_(send[self.rank_idx])
+        ops = []
+        for peer in range(self.num_ranks):
+            if peer != self.rank_idx:
+                ops.append(dist.P2POp(dist.isend, send[peer].contiguous(), peer, group=self.group))
+                ops.append(dist.P2POp(dist.irecv, recv[peer], peer, group=self.group))
+        for work in dist.batch_isend_irecv(ops) if ops else ():
+            work.wait()
+        return recv
+
+
+def _third_backend(rank: int, world_size: int) -> int:
+    """Decode and prefill prepare/finalize over the point-to-point transport, against a
+    float64 dense MoE (elementwise experts), on every rank; forward and backward."""
+    import torch.distributed as dist
+
+    H, K, E = 256, 3, 4 * world_size
+    inner = PointToPointBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K)
+    buf = D.EPBuffer(inner)
+    inp = ref.make_global_inputs(21, [5, 9][:world_size], H, K, E, neg_frac=0.25)[rank]
+    experts = ref.Experts(3, E, H, "diag")
+    scale = experts.s.to(torch.float32)
+    for decode in (True, False):
+        pf = D.DeepEPPrepareFinalize(buf, E, K, decode=decode)
+        x = inp.x.clone().requires_grad_()
+        p = pf.prepare(x, inp.topk_weights, inp.topk_idx, num_max_tokens_per_rank=16 if decode else None)
+        y = p.expert_x.float().unsqueeze(1) * scale[p.topk_ids.clamp(min=0)]
+        out = torch.empty_like(inp.x)
+        pf.finalize(out, y.to(torch.bfloat16), p.topk_weights, p.topk_ids, p.handle)
+        expected = ref.dense_moe(inp, experts)
+        torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+        out.float().sum().backward()
+        # d(sum out)/dx[t] = sum_k w[t,k] * s_{e(t,k)} (elementwise experts)
+        w = torch.where(inp.topk_idx >= 0, inp.topk_weights, 0.0)
+        grad = (w.unsqueeze(-1) * scale[inp.topk_idx.clamp(min=0)]).sum(1)
+        torch.testing.assert_close(x.grad.float(), grad, rtol=2e-2, atol=2e-2)
+    return inner.transfers
+
+
+def test_a_new_transport_reuses_the_reference_layout():
+    from _dist import run_distributed
+
+    transfers = run_distributed(_third_backend, 2)
+    # every byte went through the subclass's transport, per mode: dispatch (payload and
+    # counts), combine, and in backward a combine with weights and a cached dispatch
+    assert transfers == [10, 10], transfers

@@ -29,13 +29,13 @@ class RecordingBackend(ReferenceBackend):
         self.calls: list = []
         self.tokens: list = []  # x.shape[0] of each dispatch
 
-    def dispatch(self, x, *args, **kwargs):
-        self.calls.append(("dispatch", "prefill" if kwargs["expand"] else "decode", kwargs["num_max_tokens_per_rank"]))
-        self.tokens.append(x.shape[0])
-        return super().dispatch(x, *args, **kwargs)
+    def dispatch(self, args):
+        self.calls.append(("dispatch", "decode" if args.decode else "prefill", args.num_max_tokens_per_rank))
+        self.tokens.append(args.x.shape[0])
+        return super().dispatch(args)
 
     def combine(self, x, handle, out=None):
-        self.calls.append(("combine", "prefill" if handle.do_expand else "decode", int(handle.num_max_tokens_per_rank)))
+        self.calls.append(("combine", "decode" if handle.decode else "prefill", int(handle.num_max_tokens_per_rank)))
         return super().combine(x, handle, out)
 
 

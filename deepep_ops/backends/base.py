@@ -11,15 +11,15 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from deepep_ops.handle import DispatchHandle
+from deepep_ops.handle import DispatchArgs, DispatchHandle
 
 
 class DispatchOutput(NamedTuple):
     """What a backend's dispatch returns.
 
     - ``recv_x`` [rows, H]; ``recv_x_scales`` [rows, P] or None without scales.
-    - ``recv_topk_idx`` [R·M, K] local ids (decode), None in expand mode.
-    - ``recv_topk_weights`` [R·M, K] (decode) or [X] (expand) float32.
+    - ``recv_topk_idx`` [R·M, K] local ids (decode), None in prefill mode.
+    - ``recv_topk_weights`` [R·M, K] (decode) or [X] (prefill) float32.
     - ``handle_tensors``: the five int32 handle tensors in
       :data:`deepep_ops.handle.HANDLE_TENSORS` order.
     - ``native_handle``: the backend's own handle object, if it has one; eager
@@ -42,51 +42,37 @@ class Backend(abc.ABC):
         rank: this process's rank in the EP group.
         capacity: the largest M a dispatch may use.
         topk_idx_dtype: the dtype ``topk_idx`` must have.
+        hidden: the largest H the buffer was sized for (None: any).
+        group: the EP process group, or None (world size 1, or a backend that
+            cannot exchange on the host: its ranks then skip cross-rank
+            agreement). :mod:`deepep_ops.exchange` runs the host exchanges on it.
+        needs_warmup: whether the backend compiles kernels per shape on first
+            use (DeepEP's JIT), so that serving should warm every bucket up
+            front (:func:`deepep_ops.warmup.warmup_enabled`).
     """
 
     num_ranks: int
     rank: int
     capacity: int
     topk_idx_dtype: torch.dtype
+    hidden: Optional[int] = None
+    group: Optional[object] = None
+    needs_warmup: bool = False
 
     @abc.abstractmethod
-    def dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: Optional[torch.Tensor],
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        *,
-        num_experts: int,
-        num_max_tokens_per_rank: int,
-        expert_alignment: int,
-        expand: bool,
-    ) -> DispatchOutput:
-        """Direct-mode dispatch (spec §2); ``expand`` selects prefill mode
-        (expand + CPU sync + zeroed padding), otherwise decode (R·M rows, no host sync)."""
+    def dispatch(self, args: DispatchArgs) -> DispatchOutput:
+        """Direct-mode dispatch (docs/deepep_contract.md §2) of validated ``args``: decode (R·M rows,
+        no host sync) or prefill (expand + CPU sync + zeroed padding)."""
 
     @abc.abstractmethod
     def combine(self, x: torch.Tensor, handle: DispatchHandle, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Unweighted combine (spec §4) of ``x`` [rows, H] bf16 into [T, H] bf16,
+        """Unweighted combine (contract §4) of ``x`` [rows, H] bf16 into [T, H] bf16,
         written into ``out`` when given (and returned). ``handle`` may be a
         :class:`~deepep_ops.handle.DispatchedHandle` carrying ``native``, the
         ``native_handle`` this backend's dispatch returned."""
 
-    def all_gather_object(self, obj: object) -> Optional[list]:
-        """Every EP rank's ``obj`` (a small picklable host value), in rank order,
-        exchanged on the host; used by :mod:`deepep_ops.agreement` before the
-        first payload collective. ``None``: this backend cannot exchange (its
-        ranks then skip cross-rank agreement). The default knows only world size 1."""
-        return [obj] if self.num_ranks == 1 else None
-
-    def all_gather_ints(self, values: tuple) -> Optional[list]:
-        """Every EP rank's ``values`` (a fixed-length tuple of int64s), in rank order:
-        the cheap exchange (one small collective, no pickling) that
-        :mod:`deepep_ops.agreement` uses on its fast path. ``None``: cannot exchange."""
-        return [tuple(values)] if self.num_ranks == 1 else None
-
-    # Training (issue 14): the two calls the backward passes make. Not abstract,
-    # so forward-only backends keep working; the op kernels raise their error.
+    # Training: the two calls the backward passes make. Not abstract, so
+    # forward-only backends keep working; the op kernels raise their error.
     def cached_dispatch(
         self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle
     ) -> tuple:

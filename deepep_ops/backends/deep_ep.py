@@ -1,6 +1,7 @@
 """Real DeepEP v2: :class:`DeepEPBackend` over ``deep_ep.ElasticBuffer``.
 
-The only module that knows DeepEP's call keywords, its 5-tuple returns, the
+The only module that knows DeepEP's call keywords (``do_expand``,
+``do_cpu_sync``, ...: the mode's DeepEP spelling), its 5-tuple returns, the
 16-argument ``EPHandle`` constructor and ``get_theoretical_num_sms``. ``deep_ep``
 is imported lazily: nothing here runs unless a DeepEP buffer is wrapped.
 """
@@ -11,16 +12,12 @@ import operator
 from typing import Optional
 
 import torch
-import torch.distributed
 
 from deepep_ops.backends.base import Backend, DispatchOutput
-from deepep_ops.handle import HANDLE_TENSORS, DispatchHandle
+from deepep_ops.handle import HANDLE_TENSOR_FIELDS, HANDLE_TENSORS, DispatchArgs, DispatchHandle
 
 #: The five int32 handle tensors off a native ``EPHandle``, in one C call.
 _handle_tensors = operator.attrgetter(*HANDLE_TENSORS)
-#: Their slice of a :class:`DispatchHandle`.
-_FIRST = DispatchHandle._fields.index(HANDLE_TENSORS[0])
-_HANDLE_TENSOR_SLICE = slice(_FIRST, _FIRST + len(HANDLE_TENSORS))
 _new_tuple = tuple.__new__
 
 
@@ -33,42 +30,49 @@ class DeepEPBackend(Backend):
         topk_idx_dtype: ``deep_ep.topk_idx_t``.
     """
 
+    #: DeepEP JIT-compiles its kernels per M, H, K, E, dtype and mode.
+    needs_warmup = True
+
     def __init__(self, buffer: object, handle_class: type, topk_idx_dtype: torch.dtype) -> None:
         self.buffer = buffer
         self.handle_class = handle_class
         self.topk_idx_dtype = topk_idx_dtype
         self.num_ranks = buffer.num_ranks
         self.rank = buffer.rank_idx
+        # DeepEP calls the capacity num_max_tokens_per_rank (its constructor's argument).
         self.capacity = buffer.num_max_tokens_per_rank
+        # DeepEP and the reference buffer keep their process group there.
+        self.group = getattr(buffer, "group", None)
+        self.hidden = getattr(buffer, "hidden", None) or None
         # (E, K) -> get_theoretical_num_sms(E, K). DeepEP caches it too, but behind a
-        # weak-reference LRU that costs a few µs a call; combine needs it every call.
+        # weak-reference LRU that costs more than a dict lookup; combine needs it every call.
         self._num_sms: dict = {}
 
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, *, num_experts, num_max_tokens_per_rank,
-                 expert_alignment, expand) -> DispatchOutput:
+    def dispatch(self, args: DispatchArgs) -> DispatchOutput:
+        prefill = not args.decode  # DeepEP's do_expand / do_cpu_sync
         recv, recv_topk_idx, recv_topk_weights, handle, _event = self.buffer.dispatch(
-            x if x_scales is None else (x, x_scales),
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
-            num_experts=num_experts,
-            num_max_tokens_per_rank=num_max_tokens_per_rank,
-            expert_alignment=expert_alignment,
+            args.x if args.x_scales is None else (args.x, args.x_scales),
+            topk_idx=args.topk_idx,
+            topk_weights=args.topk_weights,
+            num_experts=args.num_experts,
+            num_max_tokens_per_rank=args.num_max_tokens_per_rank,
+            expert_alignment=args.expert_alignment,
             # What num_sms=0 would pick, without DeepEP's per-call lookup; combine
             # passes the same value through the handle.
-            num_sms=self.num_sms(num_experts, topk_idx.shape[1]),
+            num_sms=self.num_sms(args.num_experts, args.topk_idx.shape[1]),
             # The graph keeps topk_idx alive until combine, which takes it as an input.
             do_handle_copy=False,
-            do_cpu_sync=expand,
-            do_expand=expand,
+            do_cpu_sync=prefill,
+            do_expand=prefill,
             # Zeroed padding rows keep garbage (NaN/Inf) out of expert compute.
-            do_zero_padding=expand,
+            do_zero_padding=prefill,
         )
         recv_x, recv_x_scales = recv if isinstance(recv, tuple) else (recv, None)
         # tuple.__new__: the NamedTuple without its Python __new__ (eager dispatch's hot path).
         return _new_tuple(DispatchOutput, (
             recv_x,
             recv_x_scales,
-            None if expand else recv_topk_idx,
+            None if prefill else recv_topk_idx,
             recv_topk_weights,
             _handle_tensors(handle),
             handle,
@@ -86,7 +90,7 @@ class DeepEPBackend(Backend):
         """DeepEP's ``EPHandle`` with the fields combine reads (and, given
         ``per_expert_list``, those cached dispatch reads)."""
         return self.handle_class(
-            handle.do_expand,
+            not handle.decode,  # do_expand
             handle.num_experts,
             handle.expert_alignment,
             handle.num_max_tokens_per_rank,
@@ -97,7 +101,7 @@ class DeepEPBackend(Backend):
             handle.num_expanded_tokens,
             # The host-side per-expert list is only read by cached dispatch, not combine.
             [] if per_expert_list is None else per_expert_list,
-            *handle[_HANDLE_TENSOR_SLICE],
+            *handle[HANDLE_TENSOR_FIELDS],
             None,  # token_metadata_at_forward: hybrid mode only
             None,  # channel_linked_list: hybrid mode only
         )
@@ -114,36 +118,9 @@ class DeepEPBackend(Backend):
         # deep_ep's combine allocates its result; one copy, inside the op.
         return out.copy_(combined_x)
 
-    def all_gather_object(self, obj: object) -> Optional[list]:
-        """Over the buffer's ``group`` (DeepEP and the reference buffer keep their
-        process group there); None without one."""
-        if self.num_ranks == 1:
-            return [obj]
-        group = getattr(self.buffer, "group", None)
-        if group is None:
-            return None
-        out = [None] * self.num_ranks
-        torch.distributed.all_gather_object(out, obj, group=group)
-        return out
-
-    def all_gather_ints(self, values: tuple) -> Optional[list]:
-        if self.num_ranks == 1:
-            return [tuple(values)]
-        group = getattr(self.buffer, "group", None)
-        if group is None:
-            return None
-        # NCCL moves device tensors only; gloo host tensors.
-        nccl = torch.distributed.get_backend(group) == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        mine = torch.tensor(values, dtype=torch.int64, device=device)
-        out = [torch.empty_like(mine) for _ in range(self.num_ranks)]
-        torch.distributed.all_gather(out, mine, group=group)
-        return [tuple(t.tolist()) for t in out]
-
-
     def cached_dispatch(self, x, x_scales, handle):
         per_expert_list = []
-        if handle.do_expand:
+        if not handle.decode:
             # Cached expand dispatch sizes its per-expert groups from the host list,
             # which the handle's graph values do not carry: rebuild it from the
             # device counts (one host sync; prefill already synced in forward).
@@ -159,9 +136,9 @@ class DeepEPBackend(Backend):
             num_sms=self.num_sms(handle.num_experts, handle.topk_idx.shape[1]),
             do_handle_copy=False,
             do_cpu_sync=False,
-            # DeepEP does not check do_expand against the handle's (spec §1): pass the handle's.
-            do_expand=handle.do_expand,
-            do_zero_padding=handle.do_expand,
+            # DeepEP does not check do_expand against the handle's (docs/deepep_contract.md §1): pass the handle's.
+            do_expand=not handle.decode,
+            do_zero_padding=not handle.decode,
         )
         return recv if isinstance(recv, tuple) else (recv, None)
 

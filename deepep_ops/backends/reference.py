@@ -4,6 +4,11 @@
 The reference buffer has DeepEP's API, so it is driven through the very calls
 of :class:`~deepep_ops.backends.deep_ep.DeepEPBackend`: the CPU tests exercise
 the real backend's code path. It also writes combine results in place.
+
+Another all-to-all library can reuse the reference's layout (the handle, the
+row order, the reductions) by subclassing :class:`ReferenceElasticBuffer` and
+overriding its transport, :meth:`ReferenceElasticBuffer.all_to_all`; such a
+subclass is wrapped here with no registration of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from deepep_ops.reference.elastic import EPHandle, ReferenceElasticBuffer
 
 class ReferenceBackend(DeepEPBackend):
     """:class:`DeepEPBackend` calls on a :class:`ReferenceElasticBuffer` (int64 ids)."""
+
+    #: Plain PyTorch: nothing is compiled per shape.
+    needs_warmup = False
 
     def __init__(self, buffer: ReferenceElasticBuffer) -> None:
         super().__init__(buffer, EPHandle, torch.int64)

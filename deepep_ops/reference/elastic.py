@@ -2,7 +2,7 @@
 
 It implements the part of DeepEP v2's API that deepep-ops calls (``dispatch``,
 ``combine``, ``get_theoretical_num_sms``) with the same arguments, return values
-and handle fields, and reproduces direct-mode layout (spec §2–§4) in DeepEP's
+and handle fields, and reproduces direct-mode layout (docs/deepep_contract.md §2–§4) in DeepEP's
 deterministic order: rows grouped by source rank, then ascending source token.
 
 Communication is one fixed-size ``all_to_all_single`` per call of ``[R, M, row
@@ -139,7 +139,7 @@ class ReferenceElasticBuffer:
         num_max_tokens_per_rank: default and largest M (the buffer capacity).
         hidden, num_topk, use_fp8_dispatch: kept for API parity with DeepEP
             (there they size the buffer).
-        allow_multiple_reduction: as DeepEP's flag (spec §4, expand combine).
+        allow_multiple_reduction: as DeepEP's flag (contract §4, expand combine).
     """
 
     def __init__(
@@ -185,8 +185,15 @@ class ReferenceElasticBuffer:
         return 1
 
     # ------------------------------------------------------------------ comm
-    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """Equal-split all-to-all over dim 0 (one block per rank)."""
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """The transport: an equal-split all-to-all over dim 0 (one block per rank,
+        ``send[d]`` goes to rank d; returns ``recv`` with ``recv[s]`` from rank s).
+
+        Every byte this buffer moves goes through here (one call per dispatch for
+        the payload and one for the counts, one per combine and cached dispatch),
+        so another all-to-all library reuses the whole reference layout by
+        overriding this method in a subclass (:mod:`deepep_ops.backends.reference`).
+        """
         if self.num_ranks == 1:
             return send.clone()
         recv = torch.empty_like(send)
@@ -222,11 +229,11 @@ class ReferenceElasticBuffer:
         ``topk_idx``/``num_experts`` are ignored, ``do_expand`` must equal the
         handle's, and only ``recv_x`` (and its scales) is returned, with the
         handle itself. Returns ``(recv_x | (recv_x, recv_sf), recv_topk_idx, recv_topk_weights,
-        handle, event)`` with the shapes of spec §2.
+        handle, event)`` with the shapes of contract §2.
         """
         if handle is not None:
             if do_expand != handle.do_expand:
-                # DeepEP does not check this (spec §1); a wrong mode reads unwritten metadata.
+                # DeepEP does not check this (contract §1); a wrong mode reads unwritten metadata.
                 raise RuntimeError(
                     f"Assertion exception: cached dispatch do_expand={do_expand} but the handle has "
                     f"do_expand={handle.do_expand}"
@@ -280,8 +287,8 @@ class ReferenceElasticBuffer:
         for d in range(R):
             dest = torch.where(to_rank[:, d], slot[:, d], M)
             _words(send[d]).index_copy_(0, dest, _words(payload))
-        recv = self._all_to_all(send[:, :M].contiguous())  # [R(src), M, B]
-        recv_counts = self._all_to_all(send_counts.to(torch.int64))  # [R(src)]
+        recv = self.all_to_all(send[:, :M].contiguous())  # [R(src), M, B]
+        recv_counts = self.all_to_all(send_counts.to(torch.int64))  # [R(src)]
 
         # ---- receiver: compact rows to [0, N), grouped by source rank
         psum_rank = torch.cumsum(recv_counts, 0)
@@ -344,7 +351,8 @@ class ReferenceElasticBuffer:
             n = num_recv_tokens
             recv_x_out = recv_x[:n]
             recv_sf_out = None if recv_sf is None else recv_sf[:n]
-            # Padding rows hold 0, not -1, as on real DeepEP (spec §8): consumers must
+            # Padding rows hold 0, not -1 (real DeepEP leaves them unwritten; on a fresh
+            # buffer they read as 0, contract §2, §8): consumers must
             # mask rows >= psum[-1] themselves.
             recv_topk_idx = torch.where(is_valid_row.unsqueeze(1), recv_local_idx, 0)[:n].to(topk_idx.dtype)
             recv_topk_weights = None if recv_weights is None else recv_weights[:n]
@@ -435,7 +443,7 @@ class ReferenceElasticBuffer:
         payload = torch.cat(parts, dim=1)  # [T, B]
         B = payload.shape[1]
         send = _scatter_rows(payload.repeat_interleave(K, 0), flat_dest, lane_valid.reshape(-1), R * M)
-        recv = self._all_to_all(send.reshape(R, M, B)).reshape(R * M, B)  # [R(src) * M, B]
+        recv = self.all_to_all(send.reshape(R, M, B)).reshape(R * M, B)  # [R(src) * M, B]
 
         # ---- receiver: row r holds slot r - (rows of earlier sources) of its source
         metadata = handle.recv_src_metadata
@@ -474,7 +482,7 @@ class ReferenceElasticBuffer:
         allocate_on_comm_stream: bool = False,
         out: Optional[torch.Tensor] = None,
     ):
-        """DeepEP's ``ElasticBuffer.combine`` (direct mode), reductions as spec §4.
+        """DeepEP's ``ElasticBuffer.combine`` (direct mode), reductions as contract §4.
 
         Reads only the handle fields DeepEP's combine reads: ``recv_src_metadata``,
         ``topk_idx``, ``psum_num_recv_tokens_per_scaleup_rank``, ``num_experts``,
@@ -530,7 +538,7 @@ class ReferenceElasticBuffer:
         payload = torch.cat(parts, dim=1)
         B = payload.shape[1]
         send = _scatter_rows(payload, back_dest, row_valid, R * M).reshape(R, M, B)
-        recv = self._all_to_all(send)  # [R(dst), M, B]: what rank d sends back for my token t
+        recv = self.all_to_all(send)  # [R(dst), M, B]: what rank d sends back for my token t
 
         lanes_per_row = contrib.shape[1]
         back = _from_bytes(recv.reshape(R * M, B)[:, : lanes_per_row * H * 2], torch.bfloat16, lanes_per_row * H)

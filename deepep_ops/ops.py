@@ -118,22 +118,27 @@ def token_bucket_impl(tokens, buffer):
 
 
 # --- training: the ops the backward passes call (autograd: deepep_ops.autograd) -------------------
-@_kernel("cached_dispatch")
-def cached_dispatch_impl(x, x_scales, buffer, *handle):
+def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPBuffer, handle: tuple) -> tuple:
+    """``(buffer, handle)`` once this rank's ``check(op, x, second, handle, buf)`` and
+    every rank's agreement passed (both backward ops agree as a combine does)."""
     handle = DispatchHandle(*handle)
     buf = unwrap_ep_buffer(buffer)
-    op = "deepep_ops.cached_dispatch"
-    agree_combine(op, buf, x, handle, verdict(check_cached_dispatch, op, x, x_scales, handle, buf))
+    agree_combine(op, buf, x, handle, verdict(check, op, x, second, handle, buf))
+    return buf, handle
+
+
+@_kernel("cached_dispatch")
+def cached_dispatch_impl(x, x_scales, buffer, *handle):
+    buf, handle = _admit_backward("deepep_ops.cached_dispatch", check_cached_dispatch, x, x_scales, buffer, handle)
     recv_x, recv_x_scales = buf.backend.cached_dispatch(x, x_scales, handle)
     return recv_x, no_scales(x) if recv_x_scales is None else recv_x_scales
 
 
 @_kernel("combine_with_weights")
 def combine_with_weights_impl(x, topk_weights, buffer, *handle):
-    handle = DispatchHandle(*handle)
-    buf = unwrap_ep_buffer(buffer)
-    op = "deepep_ops.combine_with_weights"
-    agree_combine(op, buf, x, handle, verdict(check_combine_with_weights, op, x, topk_weights, handle, buf))
+    buf, handle = _admit_backward(
+        "deepep_ops.combine_with_weights", check_combine_with_weights, x, topk_weights, buffer, handle
+    )
     return buf.backend.combine_with_weights(x, topk_weights, handle)
 
 

@@ -159,7 +159,9 @@ class Progress:
 
     def _tick(self) -> None:
         while not self._done.wait(self.every):
-            self.say(f"  ... still {self.what.split(' (')[0]}: {time.perf_counter() - self.t0:.0f} s")
+            # "still compiling ...: 20 s" (the message's last clause, without its parenthesis)
+            doing = self.what.split(" (")[0].split("; ")[-1]
+            self.say(f"  ... still {doing}: {time.perf_counter() - self.t0:.0f} s")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._done.set()

@@ -140,7 +140,7 @@ def _worker(rank: int, world: int, port: int, args, out_q) -> None:
         compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
         comp_losses, comp_times = _train(
             model, compiled, rank, args, group,
-            first_step=f"compiled: compiling forward + backward with {args.compile_backend} "
+            first_step=f"compiled: {args.steps} steps; compiling forward + backward with {args.compile_backend} "
                        "(first step; may take a minute or more on a CPU)")
         out_q.put((rank, dict(eager=(eager_losses, eager_times), compiled=(comp_losses, comp_times),
                               frames=cnt.frame_count, breaks=sum(counters["graph_break"].values()))))

@@ -191,9 +191,9 @@ def test_version_from_the_source_tree():
 
 def test_progress_prints_start_ticks_and_end():
     lines = []
-    with _cli.Progress(lines.append, "compiling the thing (first step)", every=0.05):
+    with _cli.Progress(lines.append, "compiled: 3 steps; compiling the thing (first step)", every=0.05):
         time.sleep(0.2)
-    assert lines[0] == "compiling the thing (first step)..."
+    assert lines[0] == "compiled: 3 steps; compiling the thing (first step)..."
     assert any(line.startswith("  ... still compiling the thing: ") for line in lines[1:-1]), lines
     assert lines[-1].startswith("  done in "), lines
     with _cli.Progress(None, "silent"):  # other ranks print nothing

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepep_ops.layout import COMBINE_HIDDEN_ALIGNMENT, MAX_EXPERTS, MAX_LOCAL_EXPERTS, MAX_RANKS, MAX_TOPK
+from deepep_ops import _cli
 
-DECODE_BATCHES = (1, 2, 3, 8, 13, 32, 57, 64)
+DECODE_BATCHES = _cli.DEMO_DECODE_BATCHES
 
 
 def _tokens_on(rank: int, batch: int) -> int:
@@ -142,7 +142,13 @@ def _run(rank: int, args, device: torch.device, results) -> None:
                 pf.finalize(out, y, p.topk_weights, p.topk_ids, p.handle)
 
             t0 = time.perf_counter()
-            compiled(x, bucket)  # first call at this size: compile (if any) + run
+            if step == 0:
+                with _cli.Progress(say if rank == 0 else None,
+                                   f"compiling the {mode} layer with {args.compile_backend} "
+                                   "(first step; may take a minute or more on a CPU)"):
+                    compiled(x, bucket)
+            else:
+                compiled(x, bucket)  # first call at this size: a recompile (if any) + run
             first_call = time.perf_counter() - t0
             med = _interleaved_medians(
                 {"eager": lambda: layer(x, bucket), "compiled": lambda: compiled(x, bucket), "comm": communication},
@@ -205,103 +211,28 @@ def _print_table(per_rank: dict, args) -> None:
     print(f"distinct bucket sizes (num_max_tokens_per_rank): {len(buckets)} {buckets}")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the description's line breaks and show every option's default."""
-
-
-def _positive(name: str, minimum: int = 1):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m deepep_ops demo",
-        description=(
-            "Compile a small expert-parallel MoE layer over the deepep_ops ops and report graph breaks,\n"
-            "recompiles, bucket sizes, the error against a dense single-process MoE, and eager vs\n"
-            "compiled time per step.\n\n"
-            "Spawns --world-size ranks: gloo on CPU with the reference buffer by default; NCCL with\n"
-            "--device cuda, and deep_ep.ElasticBuffer with --backend deepep (both need one GPU per rank)."
-        ),
-        formatter_class=_HelpFormatter,
-    )
-    parser.add_argument("--backend", choices=("reference", "deepep"), default="reference",
-                        help="reference: deepep_ops.ReferenceElasticBuffer; deepep: deep_ep.ElasticBuffer (GPUs, DeepEP v2)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the reference backend runs (--backend deepep always runs on CUDA)")
-    parser.add_argument("--world-size", type=_positive("--world-size"), default=2, metavar="R",
-                        help=f"ranks (1..{MAX_RANKS}); --experts must be a multiple of it")
-    parser.add_argument("--hidden", type=_positive("--hidden"), default=256, metavar="H",
-                        help=f"hidden size, a multiple of {COMBINE_HIDDEN_ALIGNMENT} (DeepEP combine)")
-    parser.add_argument("--intermediate", type=_positive("--intermediate"), default=128, metavar="I",
-                        help="expert MLP width")
-    parser.add_argument("--experts", type=_positive("--experts"), default=8, metavar="E",
-                        help=f"experts, global (<= {MAX_EXPERTS}, <= {MAX_LOCAL_EXPERTS} per rank)")
-    parser.add_argument("--topk", type=_positive("--topk"), default=2, metavar="K",
-                        help=f"experts per token (<= --experts and <= {MAX_TOPK})")
-    parser.add_argument("--capacity", type=_positive("--capacity"), default=256, metavar="M",
-                        help="buffer num_max_tokens_per_rank: >= --prefill-tokens and >= "
-                             f"{max(DECODE_BATCHES)} (the largest decode batch)")
-    parser.add_argument("--prefill-tokens", type=_positive("--prefill-tokens"), default=200, metavar="T",
-                        help="tokens per rank in the prefill step")
-    parser.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
-                        help="torch.compile backend (aot_eager starts faster)")
-    parser.add_argument("--reps", type=_positive("--reps"), default=30,
-                        help="timed repetitions per step and mode (after warm-up); the table shows medians")
-    parser.add_argument("--threads", type=_positive("--threads", 0), default=0,
-                        help="torch threads per rank; 0: the cores divided among the ranks, at least 1")
-    return parser
+    """The demo's options (defined in :mod:`deepep_ops._cli`, which imports nothing heavy)."""
+    return _cli.demo_parser()
 
 
-def check_args(parser: argparse.ArgumentParser, args) -> None:
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every bad value is a usage error naming the option and what it allows (before any rank starts)."""
-    R, E, K = args.world_size, args.experts, args.topk
-    if R > MAX_RANKS:
-        parser.error(f"--world-size must be in 1..{MAX_RANKS}, got {R}")
-    if args.hidden % COMBINE_HIDDEN_ALIGNMENT:
-        parser.error(f"--hidden must be a multiple of {COMBINE_HIDDEN_ALIGNMENT} (DeepEP combine), got {args.hidden}")
-    if E % R:
-        parser.error(f"--experts must be a multiple of --world-size {R}, got {E}")
-    if E > MAX_EXPERTS or E // R > MAX_LOCAL_EXPERTS:
-        parser.error(f"--experts must be <= {MAX_EXPERTS} and <= {MAX_LOCAL_EXPERTS} per rank, got {E} over {R} ranks")
-    if K > min(E, MAX_TOPK):
-        parser.error(f"--topk must be in 1..{min(E, MAX_TOPK)} (<= --experts {E} and <= {MAX_TOPK}), got {K}")
-    need = max(args.prefill_tokens, max(DECODE_BATCHES))
-    if args.capacity < need:
-        parser.error(
-            f"--capacity must be >= {need} (--prefill-tokens {args.prefill_tokens} and the largest "
-            f"decode batch {max(DECODE_BATCHES)}), got {args.capacity}"
-        )
-    if args.backend == "deepep" or args.device == "cuda":
-        what = "--backend deepep" if args.backend == "deepep" else "--device cuda"
-        if not torch.cuda.is_available():
-            parser.error(f"{what} needs CUDA GPUs, and torch.cuda.is_available() is False; use --device cpu")
-        if torch.cuda.device_count() < R:
-            parser.error(f"{what} needs one GPU per rank: --world-size {R}, {torch.cuda.device_count()} GPUs visible")
-    if args.backend == "deepep":
-        import importlib.util
-
-        if importlib.util.find_spec("deep_ep") is None:
-            parser.error("--backend deepep needs the deep_ep package (DeepEP v2, built from source); "
-                         "use --backend reference")
+    _cli.check_demo(parser, args)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """``python -m deepep_ops demo [options]``: parse and check the options, then :func:`run`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    return run(args)
 
-    print(f"[demo] spawning {args.world_size} ranks ({args.backend} buffer); "
-          f"compiling with {args.compile_backend} (the first calls take a while on CPU)...", flush=True)
+
+def run(args: argparse.Namespace) -> int:
+    """Spawn the ranks, run the demo and print its table (options already checked)."""
+    print(f"[demo] spawning {args.world_size} ranks ({args.backend} buffer, {args.compile_backend}); "
+          "each step's first call compiles, the first one for up to a minute or more on a CPU", flush=True)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     store_dir = tempfile.mkdtemp(prefix="deepep_ops_demo_")
@@ -315,3 +246,4 @@ def main(argv=None) -> None:
         rank, rows, buckets = results.get()
         per_rank[rank] = (rows, buckets)
     _print_table(per_rank, args)
+    return 0

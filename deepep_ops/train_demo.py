@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from deepep_ops import _cli
 from deepep_ops.moe import LocalExperts, make_moe_weights, route
 from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
 
@@ -86,7 +87,10 @@ def _batch(step: int, rank: int, args) -> tuple:
     return x, target
 
 
-def _train(model: TrainableMoE, fn, rank: int, args, group) -> tuple:
+def _train(model: TrainableMoE, fn, rank: int, args, group, first_step: Optional[str] = None) -> tuple:
+    """``args.steps`` SGD steps; ``first_step``: what rank 0 prints while step 0 runs (a compile)."""
+    import contextlib
+
     import torch.distributed as dist
 
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
@@ -95,10 +99,13 @@ def _train(model: TrainableMoE, fn, rank: int, args, group) -> tuple:
         x, target = _batch(step, rank, args)
         dist.barrier(group)
         t0 = time.perf_counter()
-        out = fn(x)
-        loss = ((out.float() - target) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        progress = (_cli.Progress(_say if rank == 0 else None, first_step) if first_step and step == 0
+                    else contextlib.nullcontext())
+        with progress:
+            out = fn(x)
+            loss = ((out.float() - target) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         # The router is replicated: average its gradient (experts are rank-local).
         dist.all_reduce(model.router.grad, group=group)
         model.router.grad /= dist.get_world_size(group)
@@ -108,6 +115,10 @@ def _train(model: TrainableMoE, fn, rank: int, args, group) -> tuple:
         dist.all_reduce(t, group=group)
         losses.append(float(t) / dist.get_world_size(group))
     return losses, times
+
+
+def _say(msg: str) -> None:
+    print(f"[train-demo] {msg}", flush=True)
 
 
 def _worker(rank: int, world: int, port: int, args, out_q) -> None:
@@ -121,11 +132,16 @@ def _worker(rank: int, world: int, port: int, args, out_q) -> None:
     try:
         group = dist.group.WORLD
         eager_model = _build(rank, group, args)
+        if rank == 0:
+            _say(f"eager: {args.steps} steps")
         eager_losses, eager_times = _train(eager_model, eager_model, rank, args, group)
         model = _build(rank, group, args)
         cnt = CompileCounterWithBackend(args.compile_backend)
         compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
-        comp_losses, comp_times = _train(model, compiled, rank, args, group)
+        comp_losses, comp_times = _train(
+            model, compiled, rank, args, group,
+            first_step=f"compiled: {args.steps} steps; compiling forward + backward with {args.compile_backend} "
+                       "(first step; may take a minute or more on a CPU)")
         out_q.put((rank, dict(eager=(eager_losses, eager_times), compiled=(comp_losses, comp_times),
                               frames=cnt.frame_count, breaks=sum(counters["graph_break"].values()))))
     except BaseException:  # noqa: BLE001
@@ -137,38 +153,25 @@ def _worker(rank: int, world: int, port: int, args, out_q) -> None:
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deepep_ops train-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--mode", choices=("decode", "prefill"), default="decode")
-    p.add_argument("--compile-backend", default="aot_eager", help="aot_eager (fast start) or inductor")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=64)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--capacity", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--rtol", type=float, default=2e-2, help="relative loss tolerance, eager vs compiled")
-    args = p.parse_args(argv)
-    if args.world_size < 1:
-        p.error(f"--world-size must be >= 1, got {args.world_size}")
-    if args.experts % args.world_size:
-        p.error(f"--experts must be divisible by --world-size, got {args.experts} and {args.world_size}")
-    if not 1 <= args.max_tokens <= args.capacity:
-        p.error(f"--max-tokens must be in [1, --capacity={args.capacity}], got {args.max_tokens}")
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
+    """The options (defined in :mod:`deepep_ops._cli`), checked: a bad value is a usage error."""
+    parser = _cli.train_demo_parser()
+    args = parser.parse_args(argv)
+    _cli.check_train_demo(parser, args)
     return args
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Run the demo; 0 when eager and compiled losses agree within ``--rtol``."""
+    """``python -m deepep_ops train-demo [options]``: :func:`run` after checking the options."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo (options already checked); 0 when eager and compiled losses agree within ``--rtol``."""
     import socket
 
     import torch.multiprocessing as mp
 
-    args = parse_args(argv)
+    _say(f"spawning {args.world_size} gloo ranks: {args.steps} steps eager, then {args.steps} compiled")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -182,8 +185,12 @@ def main(argv: Optional[list] = None) -> int:
         p.join()
     errors = {r: v for r, v in results.items() if isinstance(v, str)}
     if errors:
+        # One traceback (the lowest failing rank's); the other ranks' last lines.
+        first = min(errors)
+        print(f"--- rank {first} ---\n{errors[first]}")
         for r, tb in sorted(errors.items()):
-            print(f"--- rank {r} ---\n{tb}")
+            if r != first:
+                print(f"--- rank {r}: {tb.strip().splitlines()[-1]}")
         return 1
     r0 = results[0]
     (el, et), (cl, ct) = r0["eager"], r0["compiled"]

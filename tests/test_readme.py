@@ -1,45 +1,58 @@
 """README.md works as pasted.
 
-Every ```python block that README.md marks runnable (an HTML comment starting
-``<!-- runnable`` on the line before the fence) runs in a fresh interpreter and
-must exit 0 with a last line starting with "ok". The README's test command must
+Every code block that README.md marks runnable (an HTML comment starting
+``<!-- runnable`` on the line before the fence; tests/doc_blocks.py has the
+rules) runs in a fresh process: a python block must exit 0 with a last line
+starting with "ok", a bash block must exit 0. The README's test command must
 be the one ``.ci/run`` runs (leg a), word for word.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from doc_blocks import blocks, check_result, run_block, skip_reason
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = (REPO_ROOT / "README.md").read_text()
-RUNNABLE = re.compile(r"^<!-- runnable[^\n]*-->\n```python\n(.*?)^```", re.S | re.M)
-BLOCKS = RUNNABLE.findall(README)
+ALL_BLOCKS = blocks(REPO_ROOT / "README.md")
+BLOCKS = [b for b in ALL_BLOCKS if b.runnable]
+#: The set-up sections' commands, checked by test_readme_set_up_commands instead.
+SET_UP_SECTIONS = ("Run the demo", "Run the tests")
+
+
+def _section_of(line: int) -> str:
+    heading = ""
+    for text in README.splitlines()[:line]:
+        if text.startswith("## "):
+            heading = text[3:].strip()
+    return heading
 
 
 def test_readme_has_runnable_blocks():
-    assert BLOCKS, "README.md marks no ```python block runnable"
-    # Every python block that looks like a script (imports deepep_ops and prints) is marked.
-    for block in re.findall(r"```python\n(.*?)^```", README, re.S | re.M):
-        if "import deepep_ops" in block and "print(" in block:
-            assert block in BLOCKS, f"a script-like python block is not marked runnable:\n{block}"
+    assert any(b.lang == "python" for b in BLOCKS), "README.md marks no python block runnable"
+    for b in ALL_BLOCKS:
+        # Every python block that looks like a script (imports deepep_ops and prints) is marked.
+        if b.lang == "python" and "import deepep_ops" in b.code and "print(" in b.code:
+            assert b.runnable, f"{b.id}: a script-like python block is not marked runnable:\n{b.code}"
+        # Every bash block outside the set-up sections runs, or says why it cannot.
+        if b.lang == "bash" and _section_of(b.line) not in SET_UP_SECTIONS:
+            assert b.kind is not None, f"{b.id}: mark this bash block runnable or '<!-- not run: why -->'"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, tmp_path):
-    script = tmp_path / f"readme_block_{index}.py"
-    script.write_text(BLOCKS[index])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=env)
-    assert proc.returncode == 0, f"README block {index} failed:\n{proc.stdout}\n{proc.stderr}"
-    lines = proc.stdout.strip().splitlines()
-    assert lines and lines[-1].startswith("ok"), proc.stdout
+def _param(b):
+    return pytest.param(b, id=f"line{b.line}", marks=[pytest.mark.slow] if "slow" in b.options else [])
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
+def test_readme_block_runs(block, tmp_path):
+    reason = skip_reason(block)
+    if reason:
+        pytest.skip(reason)
+    check_result(block, run_block(block, tmp_path, timeout=600))
 
 
 def _bash_blocks(section: str):

@@ -7,6 +7,9 @@
 - :func:`splitting_ops`: adds ``deepep_ops::dispatch_exact`` to a ``CompilationConfig``'s
   splitting ops (or Inductor's partition ops).
 - :mod:`deepep_ops.vllm.plugin`: the ``vllm.general_plugins`` entry point.
+
+Importing this package also sets ``deepep_ops.vllm_combine_into_pass``, the name
+by which a vLLM compilation config can ask for the combine-into pass.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from deepep_ops.vllm.prepare_finalize import (
     dp_bucket,
     dp_num_tokens,
 )
+from deepep_ops.vllm.passes import combine_into_pass
 from deepep_ops.vllm.splitting import NON_CAPTURABLE_OPS, splitting_ops
+
+# vLLM resolves a pass named in a compilation config ("deepep_ops.vllm_combine_into_pass")
+# as an attribute of the top-level package: importing deepep_ops.vllm makes the name
+# resolvable, as the plugin does in every vLLM process.
+deepep_ops.vllm_combine_into_pass = combine_into_pass
 
 __all__ = [
     "DeepEPV2PrepareAndFinalize",

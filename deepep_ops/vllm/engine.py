@@ -46,7 +46,10 @@ from deepep_ops.vllm._compat import (
 )
 from deepep_ops.vllm.prepare_finalize import DeepEPV2PrepareAndFinalize, ForwardContextTokens
 
-logger = logging.getLogger(__name__)
+#: A child of vLLM's ``vllm`` logger, which vLLM's logging config gives its handler
+#: (with ``propagate=False``): our INFO lines show in vLLM's output, formatted as its own.
+LOGGER_NAME = "vllm.deepep_ops"
+logger = logging.getLogger(LOGGER_NAME)
 
 #: Opt-in switches (environment; ``DEEPEP_OPS_VLLM=1``, read by the plugin, installs these hooks).
 ENV_UNWRAP_MOE = "DEEPEP_OPS_VLLM_UNWRAP_MOE"
@@ -55,7 +58,8 @@ ENV_FORCE_OPAQUE_MOE = "DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE"
 
 # What install() rebound (vLLM's module globals are process-wide, so is this
 # record of them), and, for the test report only, what this process built.
-_state: dict[str, Any] = {"installed": False, "originals": {}, "adapters": [], "buffers": []}
+_state: dict[str, Any] = {"installed": False, "originals": {}, "adapters": [], "buffers": [], "announced": False,
+                          "replaced_manager": None}
 
 
 def _flag(name: str) -> bool:
@@ -95,6 +99,9 @@ class EngineDeepEPV2PrepareAndFinalize(DeepEPV2PrepareAndFinalize):
             self.buffer.num_tokens_source = _RecordingForwardContextTokens(self.sp_size)
         _state["adapters"].append(self)
         _write_report()
+        if not _state["announced"]:
+            _state["announced"] = True
+            logger.info("%s", describe(self))
 
     def topk_indices_dtype(self) -> Optional[torch.dtype]:
         # The router produces these; dispatch takes int64 either way.
@@ -153,6 +160,33 @@ class EngineDeepEPV2PrepareAndFinalize(DeepEPV2PrepareAndFinalize):
         return a1q, a1q_scale, meta, topk_ids, topk_weights
 
 
+def describe(adapter: "EngineDeepEPV2PrepareAndFinalize") -> str:
+    """The one line a process logs when vLLM builds its first adapter: backend, buffer, layout."""
+    backend = adapter.buffer.backend
+    native = getattr(backend, "buffer", backend)
+    if isinstance(native, ReferenceElasticBuffer):
+        where = "over the EP group's gloo cpu_group"
+        replaced = _state["replaced_manager"]
+        if replaced:
+            where += f", in place of vLLM's {replaced} (its 'Falling back to allgather_reducescatter' above)"
+    else:
+        where = "vLLM's own buffer (DeepEPV2All2AllManager)"
+    hidden = getattr(native, "hidden", None)
+    layout = ("decode (use_cudagraph: R*M rows, M = pow2 bucket of the DP-global token count)"
+              if adapter.use_cudagraph else
+              "prefill (enforce_eager: dispatch_exact, exact rows, a host sync per MoE layer)")
+    ids = ("local int32 ids for vLLM's CPU experts" if adapter.expert_ids == "local_int32"
+           else "global ids (-1: another rank's expert)")
+    return (
+        f"deepep_ops: --all2all-backend deepep_v2 runs through deepep-ops (DEEPEP_OPS_VLLM=1): "
+        f"backend {type(native).__name__} {where}; "
+        f"buffer EP rank {adapter.buffer.rank} of {adapter.buffer.num_ranks}, capacity {adapter.buffer.capacity} "
+        f"tokens per rank{f', hidden {hidden}' if hidden else ''}, top-{adapter.num_topk}, "
+        f"{'block-fp8' if adapter.use_fp8_dispatch else 'bf16'} dispatch; layout {layout}; {ids}"
+        f"{'; MoE forward unwrapped (DEEPEP_OPS_VLLM_UNWRAP_MOE=1)' if _flag(ENV_UNWRAP_MOE) else ''}"
+    )
+
+
 class _RecordingForwardContextTokens(ForwardContextTokens):
     """The adapter's token source (DP-global count from vLLM's forward context),
     remembering which (local, DP-global) pairs it saw, for :func:`report`."""
@@ -206,8 +240,8 @@ class ReferenceAll2AllManager(All2AllManagerBase):
             buf = ReferenceElasticBuffer(group=self.group, explicitly_destroy=True, **kwargs)
             self._buffers[key] = buf
             _state["buffers"].append(buf)
-            logger.info("deepep_ops: ReferenceElasticBuffer(%s) over the EP cpu_group (rank %d of %d)",
-                        kwargs, self.rank, self.world_size)
+            logger.debug("deepep_ops: ReferenceElasticBuffer(%s) over the EP cpu_group (rank %d of %d)",
+                         kwargs, self.rank, self.world_size)
         return buf
 
     def max_sms_used(self):
@@ -233,8 +267,8 @@ def _get_ep_all2all_manager(ep_group=None):
         if manager is not None:
             manager.destroy()
         comm.all2all_manager = ours
-        logger.info("deepep_ops: EP all2all manager %s -> ReferenceAll2AllManager",
-                    type(manager).__name__)
+        _state["replaced_manager"] = type(manager).__name__
+        logger.debug("deepep_ops: EP all2all manager %s -> ReferenceAll2AllManager", type(manager).__name__)
     return _state["originals"]["get_ep_all2all_manager"](ep_group)
 
 
@@ -268,6 +302,7 @@ def install() -> None:
     if _state["installed"]:
         return
     originals = _state["originals"]
+    # vLLM's class, install_hint()'s stand-in, or None (undefined): uninstall() puts it back.
     originals["DeepEPV2PrepareAndFinalize"] = getattr(_all2all_utils, "DeepEPV2PrepareAndFinalize", None)
     originals["get_ep_all2all_manager"] = _all2all_utils.get_ep_all2all_manager
     originals["_select_forward"] = _moe_runner.MoERunner._select_forward
@@ -275,6 +310,7 @@ def install() -> None:
     _all2all_utils.get_ep_all2all_manager = _get_ep_all2all_manager
     _moe_runner.MoERunner._select_forward = _select_forward
     _state["installed"] = True
+    logger.debug("deepep_ops: engine hooks installed (DEEPEP_OPS_VLLM=1) in process %d", os.getpid())
 
 
 def uninstall() -> None:
@@ -293,6 +329,45 @@ def uninstall() -> None:
 
 def installed() -> bool:
     return _state["installed"]
+
+
+# ------------------------------------------------------- half on: the hint
+
+
+def unavailable_message() -> str:
+    """Why vLLM cannot run ``--all2all-backend deepep_v2`` here, and what to do."""
+    if current_platform.is_cuda_alike():
+        return ("vLLM's --all2all-backend deepep_v2 needs DeepEP v2 (the deep_ep package, built from source: "
+                "https://github.com/deepseek-ai/DeepEP), which is not installed in this environment; with it "
+                "installed, DEEPEP_OPS_VLLM=1 runs that backend through deepep-ops' ops")
+    return (f"vLLM has no DeepEP v2 prepare/finalize on this platform ({current_platform.device_type or 'cpu'}; "
+            "vLLM's own needs CUDA and deep_ep), so --all2all-backend deepep_v2 cannot run as is. deepep-ops "
+            "runs it here (a reference buffer over gloo): set DEEPEP_OPS_VLLM=1 in the environment of the vLLM "
+            "command, e.g. DEEPEP_OPS_VLLM=1 python -m vllm.entrypoints.openai.api_server ... "
+            "(docs/vllm_engine.md in deepep-ops)")
+
+
+class DeepEPV2Unavailable:
+    """Stands in for vLLM's ``DeepEPV2PrepareAndFinalize`` where vLLM defines none (its
+    import is guarded by CUDA and ``deep_ep``): where vLLM would raise
+    ``NameError: DeepEPV2PrepareAndFinalize``, this raises :func:`unavailable_message`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise RuntimeError(unavailable_message())
+
+    @staticmethod
+    def maybe_roundup_layer_hidden_size(*args, **kwargs) -> int:
+        # vLLM's first use of the name (FusedMoE.__init__ for a deepep_v2 layer).
+        raise RuntimeError(unavailable_message())
+
+
+def install_hint() -> None:
+    """Without the engine hooks: give vLLM's missing ``DeepEPV2PrepareAndFinalize`` name a
+    stand-in that says what to do (:class:`DeepEPV2Unavailable`). Changes nothing where
+    vLLM has the name (CUDA with ``deep_ep``) or the hooks are installed."""
+    if _state["installed"] or hasattr(_all2all_utils, "DeepEPV2PrepareAndFinalize"):
+        return
+    _all2all_utils.DeepEPV2PrepareAndFinalize = DeepEPV2Unavailable
 
 
 #: Test hook: where each process writes :func:`report` (``{pid}`` is substituted).

@@ -49,6 +49,8 @@ __all__ = [
     "STABLE_CACHE_KEY_METHOD",
     "dispatcher_is_a_no_op",
     "eager_mode_is_plain",
+    "frame_counting_backend",
+    "graph_breaks",
     "guard_or_false",
     "install_cudagraph_inputs",
     "install_stable_cache_keys",
@@ -56,6 +58,7 @@ __all__ = [
     "metadata_guard",
     "opaque_type_name",
     "register_reference_type",
+    "reset_compiler",
     "version_counter",
     "without_dynamo",
 ]
@@ -308,6 +311,31 @@ def install_cudagraph_inputs() -> bool:
 
         setattr(output_code, name, wrap(original))
     return True
+
+
+def frame_counting_backend(backend: str):
+    """A ``torch.compile`` backend that compiles with ``backend`` and counts the frames
+    it compiles (``.frame_count``): Dynamo's ``CompileCounterWithBackend`` (demos;
+    ``torch._dynamo.testing``, checked 2.11–2.15)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend(backend)
+
+
+def graph_breaks() -> int:
+    """Graph breaks Dynamo counted in this process since :func:`reset_compiler`
+    (``torch._dynamo.utils.counters``, checked 2.11–2.15)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def reset_compiler() -> None:
+    """``torch.compiler.reset()`` and Dynamo's counters (demos compile each mode afresh)."""
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
 
 
 def without_dynamo(fn: _F) -> _F:

@@ -95,8 +95,7 @@ def _run(rank: int, args, device: torch.device, results) -> None:
     import deepep_ops
     from deepep_ops.moe import MoELayer, dense_moe, make_moe_weights, route
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
+    from deepep_ops._torch_compat import frame_counting_backend, graph_breaks, reset_compiler
 
     say = (lambda msg: print(f"[demo] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -116,11 +115,10 @@ def _run(rank: int, args, device: torch.device, results) -> None:
         return torch.randn(tokens, args.hidden, generator=g).to(device, torch.bfloat16)
 
     for mode in ("decode", "prefill"):
-        torch._dynamo.reset()
-        counters.clear()
+        reset_compiler()
         layer = layer_for(mode == "decode")
         pf = layer.pf
-        counter = CompileCounterWithBackend(args.compile_backend)
+        counter = frame_counting_backend(args.compile_backend)
         compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
         batches = DECODE_BATCHES if mode == "decode" else (args.prefill_tokens,)
         for step, batch in enumerate(batches):
@@ -163,11 +161,11 @@ def _run(rank: int, args, device: torch.device, results) -> None:
                 f"{mode:7s} T={batch:4d} (rank0) M={bucket if bucket else args.capacity:4d} "
                 f"first call {first_call:6.2f}s  frames compiled so far: {counter.frame_count}"
             )
-        graph_breaks = sum(counters["graph_break"].values())
+        breaks = graph_breaks()
         # Expected: one dynamic graph, plus one specialised to T=1 if T=1 occurred.
         expected = 1 + any(_tokens_on(rank, b) == 1 for b in batches)
         recompiles = counter.frame_count - expected
-        rows.append((mode, "summary", counter.frame_count, graph_breaks, recompiles))
+        rows.append((mode, "summary", counter.frame_count, breaks, recompiles))
 
     results.put((rank, rows, sorted(seen_buckets)))
 

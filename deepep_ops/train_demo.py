@@ -123,8 +123,7 @@ def _say(msg: str) -> None:
 
 def _worker(rank: int, world: int, port: int, args, out_q) -> None:
     import torch.distributed as dist
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
+    from deepep_ops._torch_compat import frame_counting_backend, graph_breaks
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -136,14 +135,14 @@ def _worker(rank: int, world: int, port: int, args, out_q) -> None:
             _say(f"eager: {args.steps} steps")
         eager_losses, eager_times = _train(eager_model, eager_model, rank, args, group)
         model = _build(rank, group, args)
-        cnt = CompileCounterWithBackend(args.compile_backend)
+        cnt = frame_counting_backend(args.compile_backend)
         compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
         comp_losses, comp_times = _train(
             model, compiled, rank, args, group,
             first_step=f"compiled: {args.steps} steps; compiling forward + backward with {args.compile_backend} "
                        "(first step; may take a minute or more on a CPU)")
         out_q.put((rank, dict(eager=(eager_losses, eager_times), compiled=(comp_losses, comp_times),
-                              frames=cnt.frame_count, breaks=sum(counters["graph_break"].values()))))
+                              frames=cnt.frame_count, breaks=graph_breaks())))
     except BaseException:  # noqa: BLE001
         import traceback
 

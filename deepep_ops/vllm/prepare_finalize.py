@@ -195,7 +195,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
       after loading weights, on every rank in the same order, before compiling
       and CUDA-graph capture.
 
-    Either way each step and a per-bucket table go to vLLM's log.
+    Either way each step and a per-bucket table go to vLLM's log. Arguments:
         warmup: True/False; None: ``DEEPEP_OPS_WARMUP`` (0/1), else on for real
             DeepEP and off for the reference buffer. False turns the
             registered warm-up off too; True does not override

@@ -223,6 +223,11 @@ def test_every_method_we_override_or_vllm_requires(wheel, ours):
     # every public method vLLM's own class has, ours has
     missing = [n for n in theirs if not n.startswith("_") and not hasattr(cls, n)]
     assert not missing, f"vLLM {wheel.version}'s DeepEPV2PrepareAndFinalize has {missing}; {ours} does not"
+    # and every public method we define is one vLLM calls (a rename in vLLM would leave ours dead)
+    ours_public = {n for k in cls.__mro__ if k.__module__.startswith("deepep_ops") for n, v in vars(k).items()
+                   if not n.startswith("_") and (callable(v) or isinstance(v, (property, staticmethod)))}
+    dead = sorted(ours_public - set(base) - set(theirs))
+    assert not dead, f"{ours} defines {dead}, which vLLM {wheel.version}'s prepare/finalize classes do not have"
 
 
 def test_test_experts_implement_every_abstract_method(wheel):

@@ -1,6 +1,6 @@
 """vLLM integration of deepep-ops (needs ``vllm``; ``import deepep_ops`` does not).
 
-- :class:`DeepEPV2PrepareAndFinalize`: drop-in for vLLM 0.32/0.33's DeepEP v2
+- :class:`DeepEPV2PrepareAndFinalize`: drop-in for vLLM 0.32–0.34's DeepEP v2
   prepare/finalize, routed through ``torch.ops.deepep_ops``.
 - :mod:`deepep_ops.vllm.passes`: ``CombineIntoPass``, a post-grad pass that
   rewrites ``out.copy_(deepep_ops.combine(...))`` into ``deepep_ops.combine_into(out, ...)``.

@@ -1,8 +1,9 @@
 """vLLM's ``DeepEPV2PrepareAndFinalize`` over the ``deepep_ops::`` ops.
 
 A drop-in for ``vllm.model_executor.layers.fused_moe.prepare_finalize.deepep_v2
-.DeepEPV2PrepareAndFinalize`` (vLLM 0.32 and 0.33): same constructor, same
-``FusedMoEPrepareAndFinalizeModular`` methods, same results. The work is done by
+.DeepEPV2PrepareAndFinalize`` (vLLM 0.32, 0.33 and 0.34): same constructor, same
+``FusedMoEPrepareAndFinalizeModular`` methods, same results (0.34's, on every
+version: see :class:`DeepEPV2PrepareAndFinalize`). The work is done by
 :class:`deepep_ops.DeepEPPrepareFinalize`, so everything between the modular
 kernel's ``prepare`` and ``finalize`` is plain torch plus ``deepep_ops::`` custom ops
 that ``torch.compile(fullgraph=True)`` traces: no Triton kernel, no
@@ -13,11 +14,11 @@ Dynamo guards would freeze.
 
 from __future__ import annotations
 
-import logging
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from deepep_ops._torch_compat import guard_or_false
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.bucket import pow2_bucket
 from deepep_ops.handle import DispatchHandle
@@ -28,15 +29,22 @@ from deepep_ops.vllm._compat import (
     TopKWeightAndReduceContiguous,
     TopKWeightAndReduceDelegate,
     TopKWeightAndReduceNoOP,
+    can_quantize_after_dispatch,
     current_device_type,
+    deepep_activation_format,
     dp_max_num_tokens,
     expert_tokens_metadata,
+    jit_warmup_enabled,
+    jit_warmup_registry,
     mk,
     quantize_input,
+    register_jit_warmup,
     ubatch_id,
+    vllm_logger,
 )
 
-_log = logging.getLogger(__name__)
+# In vLLM's log (a plain ``deepep_ops`` logger does not reach vLLM's handler).
+_log = vllm_logger(__name__)
 
 #: DeepEP moves hidden rows in 512-byte atoms (32 lanes × 16 bytes).
 _XFER_ATOM_BYTES = 512
@@ -98,6 +106,38 @@ def _check_block_fp8(quant_config: FusedMoEQuantConfig) -> None:
         )
 
 
+class _WarmupSpec(NamedTuple):
+    """What one adapter warms (hashable: a JIT warm-up registry compile key)."""
+
+    hidden: int
+    num_topk: int
+    num_experts: int
+    dispatch_dtypes: Tuple[torch.dtype, ...]
+    modes: Tuple[str, ...]
+    device: str
+
+    def warm_key(self) -> tuple:
+        return warm_key(hidden=self.hidden, num_topk=self.num_topk, num_experts=self.num_experts,
+                        expert_alignment=1, dispatch_dtypes=self.dispatch_dtypes, modes=self.modes)
+
+
+def _run_warmup(buffer: EPBuffer, spec: _WarmupSpec) -> None:
+    """:func:`deepep_ops.warmup` of ``spec`` (collective), unless ``buffer`` is
+    warm for it already; each step and the table go to vLLM's log."""
+    if spec.warm_key() in warmed_up(buffer):
+        return
+
+    def progress(i: int, n: int, row) -> None:
+        _log.info("deepep_ops: DeepEP warm-up %d/%d: %s %s M=%d (%d tokens) %.3f s",
+                  i, n, row.mode, row.dtype, row.num_max_tokens_per_rank, row.num_tokens, row.seconds)
+
+    rows = warmup(buffer, hidden=spec.hidden, num_topk=spec.num_topk, num_experts=spec.num_experts,
+                  dispatch_dtypes=spec.dispatch_dtypes, modes=spec.modes, device=spec.device,
+                  num_tokens=FULL, progress=progress)
+    _log.info("deepep_ops: DeepEP warm-up (%d steps, %.1f s):\n%s", len(rows),
+              sum(r.seconds for r in rows), format_warmup_table(rows))
+
+
 class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     """Prepare/finalize for DeepEP v2 through ``torch.ops.deepep_ops``.
 
@@ -125,15 +165,42 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     vLLM 0.33: ``defer_globalize`` (set by its modular kernel for experts that
     take local ids) makes decode return local ids and pass
     ``ExpertTokensMetadata.rank_expert_offset``; :meth:`supports_dbo` is True.
+
+    vLLM 0.34's behaviour, on every version (``_compat`` detects what the
+    installed vLLM has): :attr:`activation_format` is ``PaddedStandard`` where
+    vLLM has it (``Standard`` before); post-dispatch quantization passes
+    ``quant_config.per_act_token_quant`` through and, in decode, computes a
+    run-time per-tensor scale over the received rows only
+    (``masked_amax_scale(..., num_valid=psum[-1:])``). Decode metadata is what
+    0.32 to 0.34 all return: no counts, ``psum_recv_per_rank`` set.
+    :meth:`finalize_async` combines synchronously and returns a receiver with
+    nothing left to wait for; 0.34's class instead issues the combine on
+    DeepEP's stream and joins in the receiver, so that the shared experts
+    overlap it. The result is the same; the overlap is not there.
+
+    Args (keyword-only):
         device: where tokens live (default: vLLM's current platform device type).
 
-    Start-up warm-up (keyword-only): vLLM builds prepare/finalize after loading
-    weights, on every rank in the same order, before compiling and CUDA-graph
-    capture; so the constructor runs :func:`deepep_ops.warmup` there (the
-    adapter's buckets: decode with ``use_cudagraph``, else prefill; bf16, plus
-    block fp8 with ``use_fp8_dispatch``), once per underlying buffer.
+    Start-up warm-up (keyword-only): DeepEP JIT-compiles per bucket, so every
+    bucket this adapter will use (decode with ``use_cudagraph``, else prefill;
+    bf16, plus block fp8 with ``use_fp8_dispatch``) is warmed once per
+    underlying buffer, collectively, before CUDA-graph capture:
+
+    - where vLLM's JIT warm-up registry is collecting (its GPU model runner
+      loading the model: :func:`deepep_ops.vllm._compat.jit_warmup_registry`),
+      the warm-up is registered there and runs in vLLM's ``kernel_warmup``,
+      on every rank, only when ``kernel_config.enable_jit_warmup`` is on
+      (vLLM turns it off under ``enforce_eager``);
+    - otherwise (vLLM's CPU worker, an adapter built outside vLLM's model
+      runner, elastic EP) the constructor runs it. vLLM builds prepare/finalize
+      after loading weights, on every rank in the same order, before compiling
+      and CUDA-graph capture.
+
+    Either way each step and a per-bucket table go to vLLM's log. Arguments:
         warmup: True/False; None: ``DEEPEP_OPS_WARMUP`` (0/1), else on for real
-            DeepEP and off for the reference buffer.
+            DeepEP and off for the reference buffer. False turns the
+            registered warm-up off too; True does not override
+            ``enable_jit_warmup``.
         hidden: H to warm (default: the wrapped buffer's ``hidden``; warm-up is
             skipped with a warning when neither is known).
     """
@@ -199,23 +266,32 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             self._warm_up(hidden, device)
 
     def _warm_up(self, hidden: Optional[int], device: Union[torch.device, str]) -> None:
-        """Issue 17: warm every bucket this adapter will use, once per underlying buffer."""
+        """Warm every bucket this adapter will use, once per underlying buffer:
+        through vLLM's JIT warm-up registry where it collects, else now."""
         if hidden is None:
             hidden = getattr(getattr(self.buffer.backend, "buffer", None), "hidden", None)
         if not hidden:
             _log.warning("deepep_ops: DeepEP warm-up skipped: hidden size unknown (pass hidden=)")
             return
-        kwargs = dict(
+        spec = _WarmupSpec(
             hidden=hidden, num_topk=self.num_topk, num_experts=self.num_experts,
             dispatch_dtypes=(torch.bfloat16, torch.float8_e4m3fn) if self.use_fp8_dispatch else (torch.bfloat16,),
             modes=("decode",) if self.use_cudagraph else ("prefill",),
+            device=str(torch.device(device)),
         )
-        key = warm_key(expert_alignment=1, **kwargs)
-        if key in warmed_up(self.buffer):
+        if spec.warm_key() in warmed_up(self.buffer):
             return
-        rows = warmup(self.buffer, device=device, num_tokens=FULL, **kwargs)
-        _log.info("deepep_ops: DeepEP warm-up (%d steps, %.1f s):\n%s", len(rows),
-                  sum(r.seconds for r in rows), format_warmup_table(rows))
+        registry = jit_warmup_registry()
+        if registry is None:
+            _run_warmup(self.buffer, spec)
+            return
+        if not jit_warmup_enabled(registry):
+            _log.info("deepep_ops: DeepEP warm-up off: vLLM's kernel_config.enable_jit_warmup is False")
+            return
+        buffer = self.buffer
+        # One registry entry per underlying buffer: warmed_up() is held by it.
+        register_jit_warmup("DeepEPWarmup", ("deepep_ops.warmup", id(warmed_up(buffer))), [spec],
+                            lambda key: _run_warmup(buffer, key))
 
     # ------------------------------------------------------------------ queries
 
@@ -228,7 +304,9 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
 
     @property
     def activation_format(self) -> mk.FusedMoEActivationFormat:
-        return mk.FusedMoEActivationFormat.Standard
+        # PaddedStandard on vLLM >= 0.34 (decode rows are an upper bound; padding
+        # rows carry topk_ids == -1 in every lane), Standard before.
+        return deepep_activation_format()
 
     def topk_indices_dtype(self) -> Optional[torch.dtype]:
         return torch.int64
@@ -279,7 +357,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             _check_block_fp8(quant_config)
         elif not defer_input_quant and quant_config.quant_dtype is not None:
             # vLLM quantizes these after dispatch with its CUDA quant kernels.
-            if a1.device.type == "cpu":
+            if not can_quantize_after_dispatch(a1.device):
                 raise NotImplementedError(
                     "deepep_ops DeepEPV2PrepareAndFinalize: post-dispatch quantization to "
                     f"quant_dtype={quant_config.quant_dtype} (non-block quantization) needs vLLM's "
@@ -312,7 +390,10 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             )
         expert_x, expert_x_scale = p.expert_x, p.expert_x_scale
         if quantize_after and quant_config.quant_dtype is not None:
-            expert_x, expert_x_scale = quantize_input(expert_x, quant_config)
+            # Decode rows past the received count are uninitialised: a run-time
+            # per-tensor scale covers the received rows only (vLLM 0.34).
+            num_valid = p.handle.psum_num_recv_tokens_per_scaleup_rank[-1:] if self.use_cudagraph else None
+            expert_x, expert_x_scale = quantize_input(expert_x, quant_config, num_valid=num_valid)
         return expert_x, expert_x_scale, meta, p.topk_ids, p.topk_weights
 
     def prepare(
@@ -384,7 +465,11 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         apply_router_weight_on_input: bool,
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
     ) -> Callable[[], None]:
-        # combine is synchronous (one op in the graph); the receiver has nothing left to wait for.
+        # combine is synchronous (one op in the graph); the receiver has nothing
+        # left to wait for. vLLM 0.34's modular kernel runs the shared experts
+        # between this call and the receiver (its own class overlaps them with
+        # a combine on DeepEP's stream): here they run after the combine, with
+        # the same result.
         self.finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
                       weight_and_reduce_impl)
         return _noop
@@ -396,6 +481,4 @@ def _noop() -> None:
 
 def _is_empty(t: torch.Tensor) -> bool:
     """``t.numel() == 0`` without a data-dependent guard on unbacked sizes (False if unknown)."""
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
-
     return guard_or_false(t.numel() == 0)

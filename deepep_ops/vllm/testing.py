@@ -22,6 +22,7 @@ from deepep_ops.vllm._compat import (
     RoutingMethodType,
     TopKWeightAndReduceDelegate,
     TopKWeightAndReduceNoOP,
+    deepep_activation_format,
     mk,
 )
 from deepep_ops.prepare_finalize import FP8_BLOCK, dequantize_block_fp8
@@ -85,7 +86,9 @@ class TorchGatedExperts(mk.FusedMoEExpertsModular):
 
     @staticmethod
     def activation_format() -> mk.FusedMoEActivationFormat:
-        return mk.FusedMoEActivationFormat.Standard
+        # Lanes at -1 contribute zeros, so padding rows (every lane -1) are
+        # safe: the adapter's format (PaddedStandard on vLLM >= 0.34).
+        return deepep_activation_format()
 
     @staticmethod
     def _supports_current_device() -> bool:

@@ -56,6 +56,10 @@ HARNESS_RTOL = 1e-4
 #: keeps its count; the ranks differ. VARYING also changes it between steps.
 STATIC_TOKENS: List[List[int]] = [[13, 6]] * 3
 VARYING_TOKENS: List[List[int]] = [[13, 6], [5, 17], [11, 11]]
+#: With a rank that has no token at some steps.
+EMPTY_RANK_TOKENS: List[List[int]] = [[9, 0], [0, 7], [12, 5]]
+#: expert_alignment of the aligned scenario (FP8 grouped GEMMs want 16 or 32).
+ALIGNMENT = 8
 EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF", "w3_EFD")
 REPLICATED_PREFIXES = ("router.", "shared_experts.")
 OVERRIDE = "deepep_ops.torchtitan.overrides.token_dispatcher"
@@ -67,7 +71,7 @@ _CACHE: Dict[tuple, object] = {}
 
 
 # ------------------------------------------------------------------------------ model
-def moe_config(dispatcher: str):
+def moe_config(dispatcher: str, expert_alignment: int = 1):
     """torchtitan ``MoE.Config``; ``dispatcher``: ``"all_to_all"`` (torchtitan's
     "standard" backend) or ``"ours"`` (the same, overridden)."""
     from torchtitan.config import OverrideConfig, apply_overrides
@@ -90,7 +94,8 @@ def moe_config(dispatcher: str):
     )
     if dispatcher == "ours":
         lines = apply_overrides(
-            OverrideConfig(imports=[(OVERRIDE, {"num_max_tokens_per_rank": CAPACITY, "hidden_dim": D})]), cfg
+            OverrideConfig(imports=[(OVERRIDE, {"num_max_tokens_per_rank": CAPACITY, "hidden_dim": D,
+                                                "expert_alignment": expert_alignment})]), cfg
         )
         assert len(lines) == 1, lines
     else:
@@ -106,9 +111,9 @@ def initial_state() -> dict:
     return {k: v.detach().clone() for k, v in moe.state_dict().items()}
 
 
-def build(dispatcher: str, state: dict, ep_mesh=None):
+def build(dispatcher: str, state: dict, ep_mesh=None, expert_alignment: int = 1):
     """The MoE with ``state``; with ``ep_mesh``, this rank's E/R experts and the mesh wired."""
-    moe = moe_config(dispatcher).build()
+    moe = moe_config(dispatcher, expert_alignment).build()
     moe.load_state_dict(state)
     if ep_mesh is not None:
         rank, num_ranks = ep_mesh.get_local_rank(), ep_mesh.size()
@@ -351,6 +356,36 @@ def scenario_eager(rank: int, world_size: int) -> None:
     assert RESULTS["eager"]["calls"] == dict.fromkeys(CallCounter.KINDS, 1), RESULTS["eager"]["calls"]
 
 
+def scenario_eager_aligned_and_empty(rank: int, world_size: int) -> None:
+    """expert_alignment=8 (zero padding rows, zero scores) and steps where a rank has no token."""
+    refs = references(rank, world_size, EMPTY_RANK_TOKENS)
+    mesh = _mesh(world_size)
+    model = Model(build("ours", refs["state"], mesh, expert_alignment=ALIGNMENT))
+    dispatcher = model.moe.routed_experts.token_dispatcher
+    counts_seen = []
+    dispatch = dispatcher.dispatch
+
+    def recording_dispatch(*args):
+        rows, counts, metadata = dispatch(*args)
+        counts_seen.append((counts.tolist(), int(metadata.handle.num_unaligned_recv_tokens_per_expert.sum())))
+        assert rows.shape[0] == int(counts.sum()), (rows.shape, counts)
+        return rows, counts, metadata
+
+    dispatcher.dispatch = recording_dispatch
+    got = train(model, rank, EMPTY_RANK_TOKENS, mesh.get_group())
+    del dispatcher.dispatch
+    tables = {"aligned vs EP=1": errors(got, refs["ep1"]), "unaligned vs EP=1": errors(refs["ours"], refs["ep1"]),
+              "all_to_all vs EP=1": errors(refs["a2a"], refs["ep1"])}
+    RESULTS["aligned, empty rank"] = dict(tables=tables, counts=counts_seen)
+    assert all(c % ALIGNMENT == 0 for step, _ in counts_seen for c in step), counts_seen
+    # Padding rows were there (and got zero scores): more rows than (token, expert) pairs.
+    assert sum(sum(step) - real for step, real in counts_seen) > 0, counts_seen
+    assert sum(real for _, real in counts_seen) > 0, counts_seen
+    assert_close(tables["all_to_all vs EP=1"], HARNESS_RTOL, "torchtitan all_to_all vs EP=1 (the harness)")
+    assert_close(tables["unaligned vs EP=1"], GRAD_RTOL, "ours vs EP=1")
+    assert_close(tables["aligned vs EP=1"], GRAD_RTOL, "ours (expert_alignment=8) vs EP=1")
+
+
 def _compiled(rank: int, world_size: int, backend: str, tokens: List[List[int]], max_frames: int) -> dict:
     refs = references(rank, world_size, tokens)
     mesh = _mesh(world_size)
@@ -488,6 +523,7 @@ def scenario_command_line(rank: int, world_size: int) -> None:
 
 SCENARIOS: Dict[str, Callable[[int, int], None]] = {
     "eager": scenario_eager,
+    "eager_aligned_and_empty": scenario_eager_aligned_and_empty,
     "aot_eager": scenario_aot_eager,
     "selective_ac_eager": scenario_selective_ac_eager,
     "selective_ac_aot_eager": scenario_selective_ac_aot_eager,

@@ -9,7 +9,9 @@ on (it calls ``torch.distributed.set_timeout``, new in 2.14): CI leg b
   torchtitan's own MoE trained 3 SGD steps with uneven tokens per rank,
   ours vs torchtitan's all-to-all vs EP=1 (outputs, input and every parameter
   gradient within bf16 tolerance), also with expert_alignment=8 and steps
-  where a rank has no token; compiled as torchtitan compiles blocks
+  where a rank has no token; ours again through torchtitan's own
+  ``MoE.parallelize`` (spmd_types, its default backend), eager and compiled,
+  bitwise equal to the hand-wired run; compiled as torchtitan compiles blocks
   (``fullgraph=True``): aot_eager one frame, no break, bitwise equal to eager;
   torchtitan's SelectiveAC with its save list and with ours: calls of the
   reference buffer per step (ours: no dispatch recomputed in backward), eager

@@ -386,6 +386,65 @@ def scenario_eager_aligned_and_empty(rank: int, world_size: int) -> None:
     assert_close(tables["aligned vs EP=1"], GRAD_RTOL, "ours (expert_alignment=8) vs EP=1")
 
 
+def scenario_torchtitan_parallelize(rank: int, world_size: int) -> None:
+    """Ours through torchtitan's own EP wiring: ``set_moe_sharding_config`` and
+    ``MoE.parallelize(ParallelDims(dp_shard=R, ep=R))`` under its default
+    ``spmd_types`` backend and SPMD context (the local region around
+    ``RoutedExperts``, experts sharded by torchtitan), eager and compiled
+    (aot_eager, fullgraph): equal to the hand-wired run of :func:`scenario_eager`.
+
+    torchtitan's all-to-all dispatcher cannot run this way on gloo (its uneven
+    ``spmd.all_to_all`` goes through ``dist.all_to_all``, which gloo refuses for
+    unequal chunks), hence the hand wiring of the three-way comparison.
+    """
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.distributed.utils import get_spmd_backend, get_spmd_context, set_spmd_backend
+    from torchtitan.models.common.moe_sharding import set_moe_sharding_config
+
+    from deepep_ops.torchtitan import DeepEPOpsTokenDispatcher
+
+    import spmd_types as spmd
+
+    # GroupedExperts' layout, as torchtitan's qwen3 / deepseek_v3 sharding passes it.
+    expert_layout = {"w1_EFD": spmd.S(1), "w2_EDF": spmd.S(2), "w3_EFD": spmd.S(1)}
+    refs = references(rank, world_size, STATIC_TOKENS)
+    previous = get_spmd_backend()
+    set_spmd_backend("spmd_types")
+    try:
+        dims = ParallelDims(dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=world_size,
+                            world_size=world_size, spmd_backend="spmd_types")
+        dims.build_mesh()
+        out = {}
+        with get_spmd_context(parallel_dims=dims)():
+            for backend in (None, "aot_eager"):
+                cfg = moe_config("ours")
+                set_moe_sharding_config(cfg, enable_ep=True, enable_sp=False,
+                                        expert_param_layout=expert_layout)
+                moe = cfg.build()
+                moe.load_state_dict(refs["state"])
+                moe.parallelize(dims)
+                dispatcher = moe.routed_experts.token_dispatcher
+                assert isinstance(dispatcher, DeepEPOpsTokenDispatcher) and dispatcher.buffer is not None, dispatcher
+                el = E // world_size
+                assert moe.routed_experts.inner_experts.w1_EFD.shape[0] == el, moe.routed_experts.inner_experts.w1_EFD.shape
+                model = Model(moe)
+                frames = compile_blocks(model, backend) if backend else None
+                breaks0 = graph_breaks()
+                got = train(model, rank, STATIC_TOKENS, dims.get_mesh("ep").get_group())
+                out[backend or "eager"] = dict(
+                    frames=None if frames is None else frames.frame_count, breaks=graph_breaks() - breaks0,
+                    vs_ep1=errors(got, refs["ep1"]), vs_hand_wired=errors(got, refs["ours"]),
+                )
+    finally:
+        set_spmd_backend(previous)
+    RESULTS["torchtitan parallelize"] = out
+    for name, res in out.items():
+        assert res["breaks"] == 0, (name, res["breaks"])
+        assert res["frames"] in (None, 1), (name, res["frames"])
+        assert_close(res["vs_ep1"], GRAD_RTOL, f"parallelize, {name} vs EP=1")
+        assert_close(res["vs_hand_wired"], 0.0, f"parallelize, {name} vs the hand-wired eager run")
+
+
 def _compiled(rank: int, world_size: int, backend: str, tokens: List[List[int]], max_frames: int) -> dict:
     refs = references(rank, world_size, tokens)
     mesh = _mesh(world_size)
@@ -525,6 +584,7 @@ SCENARIOS: Dict[str, Callable[[int, int], None]] = {
     "eager": scenario_eager,
     "eager_aligned_and_empty": scenario_eager_aligned_and_empty,
     "aot_eager": scenario_aot_eager,
+    "torchtitan_parallelize": scenario_torchtitan_parallelize,
     "selective_ac_eager": scenario_selective_ac_eager,
     "selective_ac_aot_eager": scenario_selective_ac_aot_eager,
     "command_line": scenario_command_line,

@@ -580,7 +580,138 @@ def scenario_command_line(rank: int, world_size: int) -> None:
     RESULTS["command lines"] = checked
 
 
+
+# ------------------------------------------------------------------------------ unit checks (rank 0 only)
+def _rank0(check: Callable[[], None]) -> Callable[[int, int], None]:
+    def scenario(rank: int, world_size: int) -> None:
+        if rank == 0:
+            check()
+
+    scenario.__doc__ = check.__doc__
+    return scenario
+
+
+def check_override_keeps_deepep_sizes() -> None:
+    """The DeepEP config's torchtitan-filled sizes carry over; kwargs win."""
+    from torchtitan.models.common.token_dispatcher import DeepEPTokenDispatcher
+
+    from deepep_ops.torchtitan import DeepEPOpsTokenDispatcher, overrides
+
+    src = DeepEPTokenDispatcher.Config(num_experts=8, top_k=2, num_max_tokens_per_rank=1024, hidden_dim=512)
+    cfg = overrides.token_dispatcher(src)
+    assert type(cfg) is DeepEPOpsTokenDispatcher.Config
+    assert (cfg.num_experts, cfg.top_k, cfg.num_max_tokens_per_rank, cfg.hidden_dim) == (8, 2, 1024, 512)
+    assert (cfg.expert_alignment, cfg.backend) == (1, "auto")
+    cfg = overrides.token_dispatcher(src, num_max_tokens_per_rank=64, backend="reference")
+    assert (cfg.num_max_tokens_per_rank, cfg.hidden_dim, cfg.backend) == (64, 512, "reference")
+
+
+def check_override_takes_pad_multiple_as_alignment() -> None:
+    """TorchAO's pad_multiple becomes expert_alignment unless the kwarg says otherwise."""
+    from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
+
+    from deepep_ops.torchtitan import overrides
+
+    src = TorchAOTokenDispatcher.Config(num_experts=8, top_k=2, pad_multiple=16)
+    assert overrides.token_dispatcher(src, num_max_tokens_per_rank=64, hidden_dim=256).expert_alignment == 16
+    cfg = overrides.token_dispatcher(src, num_max_tokens_per_rank=64, hidden_dim=256, expert_alignment=32)
+    assert cfg.expert_alignment == 32
+
+
+def check_override_names_missing_sizes() -> None:
+    """An all-to-all config has no sizes: the error names the kwargs to pass."""
+    import pytest
+    from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
+
+    from deepep_ops.torchtitan import overrides
+
+    src = AllToAllTokenDispatcher.Config(num_experts=8, top_k=2)
+    with pytest.raises(ValueError, match="num_max_tokens_per_rank or hidden_dim.*pass num_max_tokens_per_rank, hidden_dim"):
+        overrides.token_dispatcher(src)
+    with pytest.raises(ValueError, match="has no hidden_dim"):
+        overrides.token_dispatcher(src, num_max_tokens_per_rank=64)
+
+
+def check_config_rejects_bad_values() -> None:
+    """Each bad Config value is a ValueError naming the field."""
+    import pytest
+
+    from deepep_ops.torchtitan import DeepEPOpsTokenDispatcher
+
+    for field, value in (("num_max_tokens_per_rank", 0), ("hidden_dim", -256), ("expert_alignment", True),
+                         ("backend", "nccl")):
+        kwargs = dict(num_experts=8, top_k=2, num_max_tokens_per_rank=64, hidden_dim=256)
+        kwargs[field] = value
+        with pytest.raises(ValueError, match=f"Config.{field} must be"):
+            DeepEPOpsTokenDispatcher.Config(**kwargs).build()
+
+
+class _Mesh:
+    """What init_buffer reads of a DeviceMesh, for the checks that run before any communication."""
+
+    device_type = "cpu"
+
+    def size(self) -> int:
+        return 2
+
+    def get_group(self):
+        raise AssertionError("init_buffer reached the process group")
+
+
+def check_init_buffer_checks_before_communicating() -> None:
+    """hidden_dim % 256, E % R and missing sizes fail before the process group is touched."""
+    import pytest
+
+    from deepep_ops.torchtitan import DeepEPOpsTokenDispatcher
+
+    for kwargs, match in ((dict(hidden_dim=320), "hidden_dim must be a multiple of 256"),
+                          (dict(num_experts=7), r"num_experts \(7\) must be a multiple of the EP size \(2\)"),
+                          (dict(hidden_dim=None), "needs hidden_dim")):
+        cfg = dict(num_experts=8, top_k=2, num_max_tokens_per_rank=64, hidden_dim=256)
+        cfg.update(kwargs)
+        dispatcher = DeepEPOpsTokenDispatcher.Config(**cfg).build()
+        with pytest.raises(ValueError, match=match):
+            dispatcher.wire_meshes(ep_mesh=_Mesh())
+
+
+def check_without_ep_mesh_it_reorders_locally() -> None:
+    """EP=1 (no mesh): no buffer, torchtitan's local reorder; combine weights and sums."""
+    from deepep_ops.torchtitan import DeepEPOpsTokenDispatcher
+
+    dispatcher = DeepEPOpsTokenDispatcher.Config(num_experts=4, top_k=2).build()
+    dispatcher.wire_meshes(ep_mesh=None)
+    assert dispatcher.buffer is None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)])
+    scores = torch.rand(5, 2, generator=g)
+    counts = torch.bincount(ids.flatten(), minlength=4)
+    rows, got_counts, meta = dispatcher.dispatch(x, scores, ids, counts)
+    assert torch.equal(got_counts, counts)
+    out = dispatcher.combine(rows * 2, meta, x)
+    torch.testing.assert_close(out, 2 * scores.sum(dim=1, keepdim=True) * x)
+
+
+def check_selective_ac_override_keeps_fields_and_saves_our_ops() -> None:
+    """The SAC override keeps every field; its save list is torchtitan's plus our five ops."""
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC, _get_default_save_ops
+
+    from deepep_ops.torchtitan import DeepEPOpsSelectiveAC, communication_ops, overrides, save_ops
+
+    src = SelectiveAC.Config(force_recompute_mm_shapes_by_fqns=["x.y"], preserve_rng_state=False)
+    cfg = overrides.selective_ac(src)
+    assert type(cfg) is DeepEPOpsSelectiveAC.Config
+    assert (cfg.force_recompute_mm_shapes_by_fqns, cfg.preserve_rng_state) == (["x.y"], False)
+    ops = communication_ops()
+    assert {op.name() for op in ops} == {
+        f"deepep_ops::{n}" for n in ("dispatch", "dispatch_exact", "combine", "cached_dispatch", "token_bucket")}
+    assert not ops & set(_get_default_save_ops())  # what the override is for
+    assert save_ops() == set(_get_default_save_ops()) | ops
+    assert cfg.build().get_save_ops() == save_ops()
+
+
 SCENARIOS: Dict[str, Callable[[int, int], None]] = {
+    **{name[len("check_"):]: _rank0(fn) for name, fn in sorted(globals().items()) if name.startswith("check_")},
     "eager": scenario_eager,
     "eager_aligned_and_empty": scenario_eager_aligned_and_empty,
     "aot_eager": scenario_aot_eager,

@@ -2,7 +2,9 @@
 
 Skips without torchtitan, and under a torch that torchtitan 0.3 does not run
 on (it calls ``torch.distributed.set_timeout``, new in 2.14): CI leg b
-(torch 2.15) runs it, leg a (torch 2.13 + vLLM) skips it.
+(torch 2.15) runs it, leg a (torch 2.13 + vLLM) skips it. With
+``DEEPEP_OPS_REQUIRE_TORCHTITAN=1`` a missing torchtitan or too old a torch is
+an error instead of a skip.
 
 - In the spawned ranks (tests/torchtitan_moe.py, one spawn for all scenarios;
   torchtitan is never imported in the pytest process): the override
@@ -23,15 +25,23 @@ on (it calls ``torch.distributed.set_timeout``, new in 2.14): CI leg b
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'deepep-ops[torchtitan]'; CI leg b)")
+#: Where torchtitan is supposed to be installed (CI leg b) a broken install must
+#: fail the run rather than skip this file quietly.
+REQUIRED = os.environ.get("DEEPEP_OPS_REQUIRE_TORCHTITAN", "") not in ("", "0", "false", "False", "no")
+if REQUIRED:
+    import torchtitan  # noqa: F401
+else:
+    pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'deepep-ops[torchtitan]'; CI leg b)")
 if not hasattr(torch.distributed, "set_timeout"):
-    pytest.skip(
-        f"torchtitan 0.3 needs torch >= 2.14 (it calls torch.distributed.set_timeout); this is {torch.__version__}",
-        allow_module_level=True,
-    )
+    reason = f"torchtitan 0.3 needs torch >= 2.14 (it calls torch.distributed.set_timeout); this is {torch.__version__}"
+    if REQUIRED:
+        raise RuntimeError(f"DEEPEP_OPS_REQUIRE_TORCHTITAN is set, but {reason}")
+    pytest.skip(reason, allow_module_level=True)
 
 import torchtitan_moe as tm  # noqa: E402
 from _dist import run_distributed, run_scenarios  # noqa: E402

@@ -23,11 +23,8 @@ from typing import Optional
 
 import torch
 
-from deepep_ops.api import combine, dispatch_exact
-from deepep_ops.buffer import EPBuffer
-from deepep_ops.handle import DispatchHandle
+from deepep_ops import DispatchHandle, EPBuffer, ReferenceElasticBuffer, combine, dispatch_exact
 from deepep_ops.layout import COMBINE_HIDDEN_ALIGNMENT
-from deepep_ops.reference import ReferenceElasticBuffer
 from deepep_ops.torchtitan._compat import BaseEPTokenDispatcher, LocalTokenDispatcher
 
 #: ``Config.backend`` values.
@@ -61,8 +58,9 @@ def _new_native_buffer(backend: str, group, capacity: int, hidden: int, num_topk
     if backend == "deep_ep":
         import deep_ep  # lazy: only where users built DeepEP v2
 
-        # explicitly_destroy: the buffer lives as long as the process group (see
-        # _SHARED_BUFFERS); no destructor-time barrier.
+        # explicitly_destroy, and never destroyed (as torchtitan's own DeepEP
+        # buffer): destroy() synchronizes the device and the ranks, which must not
+        # happen wherever garbage collection drops the last reference.
         return deep_ep.ElasticBuffer(
             group, num_max_tokens_per_rank=capacity, hidden=hidden, num_topk=num_topk, explicitly_destroy=True
         )
@@ -73,8 +71,8 @@ def _new_native_buffer(backend: str, group, capacity: int, hidden: int, num_topk
 #: by every MoE layer: torchtitan builds one dispatcher per layer and calls
 #: ``init_buffer`` on each, while a DeepEP ``ElasticBuffer`` is a per-process
 #: communication resource (its NVLink/RDMA buffers are sized for the whole run)
-#: that must not be allocated once per layer. Keyed weakly by the group, so the
-#: buffers go when the group does. This is the only process-wide state here.
+#: that must not be allocated once per layer. Keyed weakly by the group: a new
+#: group gets new buffers. This is the only process-wide state here.
 _SHARED_BUFFERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

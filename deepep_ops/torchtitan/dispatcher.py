@@ -17,7 +17,6 @@ the result comes back in ``x_TD``'s dtype.
 from __future__ import annotations
 
 import importlib.util
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,31 +66,31 @@ def _new_native_buffer(backend: str, group, capacity: int, hidden: int, num_topk
     return ReferenceElasticBuffer(group, num_max_tokens_per_rank=capacity, hidden=hidden, num_topk=num_topk)
 
 
-#: One EP buffer per (EP process group, backend, capacity, hidden, top-k), shared
-#: by every MoE layer: torchtitan builds one dispatcher per layer and calls
-#: ``init_buffer`` on each, while a DeepEP ``ElasticBuffer`` is a per-process
-#: communication resource (its NVLink/RDMA buffers are sized for the whole run)
-#: that must not be allocated once per layer. Keyed weakly by the group: a new
-#: group gets new buffers. This is the only process-wide state here.
-_SHARED_BUFFERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+def shared_ep_buffer(ep_mesh, *, backend: str, capacity: int, hidden: int, num_topk: int) -> EPBuffer:
+    """The :class:`~deepep_ops.EPBuffer` of ``ep_mesh``'s process group for these sizes,
+    built on first use and kept on the mesh object.
 
-
-def shared_ep_buffer(group, *, backend: str, capacity: int, hidden: int, num_topk: int) -> EPBuffer:
-    """The :class:`~deepep_ops.EPBuffer` of ``group`` for these sizes, built on first use.
+    One buffer per (backend, capacity, hidden, top-k) is shared by every MoE
+    layer: torchtitan builds one dispatcher per layer and calls ``init_buffer``
+    on each, while a DeepEP ``ElasticBuffer`` is a per-process communication
+    resource (its NVLink/RDMA buffers are sized for the whole run) that must not
+    be allocated once per layer. torchtitan hands every layer the same EP mesh
+    object (``ParallelDims`` caches its meshes), so the buffers live as long as
+    that mesh and a new mesh gets new ones; nothing is process-wide.
 
     Args:
-        group: the EP ``ProcessGroup``.
+        ep_mesh: the EP ``DeviceMesh`` (1-D).
         backend: ``"deep_ep"`` or ``"reference"`` (already resolved).
         capacity: M, the most tokens a rank dispatches in one call.
         hidden: H, the model dim.
         num_topk: K.
     """
-    per_group = _SHARED_BUFFERS.setdefault(group, {})
+    buffers = vars(ep_mesh).setdefault("_deepep_ops_buffers", {})
     key = (backend, capacity, hidden, num_topk)
-    buffer = per_group.get(key)
+    buffer = buffers.get(key)
     if buffer is None:
-        buffer = EPBuffer(_new_native_buffer(backend, group, capacity, hidden, num_topk))
-        per_group[key] = buffer
+        buffer = EPBuffer(_new_native_buffer(backend, ep_mesh.get_group(), capacity, hidden, num_topk))
+        buffers[key] = buffer
     return buffer
 
 
@@ -167,7 +166,7 @@ class DeepEPOpsTokenDispatcher(BaseEPTokenDispatcher):
                 f"DeepEPOpsTokenDispatcher: num_experts ({self.num_experts}) must be a multiple of the EP size ({num_ranks})"
             )
         self.buffer = shared_ep_buffer(
-            self.ep_mesh.get_group(),
+            self.ep_mesh,
             backend=_resolve_backend(self.backend, self.ep_mesh.device_type),
             capacity=self.num_max_tokens_per_rank,
             hidden=self.hidden_dim,

@@ -233,7 +233,8 @@ assert set(DispatchHandle._fields) == set(HANDLE_TENSOR_SPECS) | {"topk_idx"} | 
 def schema_args() -> str:
     """Every handle field as schema arguments, in :class:`DispatchHandle` order
     (the hybrid-only tensors optional, defaulting to None)."""
-    args = [f"{_FIELD_SCHEMA_TYPES.get(name, 'Tensor')} {name}" for name in DispatchHandle._fields[:HYBRID_TENSOR_FIELDS.start]]
+    fields = DispatchHandle._fields[: HYBRID_TENSOR_FIELDS.start]
+    args = [f"{_FIELD_SCHEMA_TYPES.get(name, 'Tensor')} {name}" for name in fields]
     args += [f"Tensor? {name}=None" for name in HYBRID_TENSORS]
     return ", ".join(args)
 

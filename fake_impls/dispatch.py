@@ -30,8 +30,10 @@ def _recv_scales(x, x_scales, rows):
 
 
 def _reject_eager_meta(op: str, args: DispatchArgs, buffer) -> None:
+    # Meta tensors are host-side: the CPU default of check mode applies (the peers,
+    # with CPU tensors, exchange on every call; agree-once mode would raise here alone).
     reject_eager_meta(op, args.x, args.topk_idx, args.topk_weights, agree=lambda error: agree_dispatch(
-        f"deepep_ops.{op}", unwrap_ep_buffer(buffer), args, error))
+        f"deepep_ops.{op}", unwrap_ep_buffer(buffer), args, error, device=torch.device("cpu")))
 
 
 def _dims(buf, args: DispatchArgs, num_recv_tokens) -> HandleDims:

@@ -630,6 +630,56 @@ def run_toy_example(rank, world):
                 assert got_list == expected + [-1], (sort, c, u, got_list, expected)
 
 
+def run_hybrid_compiled(rank, world):
+    """dispatch -> elementwise experts -> combine, decode and prefill, under
+    ``torch.compile(fullgraph=True, dynamic=True)`` (aot_eager) in hybrid mode: no graph break, at
+    most 2 frames over T = 1..4 (T = 1's specialisation, then one dynamic graph: as direct mode),
+    results bitwise equal to eager, and the hybrid-only handle tensors flow from dispatch into
+    combine inside the graph (the combine nodes take all 15 handle arguments)."""
+    import torch.distributed as dist
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    import deepep_ops as D
+
+    E, K = 8, 2
+    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAPACITY, hidden=H,
+                                              num_topk=K, num_scaleout_ranks=2, num_channels=3))
+
+    def step(x, idx, w, M):
+        r = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=M)
+        dec = D.combine((r.recv_x.float() * 3).to(BF16), r.handle, buf)
+        ex = D.dispatch_exact(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=CAPACITY, expert_alignment=2)
+        pre = D.combine((ex.recv_x.float() * ex.recv_topk_weights[:, None]).to(BF16), ex.handle, buf)
+        return dec, pre
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend(lambda gm, ex: record(gm, ex))
+    compiled = torch.compile(step, backend=cnt, fullgraph=True, dynamic=True)
+    try:
+        for T in range(1, 5):
+            inp = ref.make_global_inputs(40 + T, [T] * world, H, K, E, neg_frac=0.2)[rank]
+            M = _next_pow2(T)
+            got = compiled(inp.x, inp.topk_idx, inp.topk_weights, M)
+            want = step(inp.x, inp.topk_idx, inp.topk_weights, M)
+            assert all(torch.equal(g, e) for g, e in zip(got, want)), f"T={T}: compiled != eager"
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert 1 <= cnt.frame_count <= 2, cnt.frame_count
+        for gm in graphs:
+            combines = [n for n in gm.graph.nodes if n.target is torch.ops.deepep_ops.combine]
+            assert len(combines) == 2 and all(len(n.args) == 2 + 13 for n in combines), [
+                len(n.args) for n in combines]
+    finally:
+        torch._dynamo.reset()
+
+
 #: Hybrid mode (contract §9) on 4 ranks: 2 nodes x 2 scale-up ranks, C channels (the reference's
 #: simulated count). Each checks the direct-mode facts hybrid mode keeps, the hybrid handle
 #: (forwarder tensors, destination psum / column 1 / row order / linked list, across ranks), the
@@ -652,6 +702,7 @@ HYBRID_SCENARIOS = {
                                                              S=2, C=2, multi_reduction=False),
     "hybrid_rounding_example": run_rounding_example,
     "hybrid_toy_example": run_toy_example,
+    "hybrid_compiled": run_hybrid_compiled,
 }
 SCENARIOS.update(HYBRID_SCENARIOS)
 HYBRID_NAMES = tuple(HYBRID_SCENARIOS)

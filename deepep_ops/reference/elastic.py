@@ -733,8 +733,9 @@ class ReferenceElasticBuffer:
         forward, links = handle.token_metadata_at_forward, handle.channel_linked_list
         if tuple(psum.shape) != (U,) or forward is None or links is None or forward.dim() != 3:
             raise RuntimeError(
-                f"Assertion exception: hybrid mode ({S}x{U}) needs a hybrid handle: psum_num_recv_tokens_per_scaleup_rank "
-                f"[{U}] and token_metadata_at_forward / channel_linked_list, got psum {tuple(psum.shape)}"
+                f"Assertion exception: hybrid mode ({S}x{U}) needs a hybrid handle: "
+                f"psum_num_recv_tokens_per_scaleup_rank [{U}] and token_metadata_at_forward / channel_linked_list, "
+                f"got psum {tuple(psum.shape)}"
             )
         C = self.num_channels if cached_dispatch else forward.shape[0]
         rows = forward_rows(S, M, C)

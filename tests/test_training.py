@@ -285,11 +285,36 @@ EAGER_NAMES = ("decode", "decode_T0", "prefill_aligned", "prefill_T0")
 _WORLD2 = EAGER_NAMES + tuple(COMPILE_SCENARIOS)
 
 
+def _hybrid_opcheck(rank, world):
+    """opcheck (schema, autograd registration, fake vs real, AOT dispatch) of every op in hybrid
+    mode, the handle's two hybrid-only tensors given as the ops' optional arguments. Every rank
+    runs the same checks, so the collectives they make stay in step."""
+    import torch.distributed as dist
+
+    E = 2 * world
+    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K,
+                                              num_scaleout_ranks=2, num_channels=3))
+    inp = ref.make_global_inputs(9, [5, 3, 0, 4], H, K, E, neg_frac=0.3)[rank]
+    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
+    _check(torch.ops.deepep_ops.dispatch.default, (x, None, inp.topk_idx, w, buf, E, 8, 1))
+    _check(torch.ops.deepep_ops.dispatch_exact.default, (x, None, inp.topk_idx, w, buf, E, 16, 2))
+    for r in (D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8),
+              D.dispatch_exact(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E,
+                               num_max_tokens_per_rank=16, expert_alignment=2)):
+        assert r.handle.hybrid
+        handle = tuple(r.handle)
+        _check(torch.ops.deepep_ops.combine.default, (r.recv_x.clone().requires_grad_(), buf) + handle)
+        _check(torch.ops.deepep_ops.cached_dispatch.default, (inp.x.clone().requires_grad_(), None, buf) + handle)
+        _check(torch.ops.deepep_ops.combine_with_weights.default,
+               (r.recv_x, r.recv_topk_weights.contiguous(), buf) + handle)
+
+
 #: Hybrid mode (docs/deepep_contract.md §9) on 4 ranks, 2 nodes x 2: the backward ops run from hybrid
 #: handles (combine_with_weights: hybrid rounding; cached_dispatch: the hybrid sender). Eager gradients
 #: against the float64 dense MoE; compiled (aot_eager, fullgraph, T swept 1..HYBRID_TS) against eager.
 HYBRID_TS = tuple(range(1, 13))
 HYBRID_SCENARIOS = {
+    "hybrid_opcheck": _hybrid_opcheck,
     "hybrid_decode": lambda rank, world: _eager_grads_case(rank, world, decode=True, Ts=[5, 0, 7, 6], A=1, seed=5,
                                                            S=2),
     "hybrid_prefill": lambda rank, world: _eager_grads_case(rank, world, decode=False, Ts=[6, 8, 0, 7], A=4,
@@ -300,10 +325,11 @@ HYBRID_SCENARIOS = {
                                                                   ckpt=False, Ts=HYBRID_TS, S=2),
 }
 SCENARIOS.update(HYBRID_SCENARIOS)
-#: World size 4 runs the eager scenarios, direct and hybrid, in one spawn; the compiled hybrid
-#: ones (slow tier) in another, so that deselecting them skips their spawn too.
-_HYBRID_COMPILED = tuple(n for n in HYBRID_SCENARIOS if "compiled" in n)
-_WORLD4 = EAGER_NAMES + tuple(n for n in HYBRID_SCENARIOS if n not in _HYBRID_COMPILED)
+#: World size 4 runs the eager scenarios, direct and hybrid, in one spawn; opcheck and the
+#: compiled hybrid ones (slow tier: compiles on 4 ranks sharing the cores) in another, so that
+#: deselecting them skips their spawn too.
+_HYBRID_SLOW = ("hybrid_opcheck",) + tuple(n for n in HYBRID_SCENARIOS if "compiled" in n)
+_WORLD4 = EAGER_NAMES + tuple(n for n in HYBRID_SCENARIOS if n not in _HYBRID_SLOW)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -312,17 +338,18 @@ def test_eager_gradients_match_dense_float64(world, name):
     assert_scenario_passed(__name__.split(".")[-1], _WORLD2 if world == 2 else _WORLD4, world, name)
 
 
-@pytest.mark.parametrize("name", [n for n in HYBRID_SCENARIOS if n not in _HYBRID_COMPILED])
+@pytest.mark.parametrize("name", [n for n in HYBRID_SCENARIOS if n not in _HYBRID_SLOW])
 def test_hybrid_eager_gradients_match_dense_float64(name):
     assert_scenario_passed(__name__.split(".")[-1], _WORLD4, 4, name)
 
 
-@pytest.mark.slow  # forward + backward compiled on 4 ranks sharing the cores
-@pytest.mark.parametrize("name", _HYBRID_COMPILED)
-def test_hybrid_compiled_forward_backward(name):
-    """Hybrid mode compiles as direct mode does: fullgraph, no graph break, at most 2 frames over
-    T = 1..12 (the T = 1 specialisation and one dynamic graph), gradients bitwise equal to eager."""
-    assert_scenario_passed(__name__.split(".")[-1], _HYBRID_COMPILED, 4, name)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _HYBRID_SLOW)
+def test_hybrid_opcheck_and_compiled_forward_backward(name):
+    """opcheck of every op with hybrid handles; hybrid mode compiles as direct mode does: fullgraph,
+    no graph break, at most 2 frames over T = 1..12 (the T = 1 specialisation and one dynamic
+    graph), gradients bitwise equal to eager (aot_eager)."""
+    assert_scenario_passed(__name__.split(".")[-1], _HYBRID_SLOW, 4, name)
 
 
 @pytest.mark.parametrize("name", tuple(COMPILE_SCENARIOS))

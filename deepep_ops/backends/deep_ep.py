@@ -36,7 +36,6 @@ _new_tuple = tuple.__new__
 
 # DeepEP's channel sizing (csrc/elastic/buffer.hpp, dispatch(), "num_channels"; dd758ca).
 _MAX_CHANNELS_PER_SM = 8  # kNumMaxChannelsPerSM
-_MAX_SMS = 160  # kNumMaxSMs
 _NUM_NOTIFY_WARPS = 4  # kNumNotifyWarps: 32 warps per SM minus these
 _NUM_CHANNELS_PER_SM_WITHOUT_OVERLAP = 4  # prefer_overlap_with_compute=False
 

@@ -53,6 +53,9 @@ DISPATCH_FIELDS = (
     "x_scales.shape[1]",
     "x_scales.dtype",
     "expert_alignment",
+    "num_scaleout_ranks (EP domain)",
+    "num_scaleup_ranks (EP domain)",
+    "num_channels (hybrid mode)",
 )
 
 #: The values of a combine that must be the same on every EP rank.
@@ -63,6 +66,9 @@ COMBINE_FIELDS = (
     "x.shape[1] (hidden)",
     "handle.topk_idx.shape[1] (num_topk)",
     "handle.expert_alignment",
+    "num_scaleout_ranks (EP domain)",
+    "num_scaleup_ranks (EP domain)",
+    "handle num_channels (hybrid mode)",
 )
 
 
@@ -80,8 +86,24 @@ def _dispatch_mode(decode: bool) -> str:
     return f"{layout_name(decode)} ({'dispatch' if decode else 'dispatch_exact'})"
 
 
-def dispatch_signature(args) -> tuple:
-    """The :data:`DISPATCH_FIELDS` of one dispatch call (a :class:`~deepep_ops.handle.DispatchArgs`)."""
+def _domain(buf, num_channels) -> tuple:
+    """The EP domain's part of both signatures: S, U and C (``num_channels()``; 0 in
+    direct mode, None when it cannot be told: validation says why). Ranks that
+    disagree on it would run different kernels (hybrid vs direct) or channel
+    layouts (a sender's channel c feeds the forwarder's channel c): a timeout or
+    wrong data, not an error (contract §9)."""
+    if buf is None:
+        return (1, None, 0)
+    return (buf.num_scaleout_ranks, buf.num_scaleup_ranks, _safe(num_channels))
+
+
+def dispatch_signature(args, buf=None) -> tuple:
+    """The :data:`DISPATCH_FIELDS` of one dispatch call (a :class:`~deepep_ops.handle.DispatchArgs`)
+    on the :class:`~deepep_ops.EPBuffer` ``buf``."""
+    return _dispatch_args_signature(args) + _domain(buf, lambda: buf.num_channels(args))
+
+
+def _dispatch_args_signature(args) -> tuple:
     x, x_scales, topk_idx, _w, num_experts, num_max_tokens_per_rank, expert_alignment, decode = args
     try:  # well-formed arguments (the hot path): plain reads
         return (
@@ -110,8 +132,12 @@ def dispatch_signature(args) -> tuple:
     )
 
 
-def combine_signature(x, handle) -> tuple:
-    """The :data:`COMBINE_FIELDS` of one combine call."""
+def combine_signature(x, handle, buf=None) -> tuple:
+    """The :data:`COMBINE_FIELDS` of one combine call on ``buf``."""
+    return _combine_args_signature(x, handle) + _domain(buf, lambda: handle.num_channels)
+
+
+def _combine_args_signature(x, handle) -> tuple:
     try:  # the hot path
         return (
             layout_name(handle.decode),
@@ -246,10 +272,9 @@ def agree_dispatch(
     with every EP rank of ``buf``, given this rank's validation ``error``
     (:func:`deepep_ops.validation.verdict`): all raise together, or return.
 
-    ``device`` overrides x's (selects the default mode; meta tensors are host-side).
-    """
+    ``device`` overrides x's (selects the default mode; meta tensors are host-side)."""
     buf.agreement.agree(
-        op, "dispatch", DISPATCH_FIELDS, dispatch_signature(args), error, device or device_of(args.x)
+        op, "dispatch", DISPATCH_FIELDS, dispatch_signature(args, buf), error, device or device_of(args.x)
     )
 
 
@@ -264,5 +289,5 @@ def agree_combine(
     ``device`` overrides x's (selects the default mode; meta tensors are host-side).
     """
     buf.agreement.agree(
-        op, "combine", COMBINE_FIELDS, combine_signature(x, handle), error, device or device_of(x)
+        op, "combine", COMBINE_FIELDS, combine_signature(x, handle, buf), error, device or device_of(x)
     )

@@ -13,8 +13,15 @@ import torch
 
 from deepep_ops import eager, ops  # noqa: F401  (ops: defines torch.ops.deepep_ops)
 from deepep_ops._torch_compat import eager_mode_is_plain
-from deepep_ops.buffer import EPBuffer, static_num_ranks
-from deepep_ops.handle import DispatchArgs, DispatchHandle, DispatchResult, ExactDispatchResult, unpack_dispatch
+from deepep_ops.buffer import EPBuffer, static_num_ranks, static_num_scaleout_ranks
+from deepep_ops.handle import (
+    DispatchArgs,
+    DispatchHandle,
+    DispatchResult,
+    ExactDispatchResult,
+    handle_args,
+    unpack_dispatch,
+)
 from deepep_ops.layout import IntLike
 from deepep_ops.validation import check_not_bool
 
@@ -57,7 +64,7 @@ def _dispatch(
     topk_idx = _eager_prologue(name, topk_idx, num_experts, expert_alignment)
     outputs = op(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment)
     args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode)
-    return unpack_dispatch(args, outputs, static_num_ranks(buffer))
+    return unpack_dispatch(args, outputs, static_num_ranks(buffer), static_num_scaleout_ranks(buffer) > 1)
 
 
 def dispatch(
@@ -127,14 +134,14 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
         result = eager.combine("deepep_ops.combine", x, buffer, handle)
         if result is not None:
             return result
-    return torch.ops.deepep_ops.combine(x, buffer, *handle)
+    return torch.ops.deepep_ops.combine(x, buffer, *handle_args(handle))
 
 
 def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
     if _eager_mode_is_plain() and eager.combine("deepep_ops.combine_into", x, buffer, handle, out) is not None:
         return
-    torch.ops.deepep_ops.combine_into(out, x, buffer, *handle)
+    torch.ops.deepep_ops.combine_into(out, x, buffer, *handle_args(handle))
 
 
 def cached_dispatch(
@@ -151,5 +158,5 @@ def cached_dispatch(
         ``psum_num_recv_tokens_per_scaleup_rank[-1]`` unspecified), [X, H] in
         prefill mode (padding rows zero); the rows of the original dispatch.
     """
-    recv_x, recv_x_scales = torch.ops.deepep_ops.cached_dispatch(x, x_scales, buffer, *handle)
+    recv_x, recv_x_scales = torch.ops.deepep_ops.cached_dispatch(x, x_scales, buffer, *handle_args(handle))
     return recv_x, None if x_scales is None else recv_x_scales

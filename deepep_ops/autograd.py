@@ -35,11 +35,12 @@ import torch
 
 from deepep_ops.buffer import unwrap_ep_buffer
 from deepep_ops.handle import (
-    HANDLE_TENSOR_FIELDS,
+    HANDLE_STATIC_FIELDS,
     DispatchArgs,
     DispatchHandle,
     dispatch_handle,
     dispatch_output_index,
+    handle_args,
     recv_rows,
 )
 
@@ -47,14 +48,18 @@ _NUM_HANDLE_FIELDS = len(DispatchHandle._fields)
 
 
 def _save_handle(ctx, buffer, handle: DispatchHandle) -> None:
-    # Tensors through save_for_backward; the static ints (E, M, A, mode, X) as ctx values.
-    ctx.save_for_backward(handle.topk_idx, *handle.tensors)
+    # Tensors through save_for_backward (the hybrid-only ones when present); the
+    # static ints (E, M, A, mode, X) as ctx values.
+    hybrid = handle.hybrid_tensors if handle.hybrid else ()
+    ctx.save_for_backward(handle.topk_idx, *handle.tensors, *hybrid)
     ctx.buffer = buffer
-    ctx.handle_statics = handle[HANDLE_TENSOR_FIELDS.stop :]
+    ctx.handle_statics = handle[HANDLE_STATIC_FIELDS]
 
 
 def _saved_handle(ctx) -> DispatchHandle:
-    return DispatchHandle(*ctx.saved_tensors, *ctx.handle_statics)
+    saved = ctx.saved_tensors
+    n = HANDLE_STATIC_FIELDS.start  # topk_idx and the five tensors
+    return DispatchHandle(*saved[:n], *ctx.handle_statics, *saved[n:])
 
 
 def _received_rows_grad(recv: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -77,7 +82,7 @@ def _dispatch_backward(ctx, grad_recv_x: Optional[torch.Tensor], grad_recv_w: Op
         grad_recv_w = handle.topk_idx.new_zeros(w_shape, dtype=torch.float32)
     grad_x, grad_w = torch.ops.deepep_ops.combine_with_weights(
         grad_recv_x.to(torch.bfloat16).contiguous(), grad_recv_w.to(torch.float32).contiguous(),
-        ctx.buffer, *handle,
+        ctx.buffer, *handle_args(handle),
     )
     grad_x = grad_x.to(ctx.x_dtype) if ctx.x_differentiable else None
     return grad_x, grad_w
@@ -92,7 +97,8 @@ def _dispatch_setup_context(decode: bool):
     def setup_context(ctx, inputs, output) -> None:
         x, x_scales, topk_idx, w, buffer, num_experts, m, a = inputs
         args = DispatchArgs(x, x_scales, topk_idx, w, num_experts, m, a, decode)
-        handle = dispatch_handle(args, output, unwrap_ep_buffer(buffer).num_ranks)
+        buf = unwrap_ep_buffer(buffer)
+        handle = dispatch_handle(args, output, buf.num_ranks, buf.hybrid)
         _save_handle(ctx, buffer, handle)
         ctx.recv_rows = recv_rows(handle)
         ctx.hidden = x.shape[1]
@@ -119,7 +125,7 @@ def _combine_setup_context(ctx, inputs, output) -> None:
 def _combine_backward(ctx, grad_out):
     handle = _saved_handle(ctx)
     recv, _ = torch.ops.deepep_ops.cached_dispatch(
-        grad_out.to(torch.bfloat16).contiguous(), None, ctx.buffer, *handle
+        grad_out.to(torch.bfloat16).contiguous(), None, ctx.buffer, *handle_args(handle)
     )
     return (_received_rows_grad(recv, handle).to(ctx.x_dtype), None) + (None,) * _NUM_HANDLE_FIELDS
 
@@ -137,7 +143,7 @@ def _cached_dispatch_backward(ctx, grad_recv_x, _g_scales):
     if ctx.x_differentiable and grad_recv_x is not None:
         handle = _saved_handle(ctx)
         grad_x = torch.ops.deepep_ops.combine(
-            grad_recv_x.to(torch.bfloat16).contiguous(), ctx.buffer, *handle
+            grad_recv_x.to(torch.bfloat16).contiguous(), ctx.buffer, *handle_args(handle)
         ).to(ctx.x_dtype)
     return (grad_x, None, None) + (None,) * _NUM_HANDLE_FIELDS
 

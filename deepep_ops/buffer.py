@@ -3,7 +3,9 @@
 :class:`EPBuffer` is registered as an opaque *reference* type, so under
 ``torch.compile`` it becomes a graph input rather than a constant: one graph
 serves every layer and every process, and nothing per-process is baked in. The
-fake kernels read only ``num_ranks`` and ``capacity`` from it.
+fake kernels read only ``num_ranks``, ``capacity``, the EP domain
+(``num_scaleout_ranks``, ``num_scaleup_ranks``) and, in hybrid mode, the
+backend's channel count (:meth:`EPBuffer.num_channels`) from it.
 
 The buffer also owns the token count its bucket M is computed from (its
 *token source*), so the eager path (:meth:`EPBuffer.bucket`) and the compiled
@@ -54,6 +56,9 @@ class EPBuffer(OpaqueBase):
         num_ranks: R, the EP group size.
         rank: this process's rank in the EP group.
         capacity: the largest M.
+        num_scaleout_ranks: S, the nodes of the EP domain: 1 in direct mode,
+            > 1 in hybrid mode (docs/deepep_contract.md §9).
+        num_scaleup_ranks: U = R / S, the ranks per node.
         topk_idx_dtype: the dtype ``topk_idx`` must have.
         exchange: the :class:`~deepep_ops.exchange.HostExchange` over the EP group.
         agreement: the :class:`~deepep_ops.agreement.Agreement` of this buffer.
@@ -67,6 +72,8 @@ class EPBuffer(OpaqueBase):
         self.num_ranks: int = self.backend.num_ranks
         self.rank: int = self.backend.rank
         self.capacity: int = self.backend.capacity
+        self.num_scaleout_ranks: int = self.backend.num_scaleout_ranks
+        self.num_scaleup_ranks: int = self.backend.num_scaleup_ranks
         self.topk_idx_dtype = self.backend.topk_idx_dtype
         self.num_tokens_source = num_tokens_source
         self.exchange = HostExchange(self.backend.group, self.num_ranks)
@@ -87,6 +94,17 @@ class EPBuffer(OpaqueBase):
             n = num_local_tokens
         return pow2_bucket(n, self.capacity)
 
+    @property
+    def hybrid(self) -> bool:
+        """Whether the EP domain is in hybrid mode (several scale-out ranks)."""
+        return self.num_scaleout_ranks > 1
+
+    def num_channels(self, args) -> int:
+        """C of a dispatch of ``args`` (a :class:`~deepep_ops.handle.DispatchArgs`)
+        in hybrid mode, 0 in direct mode (:meth:`Backend.num_channels
+        <deepep_ops.backends.Backend.num_channels>`)."""
+        return self.backend.num_channels(args) if self.num_scaleout_ranks > 1 else 0
+
     def __obj_flatten__(self) -> tuple:
         # Nothing for Inductor to count: torch 2.11's Inductor sizes graph-input
         # objects through this (ir.TorchBindObject.get_buf_bytes) even for opaque
@@ -97,10 +115,12 @@ class EPBuffer(OpaqueBase):
 
     def cache_description(self) -> tuple:
         """What a compiled graph may depend on, as plain data: the backend type,
-        R, the capacity and the id dtype. Not the rank (one graph serves every
-        rank), not the token source (read at run time), never the ProcessGroup."""
+        R, the capacity, the id dtype and S (hybrid shapes). Not the rank (one
+        graph serves every rank), not the token source (read at run time), never
+        the ProcessGroup."""
         backend = type(self.backend)
-        return (f"{backend.__module__}.{backend.__qualname__}", self.num_ranks, self.capacity, str(self.topk_idx_dtype))
+        return (f"{backend.__module__}.{backend.__qualname__}", self.num_ranks, self.capacity, str(self.topk_idx_dtype),
+                self.num_scaleout_ranks)
 
     def __deepcopy__(self, memo: dict) -> "EPBuffer":
         # A long-lived communication resource: copies of a module or graph share it.
@@ -114,8 +134,9 @@ class EPBuffer(OpaqueBase):
         return (_unpickle_ep_buffer, self.cache_description())
 
     def __repr__(self) -> str:
+        domain = f", {self.num_scaleout_ranks}x{self.num_scaleup_ranks} hybrid" if self.hybrid else ""
         return (
-            f"EPBuffer({type(self.backend).__name__}, rank={self.rank}/{self.num_ranks}, "
+            f"EPBuffer({type(self.backend).__name__}, rank={self.rank}/{self.num_ranks}{domain}, "
             f"capacity={self.capacity})"
         )
 
@@ -128,7 +149,9 @@ def _unpickle_ep_buffer(*description: object) -> EPBuffer:
 
 
 # Read at trace time and baked: these are the same on every rank and layer.
-register_reference_type(EPBuffer, trace_time_members=("num_ranks", "capacity"))
+register_reference_type(
+    EPBuffer, trace_time_members=("num_ranks", "capacity", "num_scaleout_ranks", "num_scaleup_ranks")
+)
 # Compile caches key graphs by cache_description(), the same in every process.
 setattr(EPBuffer, STABLE_CACHE_KEY_METHOD, EPBuffer.cache_description)
 install_stable_cache_keys()
@@ -156,6 +179,14 @@ def static_num_ranks(buffer: object) -> int:
     the same way.
     """
     return unwrap_ep_buffer(buffer).num_ranks
+
+
+@torch.compiler.assume_constant_result
+def static_num_scaleout_ranks(buffer: object) -> int:
+    """S of an :class:`EPBuffer` argument, as a constant under ``torch.compile``
+    (as :func:`static_num_ranks`): the wrappers read the hybrid-only dispatch
+    outputs only when S > 1, so a direct-mode graph has no node for them."""
+    return unwrap_ep_buffer(buffer).num_scaleout_ranks
 
 
 def unwrap_ep_buffer(buffer: object) -> EPBuffer:

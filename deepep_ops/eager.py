@@ -208,6 +208,7 @@ def dispatch(
         counts = prefill_counts(out.handle_tensors, expert_alignment)
     handle = _new_tuple(DispatchedHandle, (
         args.topk_idx, *out.handle_tensors, num_experts, num_max_tokens_per_rank, expert_alignment, decode, x_rows,
+        *out.hybrid_tensors,
     ))
     handle.native, handle.topk_idx_version, handle.known = out.native_handle, version, known
     return dispatch_result(

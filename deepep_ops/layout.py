@@ -1,5 +1,5 @@
-"""Shape formulas of DeepEP v2's direct-mode dispatch (docs/deepep_contract.md §2,
-§3), the glossary of the shape letters every docstring uses, and the one word
+"""Shape formulas of DeepEP v2's dispatch (docs/deepep_contract.md §2, §3; the
+hybrid-mode handle tensors §9), the glossary of the shape letters every docstring uses, and the one word
 for the mode.
 
 One place for every size the fake kernels, the reference buffer and the op
@@ -20,6 +20,13 @@ A     ``expert_alignment``: prefill rows per local expert round up to it
 N     tokens this rank received (R·M in decode mode, data-dependent in prefill)
 X     expanded rows in prefill: one per (token, local expert), padded to A
 P     scale columns of fp8 tokens (H / 128 for block fp8)
+S     scale-out ranks (nodes) of the EP domain: 1 in direct mode (one
+      node, or DeepEP's ``allow_hybrid_mode=False``), > 1 in hybrid mode
+U     scale-up ranks per node (the NVLink domain): R / S (R in direct mode);
+      rank r is scale-up peer r % U of node r // U
+C     channels of a hybrid dispatch (DeepEP's ``num_channels``: num_sms
+      times channels per SM), static per buffer, H, dtype, P, K and num_sms
+mtpc  tokens per channel, ceil(M / C)
 ====  ==================================================================
 
 The mode is one bool everywhere in the package, ``decode``: True for the
@@ -53,6 +60,17 @@ DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 #: Token rows are copied in 32-byte TMA units (kNumTMAAlignBytes, layout.cuh:198;
 #: stricter than buffer.hpp:754's 16): bf16 needs H % 16, fp8 H % 32.
 DISPATCH_ROW_BYTES_ALIGNMENT = 32
+
+#: Hybrid-mode limits of DeepEP's kernels (contract §9; research: hybrid_dispatch.cuh
+#: static asserts, so past them the JIT compile fails): S <= 32, U <= 64, U + EL <= 128.
+HYBRID_MAX_SCALEOUT_RANKS = 32
+HYBRID_MAX_SCALEUP_RANKS = 64
+HYBRID_MAX_SCALEUP_PLUS_LOCAL_EXPERTS = 128
+#: How to leave hybrid mode, for every error that hybrid mode causes.
+TURN_HYBRID_MODE_OFF = (
+    "turn hybrid mode off to run the direct kernels across nodes: DeepEP ElasticBuffer(allow_hybrid_mode=False); "
+    "vLLM VLLM_DEEPEP_V2_ALLOW_HYBRID_MODE=0; SGLang --deepep-v2-mode direct"
+)
 
 
 def layout_name(decode: bool) -> str:
@@ -93,6 +111,23 @@ def decode_num_expanded_tokens(
 def recv_src_metadata_cols(num_topk: int) -> int:
     """``recv_src_metadata`` is [N, K+2]: global token id, rank·K + kmax, K expand slots."""
     return num_topk + 2
+
+
+def tokens_per_channel(num_max_tokens_per_rank: IntLike, num_channels: int) -> IntLike:
+    """mtpc = ceil(M / C): hybrid mode's tokens per channel (channel c sends tokens c, c+C, ...)."""
+    return (num_max_tokens_per_rank + num_channels - 1) // num_channels
+
+
+def forward_rows(num_scaleout_ranks: int, num_max_tokens_per_rank: IntLike, num_channels: int) -> IntLike:
+    """S·mtpc + 1: rows per channel of the hybrid ``token_metadata_at_forward`` and
+    ``channel_linked_list`` (at most S·mtpc forwarded tokens, plus a terminator row)."""
+    return num_scaleout_ranks * tokens_per_channel(num_max_tokens_per_rank, num_channels) + 1
+
+
+def token_metadata_cols(num_topk: int) -> int:
+    """``token_metadata_at_forward`` is [C, S·mtpc+1, 2+2K]: source token id, chunk
+    end flag, K scale-up destinations, K scale-up slots."""
+    return 2 + 2 * num_topk
 
 
 def no_scales(like: torch.Tensor) -> torch.Tensor:

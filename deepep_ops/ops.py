@@ -76,6 +76,7 @@ def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
         out.recv_topk_weights,
         out.handle_tensors,
         args.expert_alignment,
+        hybrid_tensors=out.hybrid_tensors,
     )
 
 

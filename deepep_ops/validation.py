@@ -23,15 +23,26 @@ from deepep_ops.layout import (
     COMBINE_HIDDEN_ALIGNMENT,
     DISPATCH_DTYPES,
     DISPATCH_ROW_BYTES_ALIGNMENT,
+    HYBRID_MAX_SCALEOUT_RANKS,
+    HYBRID_MAX_SCALEUP_PLUS_LOCAL_EXPERTS,
+    HYBRID_MAX_SCALEUP_RANKS,
     INT32_MAX,
     MAX_EXPERTS,
     MAX_LOCAL_EXPERTS,
     MAX_RANKS,
     MAX_TOPK,
+    TURN_HYBRID_MODE_OFF,
     decode_num_recv_tokens,
 )
 from deepep_ops._torch_compat import version_counter
-from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchArgs, DispatchedHandle, DispatchHandle, handle_dims, recv_rows
+from deepep_ops.handle import (
+    HANDLE_TENSOR_SPECS,
+    DispatchArgs,
+    DispatchedHandle,
+    DispatchHandle,
+    handle_dims,
+    recv_rows,
+)
 
 _SCALE_DTYPES = (torch.float32, torch.int32)
 
@@ -204,9 +215,30 @@ def check_dispatch(op: str, args: DispatchArgs, buf) -> None:
         _fail(op, "num_max_tokens_per_rank", f"<= the buffer capacity {buf.capacity}", M)
     if decode_num_recv_tokens(num_ranks, M) > INT32_MAX:
         _fail(op, "num_ranks * num_max_tokens_per_rank", f"<= {INT32_MAX} (int32 token ids)", num_ranks * M)
+    if buf.num_scaleout_ranks > 1:
+        check_hybrid_dispatch(op, args, buf)
 
     if value_checks_enabled(device, decode):
         check_topk_idx_values(op, topk_idx, num_experts)
+
+
+def check_hybrid_dispatch(op: str, args: DispatchArgs, buf) -> None:
+    """Hybrid mode's own limits (contract §9: DeepEP's hybrid kernels static-assert
+    them, so past them the JIT compile fails), and a channel count the backend
+    can tell (:meth:`EPBuffer.num_channels <deepep_ops.EPBuffer.num_channels>`,
+    which raises ValueError naming the switch otherwise)."""
+    S, U = buf.num_scaleout_ranks, buf.num_scaleup_ranks
+    domain = f"hybrid mode ({S} scale-out x {U} scale-up ranks)"
+    if S > HYBRID_MAX_SCALEOUT_RANKS:
+        _fail(op, f"the scale-out ranks of {domain}", f"<= {HYBRID_MAX_SCALEOUT_RANKS}; {TURN_HYBRID_MODE_OFF}", S)
+    if U > HYBRID_MAX_SCALEUP_RANKS:
+        _fail(op, f"the scale-up ranks of {domain}", f"<= {HYBRID_MAX_SCALEUP_RANKS}; {TURN_HYBRID_MODE_OFF}", U)
+    EL = args.num_experts // buf.num_ranks
+    if U + EL > HYBRID_MAX_SCALEUP_PLUS_LOCAL_EXPERTS:
+        _fail(op, f"scale-up ranks + num_experts / num_ranks in {domain}",
+              f"<= {HYBRID_MAX_SCALEUP_PLUS_LOCAL_EXPERTS}; {TURN_HYBRID_MODE_OFF}", U + EL)
+    if buf.num_channels(args) < 1:
+        _fail(op, f"the channel count of {domain}", f">= 1; {TURN_HYBRID_MODE_OFF}", buf.num_channels(args))
 
 
 def check_combine(
@@ -226,7 +258,7 @@ def check_combine(
     H = x.shape[1]
     if H % COMBINE_HIDDEN_ALIGNMENT:
         _fail(op, "x.shape[1] (hidden)", f"a multiple of {COMBINE_HIDDEN_ALIGNMENT} (DeepEP combine kernels)", H)
-    check_handle(op, handle, num_ranks, device)
+    check_handle(op, handle, num_ranks, device, buf.num_scaleout_ranks)
     T = handle.topk_idx.shape[0]
     rows = recv_rows(handle)
     if x.shape[0] != rows:
@@ -325,6 +357,8 @@ def check_handle_values(op: str, handle: DispatchHandle, num_ranks: int, num_row
             _fail(op, "handle.recv_src_metadata[:, 2:] (expanded slots)",
                   "a slot >= 0 in every received row of a prefill handle; is this a dispatch (decode) handle?",
                   "a row without one")
+    # Not the hybrid-only tensors: DeepEP leaves their cells past each terminator
+    # uninitialised (contract §9), so no value test can tell a real handle from a bad one.
     ids = handle.topk_idx
     if ids.numel() and bool(((ids < -1) | (ids >= E)).any()):
         _fail(op, "handle.topk_idx", f"-1 or in [0, num_experts={E})", f"values in [{int(ids.min())}, {int(ids.max())}]")
@@ -398,9 +432,22 @@ def check_cached_dispatch(
         _check_tensor(op, "x_scales", x_scales, 2, _SCALE_DTYPES, device, contiguous=False)
         if x_scales.shape[0] != x.shape[0]:
             _fail(op, "x_scales.shape[0]", f"x.shape[0]={x.shape[0]}", x_scales.shape[0])
-    check_handle(op, handle, buf.num_ranks, device)
+    check_handle(op, handle, buf.num_ranks, device, buf.num_scaleout_ranks)
     if x.shape[0] != handle.topk_idx.shape[0]:
         _fail(op, "x.shape[0] (tokens)", f"the handle's {handle.topk_idx.shape[0]} dispatched tokens", x.shape[0])
+    if buf.num_scaleout_ranks > 1:
+        # DeepEP recomputes C from this call's token layout and asserts the handle's
+        # shapes against it (contract §9): a cached dispatch of another dtype or
+        # scale count may size its channels differently (bf16 vs fp8 with
+        # prefer_overlap_with_compute=True).
+        args = DispatchArgs(x, x_scales, handle.topk_idx, None, handle.num_experts, handle.num_max_tokens_per_rank,
+                            handle.expert_alignment, handle.decode)
+        num_channels = buf.num_channels(args)
+        if num_channels != handle.num_channels:
+            _fail(op, f"the channel count of this {x.dtype} cached dispatch in hybrid mode",
+                  f"the handle's {handle.num_channels} (the dispatch's tokens had another dtype or scale count; "
+                  "dispatch the same dtype, or with DeepEP prefer_overlap_with_compute=False, or "
+                  f"{TURN_HYBRID_MODE_OFF})", num_channels)
 
 
 def check_combine_with_weights(
@@ -416,9 +463,13 @@ def check_combine_with_weights(
               tuple(topk_weights.shape))
 
 
-def check_handle(op: str, handle: DispatchHandle, num_ranks: int, device: torch.device) -> None:
-    """The handle's tensors have the shapes, dtypes and device of its mode (the codec's
-    :data:`~deepep_ops.handle.HANDLE_TENSOR_SPECS`); T <= M; N fits the mode."""
+def check_handle(
+    op: str, handle: DispatchHandle, num_ranks: int, device: torch.device, num_scaleout_ranks: int = 1
+) -> None:
+    """The handle's tensors have the shapes, dtypes and device of its mode and of
+    the buffer's EP domain (the codec's :data:`~deepep_ops.handle.HANDLE_TENSOR_SPECS`:
+    the hybrid-only tensors exactly when ``num_scaleout_ranks > 1``, C read off
+    ``token_metadata_at_forward``); T <= M; N fits the mode."""
     for name in ("num_experts", "expert_alignment"):
         if not _is_int(getattr(handle, name)) or getattr(handle, name) < 1:
             _fail(op, f"handle.{name}", "a positive int", repr(getattr(handle, name)))
@@ -430,8 +481,23 @@ def check_handle(op: str, handle: DispatchHandle, num_ranks: int, device: torch.
     if T > M:
         _fail(op, "handle.topk_idx.shape[0] (tokens)", f"<= num_max_tokens_per_rank={M}", T)
     _check_tensor(op, "handle.recv_src_metadata", handle.recv_src_metadata, 2, (torch.int32,), device)
-    dims = handle_dims(handle, num_ranks)
+    hybrid = num_scaleout_ranks > 1
+    for name in ("token_metadata_at_forward", "channel_linked_list"):
+        t = getattr(handle, name)
+        if (t is None) == hybrid:
+            what = (f"a tensor: the buffer is in hybrid mode ({num_scaleout_ranks} scale-out ranks); is this a "
+                    "handle of a direct-mode buffer?") if hybrid else (
+                "None: the buffer is in direct mode; is this a handle of a hybrid-mode buffer?")
+            _fail(op, f"handle.{name}", what, "None" if t is None else f"a tensor of shape {tuple(t.shape)}")
+    if hybrid:
+        forward = handle.token_metadata_at_forward
+        _check_tensor(op, "handle.token_metadata_at_forward", forward, 3, (torch.int32,), device)
+        if forward.shape[0] < 1:
+            _fail(op, "handle.token_metadata_at_forward.shape[0] (channels)", ">= 1", forward.shape[0])
+    dims = handle_dims(handle, num_ranks, num_scaleout_ranks)
     for name, spec in HANDLE_TENSOR_SPECS.items():
+        if spec.hybrid_only and not hybrid:
+            continue
         t = getattr(handle, name)
         shape = spec.shape(dims)
         _check_tensor(op, f"handle.{name}", t, len(shape), (torch.int32,), device)

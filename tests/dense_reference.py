@@ -214,6 +214,77 @@ def spec_combine(inp: RankInputs, experts: Experts, EL: int, weighted: bool = Tr
     return out
 
 
+def refs_combine(y: torch.Tensor, topk_idx: torch.Tensor, num_scaleout_ranks: int, num_scaleup_ranks: int,
+                 num_experts: int, *, reduce_in_local: bool, reduce_in_scaleup: bool) -> torch.Tensor:
+    """DeepEP's ``refs.combine`` recipe (deep_ep/utils/refs.py, dd758ca), written out per token.
+
+    ``y`` [T, K, H] float32: each lane's value (0 at −1 lanes). Groups of lanes
+    are reduced in ascending lane order in fp32 and stored, rounded to bf16, at
+    the group's LAST lane (0 at its other lanes): first per destination rank
+    (``reduce_in_local``), then per scale-up group, i.e. node
+    (``reduce_in_scaleup``); finally every lane is added in lane order in fp32 and
+    rounded once. ``(True, True)``: hybrid combine; ``(True, False)``: direct;
+    ``(False, False)``: no multiple reduction (every lane rounded to bf16 alone).
+    """
+    T, K, H = y.shape
+    R = num_scaleout_ranks * num_scaleup_ranks
+    EL = num_experts // R
+    out = torch.zeros(T, H, dtype=torch.bfloat16)
+
+    def grouped(vals, groups):
+        new = [torch.zeros(H) for _ in range(K)]
+        last = {}
+        for k, g in enumerate(groups):
+            last[g] = k
+        for g, k_last in last.items():
+            acc = torch.zeros(H)
+            for k in range(K):
+                if groups[k] == g:
+                    acc = acc + vals[k]
+            new[k_last] = acc.bfloat16().float()
+        return new
+
+    for t in range(T):
+        row = topk_idx[t].tolist()
+        vals = [y[t, k].float() if row[k] >= 0 else torch.zeros(H) for k in range(K)]
+        ranks = [e // EL if e >= 0 else -1 for e in row]
+        if reduce_in_local:
+            vals = grouped(vals, ranks)
+        else:
+            vals = [v.bfloat16().float() for v in vals]
+        if reduce_in_scaleup:
+            vals = grouped(vals, [r // num_scaleup_ranks if r >= 0 else -1 for r in ranks])
+        acc = torch.zeros(H)
+        for v in vals:
+            acc = acc + v
+        out[t] = acc.bfloat16()
+    return out
+
+
+def lane_values(inp: RankInputs, experts: Experts, weighted: bool, *, expand: bool) -> torch.Tensor:
+    """[T, K, H] float32: what each lane of each token adds in combine (see :func:`spec_combine`)."""
+    xf = inp.x_float()
+    T, H = xf.shape
+    K = inp.topk_idx.shape[1]
+    y = torch.zeros(T, K, H)
+    for t, row in enumerate(inp.topk_idx.tolist()):
+        for k, e in enumerate(row):
+            if e < 0:
+                continue
+            w = inp.topk_weights[t, k] if weighted else torch.tensor(1.0)
+            v = experts(e, xf[t : t + 1])[0] * w
+            y[t, k] = v.bfloat16().float() if expand else v
+    return y
+
+
+def hybrid_spec_combine(inp: RankInputs, experts: Experts, E: int, S: int, U: int, weighted: bool = True, *,
+                        expand: bool) -> torch.Tensor:
+    """Bit-exact expected hybrid combine (allow_multiple_reduction): :func:`refs_combine`
+    ``(True, True)`` of the mode's lane values (as :func:`spec_combine`)."""
+    return refs_combine(lane_values(inp, experts, weighted, expand=expand), inp.topk_idx, S, U, E,
+                        reduce_in_local=True, reduce_in_scaleup=True)
+
+
 # ----------------------------------------------------------------------------- dense MoE layer
 def dense_moe_layer(x: torch.Tensor, router: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                     w_down: torch.Tensor, num_topk: int, near_tie: float = 1e-5):

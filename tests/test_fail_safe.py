@@ -28,13 +28,15 @@ GLOO_TIMEOUT_S = 25
 
 
 # ----------------------------------------------------------------------------- rank-side helpers
-def _buffer(world, **kw):
+def _buffer(world, *, num_scaleout_ranks=1, num_channels=2, **kw):
     import torch.distributed as dist
 
     import deepep_ops as D
 
     group = dist.group.WORLD if world > 1 else None
-    return D.EPBuffer(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K), **kw)
+    return D.EPBuffer(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K,
+                                               num_scaleout_ranks=num_scaleout_ranks, num_channels=num_channels),
+                      **kw)
 
 
 def _decode_moe(D, buf, inp, E_, M, experts, topk_idx=None, mutate=None):
@@ -120,6 +122,37 @@ def case_disagree_E(rank, world):
     E_ = E if rank == 0 else 2 * E
     inp = _inputs(5, [4] * world, rank)
     D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, _buffer(world), num_experts=E_, num_max_tokens_per_rank=8)
+
+
+def case_disagree_domain(rank, world):
+    """Rank 0's buffer is in hybrid mode (world nodes of 1 rank), its peers' in direct mode."""
+    import deepep_ops as D
+
+    inp = _inputs(16, [4] * world, rank)
+    buf = _buffer(world, num_scaleout_ranks=world if rank == 0 else 1)
+    D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
+
+
+def case_disagree_channels(rank, world):
+    """Hybrid mode everywhere, but rank 1 sizes its channels differently (DeepEP: another num_sms)."""
+    import deepep_ops as D
+
+    inp = _inputs(17, [4] * world, rank)
+    buf = _buffer(world, num_scaleout_ranks=world, num_channels=3 if rank == 1 else 2)
+    D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
+
+
+def case_direct_handle_on_hybrid_buffer_one_rank(rank, world):
+    """Rank 0 combines on a hybrid buffer with a handle of a direct-mode buffer."""
+    import deepep_ops as D
+
+    inp = _inputs(18, [4] * world, rank)
+    direct, hybrid = _buffer(world), _buffer(world, num_scaleout_ranks=world)
+    kw = dict(num_experts=E, num_max_tokens_per_rank=4)
+    r_direct = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, direct, **kw)
+    r_hybrid = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, hybrid, **kw)
+    r = r_direct if rank == 0 else r_hybrid
+    D.combine(r.recv_x, r.handle, hybrid)
 
 
 def case_bad_ids_one_rank(rank, world):
@@ -330,6 +363,11 @@ EXPECT_ERROR = {
     "disagree_K": r"num_topk\) must be the same on every EP rank, got rank 0: 1, rank 1: 2",
     "disagree_dtype": r"x.dtype must be the same on every EP rank, got rank 0: 'torch.bfloat16', rank 1: 'torch.float8_e4m3fn'",
     "disagree_E": r"num_experts must be the same on every EP rank, got rank 0: 12, rank 1: 24",
+    "disagree_domain": r"num_scaleout_ranks \(EP domain\) must be the same on every EP rank, got rank 0: 2, rank 1: 1",
+    "disagree_channels": r"num_channels \(hybrid mode\) must be the same on every EP rank, got rank 0: 2, rank 1: 3",
+    "direct_handle_on_hybrid_buffer_one_rank": r"handle.token_metadata_at_forward must be a tensor: the buffer is "
+                                               r"in hybrid mode \(2 scale-out ranks\); is this a handle of a "
+                                               r"direct-mode buffer\?|rank 0 of 2 rejected its input",
     "bad_ids_one_rank": r"topk_idx\[1, 0\] must be -1 or in \[0, num_experts=12\), got 15",
     "meta_inputs_one_rank": r"meta-device tensors outside tracing",
     "relabelled_handle": r"is this a dispatch \(decode\) handle\?",

@@ -1,7 +1,8 @@
 """Fake kernels vs the real ops on randomized configs (seeded).
 
 For every config the real ops run eagerly (world size 1 in-process; world size
-2 in ONE gloo spawn for all R=2 configs) and the fake kernels run under
+2 in ONE gloo spawn for all R=2 configs; hybrid mode, 2 nodes x 2 ranks, in one
+4-rank spawn) and the fake kernels run under
 ``FakeTensorMode`` with a ``ShapeEnv`` (symbolic T and H). Every output's shape,
 dtype, significant strides and storage offset must agree once the symbols are
 replaced by the real values; for dispatch_exact the unbacked sizes (N = rows of
@@ -41,11 +42,18 @@ class Config:
     M: int
     fp8: bool
     neg_frac: float
+    S: int = 1  # scale-out ranks (hybrid mode when > 1)
+    C: int = 2  # the reference's simulated channels (hybrid mode)
 
     @property
     def id(self) -> str:
-        return (f"R{self.R}-T{'_'.join(map(str, self.Ts))}-H{self.H}-K{self.K}-E{self.E}-A{self.A}-M{self.M}"
+        hybrid = f"-S{self.S}C{self.C}" if self.S > 1 else ""
+        return (f"R{self.R}{hybrid}-T{'_'.join(map(str, self.Ts))}-H{self.H}-K{self.K}-E{self.E}-A{self.A}-M{self.M}"
                 f"-{'fp8' if self.fp8 else 'bf16'}-neg{self.neg_frac}")
+
+    def buffer(self, group):
+        return D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAP, hidden=self.H, num_topk=self.K,
+                                        num_scaleout_ranks=self.S, num_channels=self.C)
 
     def inputs(self):
         return ref.make_global_inputs(self.seed, self.Ts, self.H, self.K, self.E, fp8=self.fp8,
@@ -74,6 +82,13 @@ def _make_configs(n_r1: int = 12, n_r2: int = 6) -> List[Config]:
 CONFIGS = _make_configs()
 R1 = [c for c in CONFIGS if c.R == 1]
 R2 = [c for c in CONFIGS if c.R == 2]
+#: Hybrid mode, 2 nodes x 2 ranks: C dividing M, C larger than M, M not a multiple of C, fp8, no tokens.
+HYBRID = [
+    Config(seed=2000, R=4, Ts=(5, 8, 0, 3), H=256, K=3, E=8, A=2, M=8, fp8=False, neg_frac=0.2, S=2, C=2),
+    Config(seed=2001, R=4, Ts=(2, 1, 3, 0), H=512, K=2, E=16, A=1, M=3, fp8=True, neg_frac=0.3, S=2, C=4),
+    Config(seed=2002, R=4, Ts=(7, 4, 6, 7), H=256, K=4, E=4, A=4, M=7, fp8=False, neg_frac=0.0, S=2, C=3),
+    Config(seed=2003, R=4, Ts=(0, 0, 0, 0), H=256, K=2, E=8, A=1, M=1, fp8=True, neg_frac=0.3, S=2, C=2),
+]
 
 
 class _StubGroup:
@@ -93,9 +108,12 @@ def _meta(t: torch.Tensor):
     return (tuple(t.shape), str(t.dtype), tuple(t.stride()), t.storage_offset())
 
 
-def _combine_args(x, handle_flat, topk_idx, buf, c: Config, M, decode, num_expanded):
-    # The combine schema: rows, buffer, then the handle's fields (DispatchHandle order).
-    return (x, buf, topk_idx, *handle_flat, c.E, M, c.A, decode, num_expanded)
+def _combine_args(x, outputs, topk_idx, buf, c: Config, M, decode, num_expanded):
+    # The combine schema: rows, buffer, then the handle's fields (DispatchHandle order):
+    # the five handle tensors are outputs[4:9] of both dispatch ops (after their first four
+    # outputs), the two hybrid-only ones outputs[9:11] (empty and left out in direct mode).
+    hybrid = tuple(outputs[9:11]) if c.S > 1 else ()
+    return (x, buf, topk_idx, *outputs[4:9], c.E, M, c.A, decode, num_expanded, *hybrid)
 
 
 def real_metas(c: Config, rank: int, buf) -> dict:
@@ -106,11 +124,12 @@ def real_metas(c: Config, rank: int, buf) -> dict:
     N, X, *ex = torch.ops.deepep_ops.dispatch_exact(*args)
     # the sizes dispatch_exact returns are those of its tensors (X rows of recv_x, N of recv_src_metadata)
     assert (N, X) == (ex[7].shape[0], ex[0].shape[0]), (N, X, ex[7].shape, ex[0].shape)
+    assert len(dec) == len(ex) == 11, (len(dec), len(ex))
     dec_comb = torch.ops.deepep_ops.combine(*_combine_args(
-        torch.zeros(dec[0].shape, dtype=torch.bfloat16), dec[4:], inp.topk_idx, buf, c, c.M, True,
+        torch.zeros(dec[0].shape, dtype=torch.bfloat16), dec, inp.topk_idx, buf, c, c.M, True,
         ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)))
     ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
-        torch.zeros(ex[0].shape, dtype=torch.bfloat16), ex[4:], inp.topk_idx, buf, c, c.M, False, ex[0].shape[0]))
+        torch.zeros(ex[0].shape, dtype=torch.bfloat16), ex, inp.topk_idx, buf, c, c.M, False, ex[0].shape[0]))
     return {
         "dispatch": [_meta(t) for t in dec],
         "dispatch_exact": [_meta(t) for t in ex],
@@ -127,26 +146,30 @@ def _r2_worker(rank, world, configs):
     torch.manual_seed(0)
     out = []
     for c in configs:
-        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP,
-                                                  hidden=c.H, num_topk=c.K))
+        buf = D.EPBuffer(c.buffer(dist.group.WORLD))
         out.append(real_metas(c, rank, buf))
     return out
 
 
-_R2_CACHE = {}
+_SPAWN_CACHE = {}
 
 
 def _r2_results():
-    if "res" not in _R2_CACHE:
-        _R2_CACHE["res"] = run_distributed(_r2_worker, 2, R2)
-    return _R2_CACHE["res"]
+    if "r2" not in _SPAWN_CACHE:
+        _SPAWN_CACHE["r2"] = run_distributed(_r2_worker, 2, R2)
+    return _SPAWN_CACHE["r2"]
+
+
+def _hybrid_results():
+    if "hybrid" not in _SPAWN_CACHE:
+        _SPAWN_CACHE["hybrid"] = run_distributed(_r2_worker, 4, HYBRID)
+    return _SPAWN_CACHE["hybrid"]
 
 
 def fake_outputs(c: Config, rank: int):
     """Fake kernels of dispatch, dispatch_exact and both combines under FakeTensorMode + ShapeEnv."""
     inp = c.inputs()[rank]
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(_StubGroup(rank, c.R), num_max_tokens_per_rank=CAP,
-                                              hidden=c.H, num_topk=c.K))
+    buf = D.EPBuffer(c.buffer(_StubGroup(rank, c.R)))
     shape_env = ShapeEnv()
     with FakeTensorMode(shape_env=shape_env) as mode:
         fx, fi, fw = (mode.from_tensor(t) for t in (inp.x, inp.topk_idx, inp.topk_weights))
@@ -156,9 +179,9 @@ def fake_outputs(c: Config, rank: int):
         n_out, x_out, *ex = torch.ops.deepep_ops.dispatch_exact(*args)
         dec_worst = ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)
         dec_comb = torch.ops.deepep_ops.combine(*_combine_args(
-            torch.empty(dec[0].shape, dtype=torch.bfloat16), dec[4:], fi, buf, c, c.M, True, dec_worst))
+            torch.empty(dec[0].shape, dtype=torch.bfloat16), dec, fi, buf, c, c.M, True, dec_worst))
         ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
-            torch.empty(ex[0].shape, dtype=torch.bfloat16), ex[4:], fi, buf, c, c.M, False, ex[0].shape[0]))
+            torch.empty(ex[0].shape, dtype=torch.bfloat16), ex, fi, buf, c, c.M, False, ex[0].shape[0]))
     return shape_env, {"sizes": (n_out, x_out), "dispatch": list(dec), "dispatch_exact": ex,
                        "combine_decode": [dec_comb], "combine_exact": [ex_comb]}
 
@@ -233,6 +256,24 @@ def test_fake_vs_real_world2(c):
     i = R2.index(c)
     for rank in range(2):
         compare(c, rank, per_rank[rank][i])
+
+
+@pytest.mark.parametrize("c", HYBRID, ids=[c.id for c in HYBRID])
+def test_fake_vs_real_hybrid(c):
+    """Hybrid mode (docs/deepep_contract.md §9): psum [U], dst_buffer_slot_idx [C, S, ceil(M/C), K] and the
+    two hybrid-only tensors, from the fakes exactly as the reference returns them."""
+    per_rank = _hybrid_results()
+    i = HYBRID.index(c)
+    mtpc = -(-c.M // c.C)
+    for rank in range(c.R):
+        real = per_rank[rank][i]
+        for op in ("dispatch", "dispatch_exact"):
+            psum, _pe, _un, _meta, dst, forward, links = real[op][-7:]
+            assert psum[0] == (c.R // c.S,), (op, psum)
+            assert dst[0] == (c.C, c.S, mtpc, c.K), (op, dst)
+            assert forward[0] == (c.C, c.S * mtpc + 1, 2 + 2 * c.K), (op, forward)
+            assert links[0] == (c.C, c.S * mtpc + 1, c.R // c.S), (op, links)
+        compare(c, rank, real)
 
 
 # ----------------------------------------------------------------------------- through torch.compile

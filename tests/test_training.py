@@ -135,7 +135,7 @@ def _max_source(n: int) -> int:
 
 
 class _Setup:
-    def __init__(self, rank, world, decode, A, seed=0, trainable=True):
+    def __init__(self, rank, world, decode, A, seed=0, trainable=True, S=1):
         import torch.distributed as dist
         from deepep_ops.moe import LocalExperts, make_moe_weights
         from deepep_ops.train_demo import MoEBlock
@@ -143,8 +143,11 @@ class _Setup:
         self.E = 2 * world
         self.EL = 2
         self.W = make_moe_weights(self.E, H, I, seed=seed)
-        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP),
+        # S > 1: hybrid mode (S nodes of world / S ranks, 3 simulated channels).
+        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP,
+                                                  num_scaleout_ranks=S, num_channels=3),
                          num_tokens_source=_max_source)
+        assert buf.num_scaleout_ranks == S
         pf = D.DeepEPPrepareFinalize(buf, self.E, K, decode=decode, expert_alignment=A)
         experts = LocalExperts(self.W, rank * self.EL, self.EL)
         for p in experts.parameters():
@@ -189,8 +192,8 @@ def _assert_rel(got, want, what, rtol=GRAD_RTOL):
     return err / max(scale, 1e-30)
 
 
-def _eager_grads_case(rank, world, *, decode, Ts, A, seed):
-    s = _Setup(rank, world, decode, A, seed=seed)
+def _eager_grads_case(rank, world, *, decode, Ts, A, seed, S=1):
+    s = _Setup(rank, world, decode, A, seed=seed, S=S)
     inputs, G = _inputs(seed, Ts, s.E)
     gx, gw, gp = _step(s.block, inputs[rank], G[rank])
     dx, dw, (dgate, dup, ddown) = _dense_grads(inputs, s.W, G)
@@ -201,7 +204,7 @@ def _eager_grads_case(rank, world, *, decode, Ts, A, seed):
     ]
     for got, want, name in zip(gp, (dgate[sl], dup[sl], ddown[sl]), ("w_gate", "w_up", "w_down")):
         errs.append(_assert_rel(got, want, f"rank {rank} {name}.grad"))
-    print(f"GRADS rank {rank} decode={decode} Ts={Ts} A={A}: rel errs {[f'{e:.2e}' for e in errs]}")
+    print(f"GRADS rank {rank} decode={decode} Ts={Ts} A={A} S={S}: rel errs {[f'{e:.2e}' for e in errs]}")
 
 
 def _ts_for(world, base):
@@ -216,19 +219,19 @@ def _ts_for(world, base):
 _EAGER_GRADS: dict = {}
 
 
-def _compiled_case(rank, world, *, decode, backend, ckpt, Ts):
+def _compiled_case(rank, world, *, decode, backend, ckpt, Ts, S=1):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
-    s = _Setup(rank, world, decode, 1 if decode else 4, seed=11)
+    s = _Setup(rank, world, decode, 1 if decode else 4, seed=11, S=S)
     torch._dynamo.reset()
     counters.clear()
     cnt = CompileCounterWithBackend(backend)
     eager = _checkpointed(s.block) if ckpt else s.block
     # With ckpt the checkpoint is inside the compiled region (Dynamo's checkpoint HOP).
     compiled = torch.compile(eager, backend=cnt, fullgraph=True, dynamic=True)
-    key = (decode, ckpt, tuple(Ts))
+    key = (decode, ckpt, tuple(Ts), S)
     shared = _EAGER_GRADS.pop(key, None)
     computed = []
     worst = 0.0
@@ -248,7 +251,7 @@ def _compiled_case(rank, world, *, decode, backend, ckpt, Ts):
         _EAGER_GRADS[key] = computed
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= cnt.frame_count <= 2, f"{cnt.frame_count} frames"
-    print(f"COMPILED rank {rank} {backend} decode={decode} ckpt={ckpt}: {cnt.frame_count} frames over "
+    print(f"COMPILED rank {rank} {backend} decode={decode} ckpt={ckpt} S={S}: {cnt.frame_count} frames over "
           f"{len(Ts)} steps, worst rel err vs eager {worst:.2e}")
     torch._dynamo.reset()
 
@@ -282,10 +285,71 @@ EAGER_NAMES = ("decode", "decode_T0", "prefill_aligned", "prefill_T0")
 _WORLD2 = EAGER_NAMES + tuple(COMPILE_SCENARIOS)
 
 
+def _hybrid_opcheck(rank, world):
+    """opcheck (schema, autograd registration, fake vs real, AOT dispatch) of every op in hybrid
+    mode, the handle's two hybrid-only tensors given as the ops' optional arguments. Every rank
+    runs the same checks, so the collectives they make stay in step."""
+    import torch.distributed as dist
+
+    E = 2 * world
+    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K,
+                                              num_scaleout_ranks=2, num_channels=3))
+    inp = ref.make_global_inputs(9, [5, 3, 0, 4], H, K, E, neg_frac=0.3)[rank]
+    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
+    _check(torch.ops.deepep_ops.dispatch.default, (x, None, inp.topk_idx, w, buf, E, 8, 1))
+    _check(torch.ops.deepep_ops.dispatch_exact.default, (x, None, inp.topk_idx, w, buf, E, 16, 2))
+    for r in (D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8),
+              D.dispatch_exact(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E,
+                               num_max_tokens_per_rank=16, expert_alignment=2)):
+        assert r.handle.hybrid
+        handle = tuple(r.handle)
+        _check(torch.ops.deepep_ops.combine.default, (r.recv_x.clone().requires_grad_(), buf) + handle)
+        _check(torch.ops.deepep_ops.cached_dispatch.default, (inp.x.clone().requires_grad_(), None, buf) + handle)
+        _check(torch.ops.deepep_ops.combine_with_weights.default,
+               (r.recv_x, r.recv_topk_weights.contiguous(), buf) + handle)
+
+
+#: Hybrid mode (docs/deepep_contract.md §9) on 4 ranks, 2 nodes x 2: the backward ops run from hybrid
+#: handles (combine_with_weights: hybrid rounding; cached_dispatch: the hybrid sender). Eager gradients
+#: against the float64 dense MoE; compiled (aot_eager, fullgraph, T swept 1..HYBRID_TS) against eager.
+HYBRID_TS = tuple(range(1, 13))
+HYBRID_SCENARIOS = {
+    "hybrid_opcheck": _hybrid_opcheck,
+    "hybrid_decode": lambda rank, world: _eager_grads_case(rank, world, decode=True, Ts=[5, 0, 7, 6], A=1, seed=5,
+                                                           S=2),
+    "hybrid_prefill": lambda rank, world: _eager_grads_case(rank, world, decode=False, Ts=[6, 8, 0, 7], A=4,
+                                                            seed=6, S=2),
+    "hybrid_compiled_decode": lambda rank, world: _compiled_case(rank, world, decode=True, backend="aot_eager",
+                                                                 ckpt=False, Ts=HYBRID_TS, S=2),
+    "hybrid_compiled_prefill": lambda rank, world: _compiled_case(rank, world, decode=False, backend="aot_eager",
+                                                                  ckpt=False, Ts=HYBRID_TS, S=2),
+}
+SCENARIOS.update(HYBRID_SCENARIOS)
+#: World size 4 runs the eager scenarios, direct and hybrid, in one spawn; opcheck and the
+#: compiled hybrid ones (slow tier: compiles on 4 ranks sharing the cores) in another, so that
+#: deselecting them skips their spawn too.
+_HYBRID_SLOW = ("hybrid_opcheck",) + tuple(n for n in HYBRID_SCENARIOS if "compiled" in n)
+_WORLD4 = EAGER_NAMES + tuple(n for n in HYBRID_SCENARIOS if n not in _HYBRID_SLOW)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", EAGER_NAMES)
 def test_eager_gradients_match_dense_float64(world, name):
-    assert_scenario_passed(__name__.split(".")[-1], _WORLD2 if world == 2 else EAGER_NAMES, world, name)
+    assert_scenario_passed(__name__.split(".")[-1], _WORLD2 if world == 2 else _WORLD4, world, name)
+
+
+@pytest.mark.parametrize("name", [n for n in HYBRID_SCENARIOS if n not in _HYBRID_SLOW])
+def test_hybrid_eager_gradients_match_dense_float64(name):
+    assert_scenario_passed(__name__.split(".")[-1], _WORLD4, 4, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _HYBRID_SLOW)
+def test_hybrid_opcheck_and_compiled_forward_backward(name):
+    """opcheck of every op with hybrid handles; hybrid mode compiles as direct mode does: fullgraph,
+    no graph break, at most 2 frames over T = 1..12 (the T = 1 specialisation and one dynamic
+    graph), gradients bitwise equal to eager (aot_eager)."""
+    assert_scenario_passed(__name__.split(".")[-1], _HYBRID_SLOW, 4, name)
 
 
 @pytest.mark.parametrize("name", tuple(COMPILE_SCENARIOS))

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from deepep_ops.handle import DispatchArgs, DispatchHandle
+from deepep_ops.layout import TURN_HYBRID_MODE_OFF
 
 
 class DispatchOutput(NamedTuple):
@@ -24,6 +25,8 @@ class DispatchOutput(NamedTuple):
       :data:`deepep_ops.handle.HANDLE_TENSORS` order.
     - ``native_handle``: the backend's own handle object, if it has one; eager
       combine passes it back (see :class:`deepep_ops.handle.DispatchedHandle`).
+    - ``hybrid_tensors``: the two hybrid-only int32 tensors in
+      :data:`deepep_ops.handle.HYBRID_TENSORS` order; ``(None, None)`` in direct mode.
     """
 
     recv_x: torch.Tensor
@@ -32,6 +35,7 @@ class DispatchOutput(NamedTuple):
     recv_topk_weights: torch.Tensor
     handle_tensors: tuple
     native_handle: Optional[object] = None
+    hybrid_tensors: tuple = (None, None)
 
 
 class Backend(abc.ABC):
@@ -49,6 +53,9 @@ class Backend(abc.ABC):
         needs_warmup: whether the backend compiles kernels per shape on first
             use (DeepEP's JIT), so that serving should warm every bucket up
             front (:func:`deepep_ops.warmup.warmup_enabled`).
+        num_scaleout_ranks: S, the nodes of the EP domain (docs/deepep_contract.md
+            §9): 1 in direct mode (the default), > 1 in hybrid mode.
+        num_scaleup_ranks: U = R / S, the ranks per node (R in direct mode).
     """
 
     num_ranks: int
@@ -58,6 +65,27 @@ class Backend(abc.ABC):
     hidden: Optional[int] = None
     group: Optional[object] = None
     needs_warmup: bool = False
+    num_scaleout_ranks: int = 1
+
+    @property
+    def num_scaleup_ranks(self) -> int:
+        return self.num_ranks // self.num_scaleout_ranks
+
+    def num_channels(self, args: DispatchArgs) -> int:
+        """C of a hybrid-mode dispatch of ``args`` (static per buffer, H, x dtype, P,
+        K and the backend's num_sms); 0 in direct mode. The fake kernels shape the
+        hybrid handle tensors with it at trace time.
+
+        Raises:
+            ValueError: hybrid mode and the backend cannot tell C (the message
+                names the switch that turns hybrid mode off).
+        """
+        if self.num_scaleout_ranks == 1:
+            return 0
+        raise ValueError(
+            f"{type(self).__name__}: hybrid mode (num_scaleout_ranks={self.num_scaleout_ranks}) needs the "
+            f"backend's num_channels; this backend does not implement it. {TURN_HYBRID_MODE_OFF}"
+        )
 
     @abc.abstractmethod
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:

@@ -34,6 +34,12 @@ class ReferenceBackend(DeepEPBackend):
         combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle), out=out)
         return combined_x
 
+    def _predict_num_channels(self, args, key):
+        # The reference simulates hybrid mode with a fixed channel count (its
+        # constructor's num_channels), whatever the device and layout; dispatch
+        # still confirms it against every handle, as for real DeepEP.
+        return self.buffer.num_channels
+
 
 def from_object(obj: object) -> Optional[ReferenceBackend]:
     """A :class:`ReferenceBackend` for a :class:`ReferenceElasticBuffer`, else None."""

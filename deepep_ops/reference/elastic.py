@@ -10,11 +10,46 @@ bytes]`` (each rank reserves M slots per source, as DeepEP's buffer does), plus
 one of ``[R, 2]`` counts for dispatch. Without CPU sync nothing reads device
 data on the host, so the decode path can be captured in a CUDA graph (NCCL) and
 runs on CPU over gloo; world size 1 needs no process group at all.
+
+Hybrid mode (contract §9) is simulated with ``num_scaleout_ranks=S > 1``: the
+R = S·U ranks form S "nodes" of U scale-up ranks (rank r is peer r % U of node
+r // U, as DeepEP arranges them), and dispatch returns hybrid-shaped handles
+with ``num_channels`` channels. The payload still moves in one direct
+all-to-all (every received row holds the same bytes either way); one more
+all-to-all shares every rank's routing, from which each rank computes the
+hybrid handle fields it owns (:func:`_hybrid_layout`) on the host, so hybrid
+dispatch syncs the host and is not CUDA-graph capturable. Combine reduces in
+DeepEP's hybrid order (per rank, then per node, then across nodes: DeepEP's
+``refs.combine(..., reduce_in_local=True, reduce_in_scaleup=True)``) when
+``allow_multiple_reduction``, in direct order otherwise, as DeepEP does.
+
+What of hybrid mode is read from DeepEP's source and what is our model of it:
+
+- *Read from source* (DeepEP dd758ca: ``hybrid_dispatch.cuh``,
+  ``dispatch_copy_epilogue.cuh``, ``hybrid_combine.cuh``, ``buffer.hpp``,
+  ``elastic.py``): the rank layout; every shape; channel c sending tokens c,
+  c+C, ...; the scale-out slot counters; each forwarder's per-channel order
+  (source nodes visited cyclically from ``(c % S + 1) % S``, up to 6 slots per
+  visit); the meaning of every column of ``token_metadata_at_forward`` and of
+  ``dst_buffer_slot_idx`` and ``channel_linked_list`` (highest lane per
+  scale-up destination; −1 terminators); the per-peer psum;
+  ``recv_src_metadata[:, 1] = slot·K + kmax``; ``deterministic_sort`` (rows of
+  a non-expand dispatch sorted by ``src_rank·M + t`` with the linked list
+  remapped; an expand dispatch keeps ``recv_src_metadata`` in peer-segment
+  order); the combine rounding order.
+- *Our model* (one legal outcome among several): the scale-up slots of one
+  destination are handed out channel-major (DeepEP's channels race for them
+  through one ``atomicAdd``); the simulated channel count (DeepEP computes it
+  from shared memory and ``num_sms``); cells DeepEP leaves uninitialised (past
+  each terminator, slots no token used) hold −1 here.
+- *Not modelled*: the bytes' path (scale-out RDMA, forwarders, NVLink), the
+  chunk-end flag's effect on RDMA request aggregation, timing.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from collections import defaultdict
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +58,10 @@ from deepep_ops.layout import (
     align,
     decode_num_expanded_tokens,
     decode_num_recv_tokens,
+    forward_rows,
     recv_src_metadata_cols,
+    token_metadata_cols,
+    tokens_per_channel,
 )
 
 TensorOrPair = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -130,8 +168,125 @@ def _last_lane_per_rank(rank_of_lane: torch.Tensor, valid: torch.Tensor) -> torc
     return valid & ~dup_later
 
 
+# ---------------------------------------------------------------------------
+# Hybrid mode: the handle fields, computed from every rank's routing.
+# ---------------------------------------------------------------------------
+
+#: A forwarder takes at most this many scale-out slots of one source node per
+#: visit (DeepEP's kNumSlotsPerForwardChunk = kScaleoutUpdateInterval).
+_FORWARD_CHUNK = 6
+
+
+class _HybridLayout(NamedTuple):
+    """The hybrid handle fields of one rank, as host lists (see :func:`_hybrid_layout`)."""
+
+    #: [C][S·mtpc+1][2+2K]: this rank as a forwarder; −1 where DeepEP leaves cells unwritten.
+    token_metadata_at_forward: list
+    #: [C][S][mtpc][K]: the scale-up slot of each forwarded (channel, source node, slot, lane).
+    dst_buffer_slot_idx: list
+    #: [U]: tokens this rank receives through each scale-up peer's forwarder.
+    recv_counts: list
+    #: src_rank·M + t -> (scale-up peer u, scale-up slot) of every token this rank receives.
+    recv_slot: dict
+    #: (channel c, peer u) -> the received tokens' ids in forwarder (d, u)'s channel-c order.
+    links: dict
+
+
+def _hybrid_layout(routing: List[list], me: int, S: int, U: int, M: int, C: int, E: int) -> _HybridLayout:
+    """The hybrid handle fields rank ``me`` owns, from every rank's routing.
+
+    ``routing[r]``: rank r's ``topk_idx`` rows (as lists; rows of −1 route
+    nowhere). Follows DeepEP's hybrid kernels (module doc: which parts are read
+    from source, which are our model). Node d = ranks [d·U, (d+1)·U); expert e
+    lives on rank e // EL, in node e // (E/S).
+
+    - Sender (rank r, token t): channel c = t % C; for each node d the token
+      has an expert in, scale-out slot = the tokens before it in channel c that
+      also go to d. It goes to the forwarder (d, r % U).
+    - Forwarder f = (d, u), channel c: the tokens of ranks (j, u), j < S, in
+      channel c with an expert in node d; source nodes visited cyclically from
+      ``(c % S + 1) % S``, up to 6 slots of one source per visit.
+    - Scale-up slots of destination (d, v) from forwarder (d, u): handed out
+      channel-major (our model), one per token with a lane on v.
+    """
+    R = S * U
+    EL = E // R
+    experts_per_node = E // S
+    mtpc = tokens_per_channel(M, C)
+    K = len(routing[0][0]) if routing and routing[0] else 0
+    node = me // U
+
+    def nodes_of(row: list) -> set:
+        return {e // experts_per_node for e in row if e >= 0}
+
+    # Sender side: the scale-out slot of (rank r, token t, node d) (a per-(channel, node) counter).
+    so_slot = {}
+    for r in range(R):
+        counter: dict = defaultdict(int)
+        for t, row in enumerate(routing[r]):
+            for d in sorted(nodes_of(row)):
+                so_slot[r, t, d] = counter[t % C, d]
+                counter[t % C, d] += 1
+
+    def scaleup_dest(row: list) -> list:
+        """Per lane: the scale-up index in this node of its expert, −1 if elsewhere."""
+        return [(e - node * experts_per_node) // EL if e >= 0 and e // experts_per_node == node else -1 for e in row]
+
+    # Forwarders (node, u) for every u: this rank is one of them, and it receives from all of them.
+    forward_metadata = [[[-1] * (2 + 2 * K) for _ in range(S * mtpc + 1)] for _ in range(C)]
+    dst_slots = [[[[-1] * K for _ in range(mtpc)] for _ in range(S)] for _ in range(C)]
+    recv_counts = [0] * U
+    recv_slot: dict = {}
+    links: dict = {}
+    for u in range(U):
+        forwarder = node * U + u
+        slot_counter = [0] * U  # per destination scale-up index v, channel-major over channels
+        for c in range(C):
+            queues = []
+            for j in range(S):
+                src = j * U + u
+                queue = [t for t, row in enumerate(routing[src]) if t % C == c and node in nodes_of(row)]
+                assert all(so_slot[src, t, node] == i for i, t in enumerate(queue))
+                queues.append(queue)
+            # The forward order: cyclic over source nodes from (c % S + 1) % S, chunks of 6.
+            order = []
+            taken = [0] * S
+            cursor = c % S
+            while any(taken[j] < len(queues[j]) for j in range(S)):
+                j = (cursor + 1) % S
+                while taken[j] == len(queues[j]):  # an exhausted source leaves the rotation
+                    j = (j + 1) % S
+                chunk = queues[j][taken[j] : taken[j] + _FORWARD_CHUNK]
+                for i, t in enumerate(chunk):
+                    order.append((j, taken[j] + i, t, i == len(chunk) - 1))
+                taken[j] += len(chunk)
+                cursor = j
+            for n, (j, slot, t, chunk_end) in enumerate(order):
+                src = j * U + u
+                row = routing[src][t]
+                dest = scaleup_dest(row)
+                # The highest lane per destination carries the slot (DeepEP's deduplicate).
+                last_lane = {v: k for k, v in enumerate(dest) if v >= 0}
+                lane_slots = [-1] * K
+                for v, k in sorted(last_lane.items(), key=lambda kv: kv[1]):
+                    lane_slots[k] = slot_counter[v]
+                    if v == me % U:
+                        gid = src * M + t
+                        recv_slot[gid] = (u, slot_counter[v])
+                        links.setdefault((c, u), []).append(gid)
+                    slot_counter[v] += 1
+                if forwarder == me:
+                    forward_metadata[c][n] = [src * M + t, int(chunk_end)] + dest + lane_slots
+                    dst_slots[c][j][slot] = list(lane_slots)
+            if forwarder == me:
+                forward_metadata[c][len(order)][0] = -1  # the terminator (other cells: unwritten)
+        recv_counts[u] = slot_counter[me % U]
+    return _HybridLayout(forward_metadata, dst_slots, recv_counts, recv_slot, links)
+
+
 class ReferenceElasticBuffer:
-    """Direct-mode DeepEP v2 ``ElasticBuffer`` in PyTorch, for CPU (gloo) and GPU (NCCL).
+    """DeepEP v2 ``ElasticBuffer`` in PyTorch, for CPU (gloo) and GPU (NCCL):
+    direct mode, and hybrid mode simulated (module doc).
 
     Args:
         group: the process group, or ``None`` for world size 1 without
@@ -139,7 +294,16 @@ class ReferenceElasticBuffer:
         num_max_tokens_per_rank: default and largest M (the buffer capacity).
         hidden, num_topk, use_fp8_dispatch: kept for API parity with DeepEP
             (there they size the buffer).
-        allow_multiple_reduction: as DeepEP's flag (contract §4, expand combine).
+        allow_hybrid_mode: as DeepEP's flag: with it off the domain is direct
+            (S = 1) whatever ``num_scaleout_ranks`` says.
+        allow_multiple_reduction: as DeepEP's flag (contract §4, expand combine;
+            §9, hybrid combine).
+        num_scaleout_ranks: the simulated nodes S (1: one node, direct mode);
+            it must divide the group size. DeepEP reads it off the NVLink domain.
+        num_channels: the simulated hybrid-mode channel count C (DeepEP
+            computes it from shared memory, the token layout and ``num_sms``).
+        prefer_overlap_with_compute: kept for API parity (DeepEP sizes its
+            channels with it).
     """
 
     def __init__(
@@ -155,6 +319,9 @@ class ReferenceElasticBuffer:
         allow_hybrid_mode: bool = True,
         allow_multiple_reduction: bool = True,
         explicitly_destroy: bool = False,
+        num_scaleout_ranks: int = 1,
+        num_channels: int = 2,
+        prefer_overlap_with_compute: bool = True,
         **_unused_deep_ep_options,
     ) -> None:
         if group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -165,6 +332,13 @@ class ReferenceElasticBuffer:
         self.group = group
         self.rank_idx = group.rank() if group is not None else 0
         self.num_ranks = group.size() if group is not None else 1
+        if type(num_scaleout_ranks) is not int or num_scaleout_ranks < 1 or self.num_ranks % num_scaleout_ranks:
+            raise ValueError(
+                f"ReferenceElasticBuffer: num_scaleout_ranks must be a positive int dividing the group size "
+                f"{self.num_ranks}, got {num_scaleout_ranks!r}"
+            )
+        if type(num_channels) is not int or num_channels < 1:
+            raise ValueError(f"ReferenceElasticBuffer: num_channels must be a positive int, got {num_channels!r}")
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         self.hidden = hidden
         self.num_topk = num_topk
@@ -173,9 +347,23 @@ class ReferenceElasticBuffer:
         self.deterministic = True
         self.allow_hybrid_mode = allow_hybrid_mode
         self.allow_multiple_reduction = allow_multiple_reduction
+        self.prefer_overlap_with_compute = prefer_overlap_with_compute
         self.explicitly_destroy = explicitly_destroy
-        self.num_scaleout_ranks = 1
-        self.num_scaleup_ranks = self.num_ranks
+        # The physical domain, then the logical one (DeepEP's nccl.cu: direct unless hybrid is allowed).
+        self.num_rdma_ranks, self.num_nvlink_ranks = num_scaleout_ranks, self.num_ranks // num_scaleout_ranks
+        self.num_scaleout_ranks = num_scaleout_ranks if allow_hybrid_mode else 1
+        self.num_scaleup_ranks = self.num_ranks // self.num_scaleout_ranks
+        self.scaleout_rank_idx = self.rank_idx // self.num_scaleup_ranks
+        self.scaleup_rank_idx = self.rank_idx % self.num_scaleup_ranks
+        self.num_channels = num_channels
+
+    def get_logical_domain_size(self) -> Tuple[int, int]:
+        """``(num_scaleout_ranks, num_scaleup_ranks)``, as DeepEP's."""
+        return self.num_scaleout_ranks, self.num_scaleup_ranks
+
+    def get_physical_domain_size(self) -> Tuple[int, int]:
+        """``(num_rdma_ranks, num_nvlink_ranks)``: the simulated nodes and their size."""
+        return self.num_rdma_ranks, self.num_nvlink_ranks
 
     def destroy(self) -> None:
         """DeepEP API parity; the reference holds no native resources."""
@@ -223,7 +411,7 @@ class ReferenceElasticBuffer:
         do_zero_padding: bool = False,
         use_tma_aligned_col_major_sf: bool = False,
     ):
-        """DeepEP's ``ElasticBuffer.dispatch`` (direct mode).
+        """DeepEP's ``ElasticBuffer.dispatch`` (direct mode; hybrid mode's handle: :meth:`_hybrid_handle`).
 
         With ``handle=`` (cached mode) the routing comes from the handle:
         ``topk_idx``/``num_experts`` are ignored, ``do_expand`` must equal the
@@ -393,6 +581,12 @@ class ReferenceElasticBuffer:
             # Rows past the last expert's aligned end and (here) the padding gaps are zero,
             # which is what do_zero_padding promises; DeepEP leaves them unspecified otherwise.
 
+        token_metadata_at_forward = channel_linked_list = None
+        if self.num_scaleout_ranks > 1:
+            psum_rank_i32, metadata, dst_buffer_slot_idx, token_metadata_at_forward, channel_linked_list = (
+                self._hybrid_handle(topk_idx, M, E, metadata, int(num_valid), do_expand)
+            )
+
         per_expert_list = aligned.tolist() if do_cpu_sync else []
         handle = EPHandle(
             do_expand,
@@ -409,11 +603,70 @@ class ReferenceElasticBuffer:
             unaligned_i32,
             metadata,
             dst_buffer_slot_idx,
-            None,
-            None,
+            token_metadata_at_forward,
+            channel_linked_list,
         )
         recv_x_ret = recv_x_out if recv_sf_out is None else (recv_x_out, recv_sf_out)
         return recv_x_ret, recv_topk_idx, recv_topk_weights, handle, _NoEvent()
+
+    def _hybrid_handle(
+        self, topk_idx: torch.Tensor, M: int, E: int, metadata: torch.Tensor, num_valid: int, do_expand: bool
+    ) -> tuple:
+        """The hybrid-mode handle tensors of a dispatch whose direct-mode ``metadata``
+        (rows sorted by ``src_rank·M + t``, ``num_valid`` real ones) was just received:
+        ``(psum [U], recv_src_metadata, dst_buffer_slot_idx [C, S, mtpc, K],
+        token_metadata_at_forward [C, L, 2+2K], channel_linked_list [C, L, U])``,
+        L = S·mtpc + 1, all int32 (module doc: what is DeepEP's, what is our model).
+
+        One more all-to-all shares every rank's routing (``[M, K]``, −1 padded),
+        then :func:`_hybrid_layout` runs on the host.
+        """
+        R, S, U, C = self.num_ranks, self.num_scaleout_ranks, self.num_scaleup_ranks, self.num_channels
+        T, K = topk_idx.shape
+        device = metadata.device
+        mine = torch.full((M, K), -1, dtype=torch.int64, device=device)
+        mine[:T] = topk_idx
+        routing = self.all_to_all(mine.unsqueeze(0).expand(R, M, K).contiguous()).tolist()  # [R(src), M, K]
+        layout = _hybrid_layout(routing, self.rank_idx, S, U, M, C, E)
+
+        counts = layout.recv_counts
+        if sum(counts) != num_valid:
+            raise RuntimeError(f"hybrid layout: {sum(counts)} tokens routed here, {num_valid} received")
+        gids = metadata[:num_valid, 0].tolist()
+        if sorted(layout.recv_slot) != gids:
+            raise RuntimeError("hybrid layout: the routed tokens are not the received ones")
+        psum = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+        seg_start = [sum(counts[:u]) for u in range(U)]
+        seg_row = {gid: seg_start[u] + slot for gid, (u, slot) in layout.recv_slot.items()}
+
+        # Column 1: the scale-up slot (the row's place in its peer segment) times K, plus kmax.
+        slot = torch.tensor([layout.recv_slot[g][1] for g in gids], dtype=torch.int32, device=device)
+        metadata[:num_valid, 1] = slot * K + metadata[:num_valid, 1] % K
+        if do_expand:
+            # DeepEP's deterministic_sort permutes only the expanded rows: recv_src_metadata
+            # (and what the linked list points at) stays in peer-segment order.
+            order = torch.tensor([seg_row[g] for g in gids], dtype=torch.int64, device=device)
+            segmented = metadata.clone()
+            segmented[order] = metadata[:num_valid]
+            metadata = segmented
+            row_of = seg_row
+        else:
+            # Non-expand: rows sorted by src_rank·M + t, the linked list remapped to them.
+            row_of = {g: i for i, g in enumerate(gids)}
+
+        rows = forward_rows(S, M, C)
+        links = torch.full((C, rows, U), -1, dtype=torch.int32)
+        for (c, u), linked in layout.links.items():
+            # Rows past the list hold -1: the terminator, then cells DeepEP leaves unwritten.
+            links[c, : len(linked), u] = torch.tensor([row_of[g] for g in linked], dtype=torch.int32)
+        int32 = dict(dtype=torch.int32, device=device)
+        return (
+            psum,
+            metadata,
+            torch.tensor(layout.dst_buffer_slot_idx, **int32).reshape(C, S, tokens_per_channel(M, C), K),
+            torch.tensor(layout.token_metadata_at_forward, **int32).reshape(C, rows, token_metadata_cols(K)),
+            links.to(device),
+        )
 
     def _cached_dispatch(self, x: TensorOrPair, handle: EPHandle) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Dispatch ``x`` along the routing a previous dispatch stored in ``handle``.
@@ -433,6 +686,9 @@ class ReferenceElasticBuffer:
         device = x.device
         if T != handle.topk_idx.shape[0]:
             raise RuntimeError(f"Assertion exception: cached dispatch x has {T} tokens, the handle {handle.topk_idx.shape[0]}")
+        if self.num_scaleout_ranks > 1:
+            self._check_hybrid_handle(handle, cached_dispatch=True)
+            return self._hybrid_cached_dispatch(x, sf, handle)
 
         # ---- sender: the slot each (token, rank) pair got at dispatch
         dst = handle.dst_buffer_slot_idx.to(torch.int64)  # [T, K], rank * M + slot or -1
@@ -467,6 +723,72 @@ class ReferenceElasticBuffer:
             recv_sf = _from_bytes(rows[:, H * x.element_size() :], sf.dtype, P)
         return recv_x, recv_sf
 
+    def _check_hybrid_handle(self, handle: EPHandle, cached_dispatch: bool) -> None:
+        """DeepEP's host asserts on a hybrid handle (``buffer.hpp``): U psum entries,
+        and channel-shaped tensors for this buffer's C (a cached dispatch
+        recomputes C; combine reads it off ``token_metadata_at_forward``)."""
+        S, U = self.num_scaleout_ranks, self.num_scaleup_ranks
+        M, K = handle.num_max_tokens_per_rank, handle.topk_idx.shape[1]
+        psum = handle.psum_num_recv_tokens_per_scaleup_rank
+        forward, links = handle.token_metadata_at_forward, handle.channel_linked_list
+        if tuple(psum.shape) != (U,) or forward is None or links is None or forward.dim() != 3:
+            raise RuntimeError(
+                f"Assertion exception: hybrid mode ({S}x{U}) needs a hybrid handle: "
+                f"psum_num_recv_tokens_per_scaleup_rank [{U}] and token_metadata_at_forward / channel_linked_list, "
+                f"got psum {tuple(psum.shape)}"
+            )
+        C = self.num_channels if cached_dispatch else forward.shape[0]
+        rows = forward_rows(S, M, C)
+        expected = {
+            "token_metadata_at_forward": (C, rows, token_metadata_cols(K)),
+            "channel_linked_list": (C, rows, U),
+        }
+        if cached_dispatch:
+            expected["dst_buffer_slot_idx"] = (C, S, tokens_per_channel(M, C), K)
+        for name, shape in expected.items():
+            if tuple(getattr(handle, name).shape) != shape:
+                raise RuntimeError(
+                    f"Assertion exception: hybrid handle {name} has shape {tuple(getattr(handle, name).shape)}, "
+                    f"expected {shape} ({C} channels)"
+                )
+
+    def _hybrid_cached_dispatch(
+        self, x: torch.Tensor, sf: Optional[torch.Tensor], handle: EPHandle
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Hybrid mode's cached dispatch: as DeepEP's hybrid sender, the sender
+        recomputes where its tokens go from ``topk_idx`` (here: token t to block t
+        of every rank it routes to), and every received row is put back where the
+        handle's dispatch put it, read off ``recv_src_metadata`` (its source
+        ``src_rank·M + t``, and the expand slots)."""
+        R = self.num_ranks
+        M = handle.num_max_tokens_per_rank
+        T, H = x.shape
+        K = handle.topk_idx.shape[1]
+        EL = handle.num_experts // R
+        device = x.device
+        idx = handle.topk_idx.to(torch.int64)
+        rank_of_lane = torch.where(idx >= 0, idx // EL, -1)
+        to_rank = (rank_of_lane.unsqueeze(2) == torch.arange(R, device=device)).any(dim=1)  # [T, R]
+        payload = torch.cat([_as_bytes(x)] + ([] if sf is None else [_as_bytes(sf)]), dim=1)  # [T, B]
+        B = payload.shape[1]
+        send = payload.new_zeros(R, M, B)
+        send[:, :T] = torch.where(to_rank.t().unsqueeze(2), payload.unsqueeze(0), 0)
+        recv = self.all_to_all(send).reshape(R * M, B)  # row src_rank·M + t
+
+        metadata = handle.recv_src_metadata
+        n_rows = metadata.shape[0]
+        row_valid = torch.arange(n_rows, device=device) < handle.psum_num_recv_tokens_per_scaleup_rank[-1]
+        gid = metadata[:, 0].to(torch.int64).clamp(0, R * M - 1)
+        rows = torch.where(row_valid.unsqueeze(1), recv[gid], 0)  # [N, B]
+        if handle.do_expand:
+            slots = metadata[:, 2:].to(torch.int64)
+            slot_valid = (slots >= 0) & row_valid.unsqueeze(1)
+            rows = _scatter_rows(rows.repeat_interleave(K, 0), slots.reshape(-1), slot_valid.reshape(-1),
+                                 handle.num_expanded_tokens)
+        recv_x = _from_bytes(rows[:, : H * x.element_size()], x.dtype, H)
+        recv_sf = None if sf is None else _from_bytes(rows[:, H * x.element_size() :], sf.dtype, sf.shape[1])
+        return recv_x, recv_sf
+
     # --------------------------------------------------------------- combine
     def combine(
         self,
@@ -482,7 +804,7 @@ class ReferenceElasticBuffer:
         allocate_on_comm_stream: bool = False,
         out: Optional[torch.Tensor] = None,
     ):
-        """DeepEP's ``ElasticBuffer.combine`` (direct mode), reductions as contract §4.
+        """DeepEP's ``ElasticBuffer.combine``, reductions as contract §4 (hybrid mode: §9).
 
         Reads only the handle fields DeepEP's combine reads: ``recv_src_metadata``,
         ``topk_idx``, ``psum_num_recv_tokens_per_scaleup_rank``, ``num_experts``,
@@ -507,6 +829,11 @@ class ReferenceElasticBuffer:
         multi_reduction = self.allow_multiple_reduction or not handle.do_expand
         if handle.do_expand and not self.allow_multiple_reduction and topk_weights is not None:
             raise RuntimeError("Assertion exception: expand combine without multiple reduction takes no topk_weights")
+        # Hybrid combine reduces per rank, per node, then across nodes (contract §9); without
+        # multiple reduction it rounds as direct mode does.
+        hybrid_reduce = self.num_scaleout_ranks > 1 and self.allow_multiple_reduction
+        if self.num_scaleout_ranks > 1:
+            self._check_hybrid_handle(handle, cached_dispatch=False)
 
         n_rows = metadata.shape[0]
         row_valid = torch.arange(n_rows, device=device) < handle.psum_num_recv_tokens_per_scaleup_rank[-1]
@@ -551,10 +878,22 @@ class ReferenceElasticBuffer:
         for b in ([] if bias is None else ([bias] if isinstance(bias, torch.Tensor) else list(bias))):
             acc += b.float()
         reduce_lane = _last_lane_per_rank(rank_of_lane, valid_lane) if multi_reduction else valid_lane
+        if hybrid_reduce:
+            # Each node's ranks (by last lane) summed in fp32 and rounded to bf16 (on
+            # DeepEP's forwarder), then the nodes (by last lane) into acc.
+            node_of_lane = torch.where(valid_lane, rank_of_lane // self.num_scaleup_ranks, -1)
+            node_last = _last_lane_per_rank(node_of_lane, valid_lane)
+            node_acc = torch.zeros(T, self.num_scaleout_ranks, H, dtype=torch.float32, device=device)
         for k in range(K):
             lane_row = 0 if multi_reduction else k
             term = back[rank_of_lane[:, k].clamp(min=0), t_idx, lane_row]
-            acc += torch.where(reduce_lane[:, k].unsqueeze(1), term, 0.0)
+            if not hybrid_reduce:
+                acc += torch.where(reduce_lane[:, k].unsqueeze(1), term, 0.0)
+                continue
+            node_k = node_of_lane[:, k].clamp(min=0)
+            partial = node_acc[t_idx, node_k] + torch.where(reduce_lane[:, k].unsqueeze(1), term, 0.0)
+            node_acc[t_idx, node_k] = partial
+            acc += torch.where(node_last[:, k].unsqueeze(1), partial.to(torch.bfloat16).float(), 0.0)
         combined_x = acc.to(torch.bfloat16) if out is None else out.copy_(acc)
 
         combined_topk_weights = None

@@ -50,6 +50,8 @@ __all__ = [
     "dispatcher_is_a_no_op",
     "eager_mode_is_plain",
     "guard_or_false",
+    "constant_under_compile",
+    "install_compile_hooks",
     "install_cudagraph_inputs",
     "install_stable_cache_keys",
     "is_real_meta_outside_tracing",
@@ -310,6 +312,30 @@ def install_cudagraph_inputs() -> bool:
     return True
 
 
+#: The attribute ``torch.compiler.assume_constant_result`` sets (checked 2.11–2.15).
+_DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+
+
+def constant_under_compile(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result(fn)``: Dynamo calls ``fn`` while
+    tracing and bakes its result into the graph. The public decorator imports
+    Dynamo (seconds) only to set one attribute on ``fn``; this sets it without
+    the import, so ``import deepep_ops`` stays light (``tests/test_seams.py``
+    checks that the public decorator still sets the same attribute)."""
+    setattr(fn, _DYNAMO_CONSTANT_MARK, True)
+    return fn
+
+
+def install_compile_hooks() -> None:
+    """:func:`install_stable_cache_keys` and :func:`install_cudagraph_inputs`, both
+    idempotent. Called by the fake kernels, which run when Dynamo first traces a
+    graph holding our ops: before any of that graph's cache keys or CUDA-graph
+    post-compile steps, and without importing Inductor in processes that never
+    compile (``import deepep_ops`` stays light)."""
+    install_stable_cache_keys()
+    install_cudagraph_inputs()
+
+
 def without_dynamo(fn: _F) -> _F:
     """``fn`` run with Dynamo's frame hook off (what ``torch.library.register_kernel``
     does through ``torch._disable_dynamo``), at a fraction of its cost
@@ -384,7 +410,7 @@ except ImportError:  # pragma: no cover - every torch this package supports has 
     _TensorGuards = None
 
 
-def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callable[..., bool]]:
+def metadata_guard(tensors: tuple, dynamic_rows: tuple = (), allow_grad: bool = False) -> Optional[Callable[..., bool]]:
     """``check(*others) -> bool``, True only if each of ``others`` has the Python
     type, dtype, device, sizes, strides and ``requires_grad`` of the tensor of
     ``tensors`` in its place, and the dispatch keys it had under the thread's
@@ -395,18 +421,22 @@ def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callabl
     in Python (benchmarks/README.md).
 
     Args:
-        tensors: plain tensors, none requiring grad.
+        tensors: plain tensors, none requiring grad unless ``allow_grad``.
         dynamic_rows: indices into ``tensors`` whose dim 0 is not checked.
+        allow_grad: for callers below the dispatcher's autograd layer (op
+            kernels), where whether autograd records is already decided; the
+            guard then still requires the same ``requires_grad`` per tensor.
 
     Returns:
-        None if any of ``tensors`` needs grad or is not a plain tensor (the guard
-        does not look at grad mode, so it could not tell when autograd records),
-        or if this torch has no ``TensorGuards``: the caller then keeps checking in full.
+        None if a tensor is not a plain tensor, or needs grad and ``allow_grad``
+        is false (the guard does not look at grad mode, so it could not tell
+        when autograd records), or if this torch has no ``TensorGuards``: the
+        caller then keeps checking in full.
     """
     if _TensorGuards is None:
         return None
     for t in tensors:
-        if type(t) is not torch.Tensor or t.requires_grad:
+        if type(t) is not torch.Tensor or (t.requires_grad and not allow_grad):
             return None
     sizes = [[None if i in dynamic_rows and d == 0 else n for d, n in enumerate(t.shape)] for i, t in enumerate(tensors)]
     strides = [list(t.stride()) for t in tensors]

@@ -239,11 +239,18 @@ class Agreement:
         return value if gathered is None else max(v for (v,) in gathered)
 
 
-def agree_dispatch(op: str, buf, args, error: Optional[BaseException]) -> None:
+def agree_dispatch(
+    op: str, buf, args, error: Optional[BaseException], device: Optional[torch.device] = None
+) -> None:
     """Agree on a dispatch (``args``: a :class:`~deepep_ops.handle.DispatchArgs`)
     with every EP rank of ``buf``, given this rank's validation ``error``
-    (:func:`deepep_ops.validation.verdict`): all raise together, or return."""
-    buf.agreement.agree(op, "dispatch", DISPATCH_FIELDS, dispatch_signature(args), error, device_of(args.x))
+    (:func:`deepep_ops.validation.verdict`): all raise together, or return.
+
+    ``device`` overrides x's (selects the default mode; meta tensors are host-side).
+    """
+    buf.agreement.agree(
+        op, "dispatch", DISPATCH_FIELDS, dispatch_signature(args), error, device or device_of(args.x)
+    )
 
 
 def agree_combine(

@@ -29,8 +29,9 @@ def _recv_scales(x, x_scales, rows):
 
 
 def _reject_eager_meta(op: str, args: DispatchArgs, buffer) -> None:
+    # Meta tensors are host-side: the CPU default of check mode applies.
     reject_eager_meta(op, args.x, args.topk_idx, args.topk_weights, agree=lambda error: agree_dispatch(
-        f"deepep_ops.{op}", unwrap_ep_buffer(buffer), args, error))
+        f"deepep_ops.{op}", unwrap_ep_buffer(buffer), args, error, device=torch.device("cpu")))
 
 
 def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):

@@ -57,6 +57,7 @@ __all__ = [
     "is_real_meta_outside_tracing",
     "metadata_guard",
     "opaque_type_name",
+    "register_autograd_kernel",
     "register_reference_type",
     "version_counter",
     "without_dynamo",
@@ -396,6 +397,75 @@ def dispatcher_is_a_no_op(*tensors: torch.Tensor) -> bool:
 
 _is_compiling = torch.compiler.is_compiling
 _is_grad_enabled = torch.is_grad_enabled
+
+
+#: The dispatch keys our ``CompositeExplicitAutograd`` kernels are what comes right
+#: below autograd for: plain CPU and CUDA tensors, no mode, no functionalization.
+_PLAIN_BACKEND_KEYS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def register_autograd_kernel(
+    lib: "torch.library.Library",
+    name: str,
+    kernel: Callable,
+    backward: Callable,
+    setup_context: Callable,
+) -> None:
+    """``torch.library.register_autograd(f"{lib.ns}::{name}", backward, setup_context=...)``
+    with a cheaper path where autograd records nothing.
+
+    torch's own Autograd kernel (``torch._library.autograd``) redispatches below
+    autograd through the dispatcher on every call, also where nothing records:
+    inside every compiled graph, whose ops AOTAutograd calls with grad mode off.
+    That costs about as much as the dispatcher call itself
+    (benchmarks/README.md). Here, when nothing records and the next kernel
+    below autograd is ours for a plain CPU or CUDA tensor (``keyset`` holds no
+    mode, functionalization or other key), ``kernel`` (the op's
+    ``CompositeExplicitAutograd`` kernel) is called directly; otherwise the call
+    takes the same ``autograd.Function`` / redispatch route as torch's. Private
+    dispatcher APIs (``_after_autograd_keyset``, ``_AutoDispatchBelowAutograd``,
+    ``_any_requires_grad``), checked on 2.11–2.15.
+    """
+    op = getattr(getattr(torch.ops, lib.ns), name).default
+    after_autograd = torch._C._after_autograd_keyset
+    below_autograd = torch._C._AutoDispatchBelowAutograd
+    schema_args = op._schema.arguments
+
+    def with_defaults(args: tuple) -> tuple:
+        # The dispatcher drops trailing arguments equal to their defaults; setup_context sees them all.
+        return args + tuple(a.default_value for a in schema_args[len(args):])
+
+    def forward(ctx, *args):
+        keyset, args = args[-1], args[:-1]
+        with below_autograd():
+            output = op.redispatch(keyset & after_autograd, *args)
+        setup_context(ctx, with_defaults(args), output)
+        return output
+
+    def backward_(ctx, *grads):
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[:-1]  # not the keyset's
+        try:
+            return (*backward(ctx, *grads), None)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+
+    function = type(f"DeepEPOpsBackwardFor_{name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+    any_requires_grad = torch._C._any_requires_grad
+    is_grad_enabled = torch.is_grad_enabled
+    plain = _PLAIN_BACKEND_KEYS
+
+    def autograd_kernel(keyset, *args):
+        if is_grad_enabled() and any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        below = keyset & after_autograd
+        if below.highestPriorityTypeId() in plain:
+            return kernel(*args)
+        with below_autograd():
+            return op.redispatch(below, *args)
+
+    lib.impl(name, without_dynamo(autograd_kernel), "Autograd", with_keyset=True)
 
 
 def eager_mode_is_plain() -> bool:

@@ -27,12 +27,12 @@ import torch
 from deepep_ops._torch_compat import metadata_guard
 from deepep_ops.agreement import agree_combine, agree_dispatch
 from deepep_ops.handle import HANDLE_TENSOR_FIELDS, DispatchArgs, DispatchHandle, num_expanded_tokens
+from deepep_ops import validation
 from deepep_ops.validation import (
     check_dispatch,
     check_topk_idx_values,
     device_of,
     row_major_args,
-    value_checks_enabled,
     value_checks_wanted,
     verdict,
 )
@@ -126,7 +126,8 @@ def known_dispatch(op: str, store: KnownCalls, key: Optional[tuple], args: Dispa
     if not (known.guard(x, topk_idx, topk_weights) if x_scales is None
             else known.guard(x, x_scales, topk_idx, topk_weights)):
         return None
-    if known.value_checks and value_checks_enabled(x.device, args.decode):
+    # Through the module: benchmarks switch the value checks off there (bench_prefill.py).
+    if known.value_checks and validation.value_checks_enabled(x.device, args.decode):
         check_topk_idx_values(op, topk_idx, args.num_experts)
     return (args if known.row_major else row_major_args(args)), known
 

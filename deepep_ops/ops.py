@@ -43,6 +43,12 @@ lib.define(schemas.COMBINE_WITH_WEIGHTS)
 lib.define(schemas.WEIGHT_AND_REDUCE)
 
 
+#: op name -> its kernel (the function registered for every device): the
+#: Autograd kernels of :mod:`deepep_ops.autograd` call it directly where nothing
+#: records (:func:`~deepep_ops._torch_compat.register_autograd_kernel`).
+KERNELS: dict = {}
+
+
 def _kernel(op: str):
     """Register the decorated function as ``op``'s kernel for every device.
 
@@ -57,6 +63,7 @@ def _kernel(op: str):
 
     def register(fn):
         lib.impl(op, without_dynamo(fn), "CompositeExplicitAutograd")
+        KERNELS[op] = fn
         return fn
 
     return register

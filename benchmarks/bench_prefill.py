@@ -1,4 +1,5 @@
-"""Prefill dispatch + combine on one GPU: raw ``ElasticBuffer`` vs the eager ops.
+"""Prefill dispatch + combine on one GPU: raw ``ElasticBuffer`` vs the eager ops, and
+the prefill prepare/finalize eager vs compiled.
 
 Side by side in one process, on the same inputs, for each T (the buffer's
 capacity is the largest T; prefill dispatches at the capacity):
@@ -12,7 +13,12 @@ capacity is the largest T; prefill dispatches at the capacity):
   form (about ten kernels, two host reads) instead of the one Triton kernel
   CUDA ids get (``deepep_ops.triton_validation``);
 - ``ops, no value checks``: the ops with the host checks of ``topk_idx``
-  values off (on by default in prefill: ``deepep_ops.validation``).
+  values off (on by default in prefill: ``deepep_ops.validation``);
+- ``pf eager`` / ``pf compiled``: :class:`deepep_ops.DeepEPPrepareFinalize`
+  (``decode=False``) around an expert stand-in that scales each received row
+  by its expert's factor (one [X, 1, H] bf16 output per row, as a grouped GEMM
+  leaves it), eagerly and under ``torch.compile(fullgraph=True, dynamic=True)``
+  (X is data-dependent: an unbacked size in the graph).
 
 Two tables: median wall µs of synchronized pairs (the variants taking turns
 call by call), and host µs to issue a pair unsynchronized (20 back to back).
@@ -78,6 +84,19 @@ def main(argv=None) -> None:
     capacity = max(sizes)
     native, cleanup = _make_buffer(args.backend, capacity, args)
     buffer = deepep_ops.EPBuffer(native)
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+
+    pf = DeepEPPrepareFinalize(buffer, E, K, decode=False, device="cuda")
+    scale = torch.linspace(0.5, 1.5, E, device="cuda")
+
+    def pf_step(x, w, ids):
+        p = pf.prepare(x, w, ids)
+        y = (p.expert_x.float() * scale[p.topk_ids]).to(torch.bfloat16).unsqueeze(1)  # [X, 1, H]
+        out = torch.empty_like(x)
+        pf.finalize(out, y, p.topk_weights, p.topk_ids, p.handle)
+        return out
+
+    pf_compiled = torch.compile(pf_step, fullgraph=True, dynamic=True)
     rows = []
     try:
         for T in sizes:
@@ -107,8 +126,10 @@ def main(argv=None) -> None:
 
             torch.testing.assert_close(ops(), raw(), atol=0, rtol=1e-2)
             assert torch.equal(ops(), ops_unchecked()), f"T={T}: the value checks changed the result"
+            torch.testing.assert_close(pf_compiled(x, w, ids), pf_step(x, w, ids), atol=2e-2, rtol=2e-2)
             fns = {"raw": raw, "ops": ops, "ops, torch-form checks": ops_torch_checks,
-                   "ops, no value checks": ops_unchecked}
+                   "ops, no value checks": ops_unchecked,
+                   "pf eager": lambda: pf_step(x, w, ids), "pf compiled": lambda: pf_compiled(x, w, ids)}
             rows.append((T, _time_interleaved_us(fns, args.reps), _host_issue_us(fns)))
             if args.profile and T == capacity:
                 import cProfile
@@ -134,13 +155,15 @@ def main(argv=None) -> None:
     names = list(rows[0][1])
     for title, col in (("median wall µs of synchronized pairs", 1), ("host µs to issue one pair, unsynchronized", 2)):
         print(f"\n{title}")
-        print("| T | " + " | ".join(names) + " | ops − raw | checks: Triton | checks: torch form |")
-        print("|---|" + "---|" * (len(names) + 3))
+        print("| T | " + " | ".join(names) + " | ops − raw | checks: Triton | checks: torch form "
+              "| pf compiled / eager |")
+        print("|---|" + "---|" * (len(names) + 4))
         for row in rows:
             t = row[col]
             print(f"| {row[0]} | " + " | ".join(f"{t[n]:.1f}" for n in names)
                   + f" | {t['ops'] - t['raw']:+.1f} | {t['ops'] - t['ops, no value checks']:+.1f} "
-                  f"| {t['ops, torch-form checks'] - t['ops, no value checks']:+.1f} |")
+                  f"| {t['ops, torch-form checks'] - t['ops, no value checks']:+.1f} "
+                  f"| {t['pf compiled'] / t['pf eager']:.2f} |")
     sys.stdout.flush()
 
 

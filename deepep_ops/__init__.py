@@ -12,7 +12,7 @@ _fake_impls.register(_ops.lib)
 
 from deepep_ops import autograd as _autograd  # noqa: E402
 
-_autograd.register(_ops.lib.ns)
+_autograd.register(_ops.lib, _ops.KERNELS)
 
 from deepep_ops.api import cached_dispatch, combine, combine_into, dispatch, dispatch_exact  # noqa: E402
 from deepep_ops.backends import Backend  # noqa: E402

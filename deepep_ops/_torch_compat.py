@@ -52,11 +52,14 @@ __all__ = [
     "frame_counting_backend",
     "graph_breaks",
     "guard_or_false",
+    "constant_under_compile",
+    "install_compile_hooks",
     "install_cudagraph_inputs",
     "install_stable_cache_keys",
     "is_real_meta_outside_tracing",
     "metadata_guard",
     "opaque_type_name",
+    "register_autograd_kernel",
     "register_reference_type",
     "reset_compiler",
     "version_counter",
@@ -338,6 +341,30 @@ def reset_compiler() -> None:
     counters.clear()
 
 
+#: The attribute ``torch.compiler.assume_constant_result`` sets (checked 2.11–2.15).
+_DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+
+
+def constant_under_compile(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result(fn)``: Dynamo calls ``fn`` while
+    tracing and bakes its result into the graph. The public decorator imports
+    Dynamo (seconds) only to set one attribute on ``fn``; this sets it without
+    the import, so ``import deepep_ops`` stays light (``tests/test_seams.py``
+    checks that the public decorator still sets the same attribute)."""
+    setattr(fn, _DYNAMO_CONSTANT_MARK, True)
+    return fn
+
+
+def install_compile_hooks() -> None:
+    """:func:`install_stable_cache_keys` and :func:`install_cudagraph_inputs`, both
+    idempotent. Called by the fake kernels, which run when Dynamo first traces a
+    graph holding our ops: before any of that graph's cache keys or CUDA-graph
+    post-compile steps, and without importing Inductor in processes that never
+    compile (``import deepep_ops`` stays light)."""
+    install_stable_cache_keys()
+    install_cudagraph_inputs()
+
+
 def without_dynamo(fn: _F) -> _F:
     """``fn`` run with Dynamo's frame hook off (what ``torch.library.register_kernel``
     does through ``torch._disable_dynamo``), at a fraction of its cost
@@ -400,6 +427,75 @@ _is_compiling = torch.compiler.is_compiling
 _is_grad_enabled = torch.is_grad_enabled
 
 
+#: The dispatch keys our ``CompositeExplicitAutograd`` kernels are what comes right
+#: below autograd for: plain CPU and CUDA tensors, no mode, no functionalization.
+_PLAIN_BACKEND_KEYS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def register_autograd_kernel(
+    lib: "torch.library.Library",
+    name: str,
+    kernel: Callable,
+    backward: Callable,
+    setup_context: Callable,
+) -> None:
+    """``torch.library.register_autograd(f"{lib.ns}::{name}", backward, setup_context=...)``
+    with a cheaper path where autograd records nothing.
+
+    torch's own Autograd kernel (``torch._library.autograd``) redispatches below
+    autograd through the dispatcher on every call, also where nothing records:
+    inside every compiled graph, whose ops AOTAutograd calls with grad mode off.
+    That costs about as much as the dispatcher call itself
+    (benchmarks/README.md). Here, when nothing records and the next kernel
+    below autograd is ours for a plain CPU or CUDA tensor (``keyset`` holds no
+    mode, functionalization or other key), ``kernel`` (the op's
+    ``CompositeExplicitAutograd`` kernel) is called directly; otherwise the call
+    takes the same ``autograd.Function`` / redispatch route as torch's. Private
+    dispatcher APIs (``_after_autograd_keyset``, ``_AutoDispatchBelowAutograd``,
+    ``_any_requires_grad``), checked on 2.11–2.15.
+    """
+    op = getattr(getattr(torch.ops, lib.ns), name).default
+    after_autograd = torch._C._after_autograd_keyset
+    below_autograd = torch._C._AutoDispatchBelowAutograd
+    schema_args = op._schema.arguments
+
+    def with_defaults(args: tuple) -> tuple:
+        # The dispatcher drops trailing arguments equal to their defaults; setup_context sees them all.
+        return args + tuple(a.default_value for a in schema_args[len(args):])
+
+    def forward(ctx, *args):
+        keyset, args = args[-1], args[:-1]
+        with below_autograd():
+            output = op.redispatch(keyset & after_autograd, *args)
+        setup_context(ctx, with_defaults(args), output)
+        return output
+
+    def backward_(ctx, *grads):
+        needs_input_grad = ctx.needs_input_grad
+        ctx.needs_input_grad = needs_input_grad[:-1]  # not the keyset's
+        try:
+            return (*backward(ctx, *grads), None)
+        finally:
+            ctx.needs_input_grad = needs_input_grad
+
+    function = type(f"DeepEPOpsBackwardFor_{name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+    any_requires_grad = torch._C._any_requires_grad
+    is_grad_enabled = torch.is_grad_enabled
+    plain = _PLAIN_BACKEND_KEYS
+
+    def autograd_kernel(keyset, *args):
+        if is_grad_enabled() and any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        below = keyset & after_autograd
+        if below.highestPriorityTypeId() in plain:
+            return kernel(*args)
+        with below_autograd():
+            return op.redispatch(below, *args)
+
+    lib.impl(name, without_dynamo(autograd_kernel), "Autograd", with_keyset=True)
+
+
 def eager_mode_is_plain() -> bool:
     """The part of :func:`dispatcher_is_a_no_op` that no tensor guard sees: not
     tracing with Dynamo, no torch-function mode, no profiler."""
@@ -412,7 +508,7 @@ except ImportError:  # pragma: no cover - every torch this package supports has 
     _TensorGuards = None
 
 
-def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callable[..., bool]]:
+def metadata_guard(tensors: tuple, dynamic_rows: tuple = (), allow_grad: bool = False) -> Optional[Callable[..., bool]]:
     """``check(*others) -> bool``, True only if each of ``others`` has the Python
     type, dtype, device, sizes, strides and ``requires_grad`` of the tensor of
     ``tensors`` in its place, and the dispatch keys it had under the thread's
@@ -423,18 +519,22 @@ def metadata_guard(tensors: tuple, dynamic_rows: tuple = ()) -> Optional[Callabl
     in Python (benchmarks/README.md).
 
     Args:
-        tensors: plain tensors, none requiring grad.
+        tensors: plain tensors, none requiring grad unless ``allow_grad``.
         dynamic_rows: indices into ``tensors`` whose dim 0 is not checked.
+        allow_grad: for callers below the dispatcher's autograd layer (op
+            kernels), where whether autograd records is already decided; the
+            guard then still requires the same ``requires_grad`` per tensor.
 
     Returns:
-        None if any of ``tensors`` needs grad or is not a plain tensor (the guard
-        does not look at grad mode, so it could not tell when autograd records),
-        or if this torch has no ``TensorGuards``: the caller then keeps checking in full.
+        None if a tensor is not a plain tensor, or needs grad and ``allow_grad``
+        is false (the guard does not look at grad mode, so it could not tell
+        when autograd records), or if this torch has no ``TensorGuards``: the
+        caller then keeps checking in full.
     """
     if _TensorGuards is None:
         return None
     for t in tensors:
-        if type(t) is not torch.Tensor or t.requires_grad:
+        if type(t) is not torch.Tensor or (t.requires_grad and not allow_grad):
             return None
     sizes = [[None if i in dynamic_rows and d == 0 else n for d, n in enumerate(t.shape)] for i, t in enumerate(tensors)]
     strides = [list(t.stride()) for t in tensors]

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from deepep_ops._torch_compat import register_autograd_kernel
 from deepep_ops.buffer import unwrap_ep_buffer
 from deepep_ops.handle import (
     HANDLE_STATIC_FIELDS,
@@ -148,12 +149,15 @@ def _cached_dispatch_backward(ctx, grad_recv_x, _g_scales):
     return (grad_x, None, None) + (None,) * _NUM_HANDLE_FIELDS
 
 
-def register(ns: str) -> None:
-    """Attach the backward formulas to the ops of namespace ``ns`` (called once by ``import deepep_ops``)."""
+def register(lib: torch.library.Library, kernels: dict) -> None:
+    """Attach the backward formulas to the ops of ``lib`` (called once by ``import
+    deepep_ops``); ``kernels``: op name -> its kernel, which the Autograd kernel
+    calls directly where nothing records (inside compiled graphs, eager calls
+    without grad: :func:`~deepep_ops._torch_compat.register_autograd_kernel`)."""
     for name, backward, setup in (
         ("dispatch", _dispatch_op_backward, _dispatch_setup_context(decode=True)),
         ("dispatch_exact", _dispatch_op_backward, _dispatch_setup_context(decode=False)),
         ("combine", _combine_backward, _combine_setup_context),
         ("cached_dispatch", _cached_dispatch_backward, _cached_dispatch_setup_context),
     ):
-        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
+        register_autograd_kernel(lib, name, kernels[name], backward, setup)

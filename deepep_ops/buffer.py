@@ -16,21 +16,18 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
-
 from deepep_ops._torch_compat import (
     CUDAGRAPH_INPUT_MARKER,
+    constant_under_compile,
     STABLE_CACHE_KEY_METHOD,
     OpaqueBase,
-    install_cudagraph_inputs,
-    install_stable_cache_keys,
     opaque_type_name,
     register_reference_type,
 )
 from deepep_ops.agreement import Agreement
 from deepep_ops.backends import Backend, as_backend
 from deepep_ops.bucket import pow2_bucket
-from deepep_ops.eager import KnownCalls
+from deepep_ops.known_calls import KnownCalls
 from deepep_ops.exchange import HostExchange
 
 #: ``source(local_num_tokens) -> tokens to bucket``, run on the host.
@@ -62,7 +59,7 @@ class EPBuffer(OpaqueBase):
         topk_idx_dtype: the dtype ``topk_idx`` must have.
         exchange: the :class:`~deepep_ops.exchange.HostExchange` over the EP group.
         agreement: the :class:`~deepep_ops.agreement.Agreement` of this buffer.
-        known_calls: the eager fast path's :class:`~deepep_ops.eager.KnownCalls`.
+        known_calls: the :class:`~deepep_ops.known_calls.KnownCalls` of the eager path and the op kernels.
     """
 
     def __init__(
@@ -154,12 +151,13 @@ register_reference_type(
 )
 # Compile caches key graphs by cache_description(), the same in every process.
 setattr(EPBuffer, STABLE_CACHE_KEY_METHOD, EPBuffer.cache_description)
-install_stable_cache_keys()
 # mode="reduce-overhead": CUDA-graph trees take the buffer as an input (torch 2.11
 # needs a backport for that), and a graph recorded with one buffer re-records
 # rather than replay its device addresses for another.
 setattr(EPBuffer, CUDAGRAPH_INPUT_MARKER, True)
-install_cudagraph_inputs()
+# The hooks that act on these two markers patch Inductor, whose import costs
+# seconds: they are installed when a graph holding our ops is first traced
+# (fake_impls), not by `import deepep_ops`.
 
 #: The name schemas use for the buffer argument.
 EP_BUFFER_TYPE = opaque_type_name(EPBuffer)
@@ -170,7 +168,7 @@ def as_ep_buffer(buffer: object) -> EPBuffer:
     return buffer if isinstance(buffer, EPBuffer) else EPBuffer(buffer)
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def static_num_ranks(buffer: object) -> int:
     """R of an :class:`EPBuffer` argument, as a constant under ``torch.compile``.
 

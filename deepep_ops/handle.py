@@ -135,7 +135,7 @@ class DispatchedHandle(DispatchHandle):
     native = None
     #: ``topk_idx``'s version counter at dispatch (None: ``topk_idx`` is the handle's own copy).
     topk_idx_version = None
-    #: The known-call entry (:class:`deepep_ops.eager.KnownDispatch`) when the
+    #: The known-call entry (:class:`deepep_ops.known_calls.KnownDispatch`) when the
     #: dispatch was a known call of an agree-once buffer.
     known = None
 

@@ -1,7 +1,9 @@
 """Registration of the ``deepep_ops::`` ops and their kernels.
 
-Each kernel validates (docs/deepep_contract.md §6, :mod:`deepep_ops.validation`), agrees with
-every EP rank (:mod:`deepep_ops.agreement`), calls the buffer's
+Each kernel admits its call (:mod:`deepep_ops.known_calls`: a repeat of a call
+every rank agreed on passes one guard; anything else is validated,
+docs/deepep_contract.md §6, :mod:`deepep_ops.validation`, and agreed with
+every EP rank, :mod:`deepep_ops.agreement`), calls the buffer's
 :class:`~deepep_ops.backends.Backend`, and packs plain tensors and sizes into
 the op's outputs (the codec, :mod:`deepep_ops.handle`). These are the kernels
 that compiled graphs and the dispatcher run; eager calls that need no
@@ -17,18 +19,15 @@ import torch
 
 from deepep_ops import reduce, schemas
 from deepep_ops._torch_compat import without_dynamo
-from deepep_ops.agreement import agree_combine, agree_dispatch
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import DispatchArgs, DispatchHandle, pack_dispatch
+from deepep_ops.known_calls import KERNEL, admit_dispatch, admit_handle_call, dispatch_key, known_dispatch
 from deepep_ops.layout import no_scales
 from deepep_ops.validation import (
     check_cached_dispatch,
     check_combine,
     check_combine_with_weights,
-    check_dispatch,
     check_token_bucket,
-    device_of,
-    row_major_args,
     verdict,
 )
 
@@ -42,6 +41,12 @@ lib.define(schemas.TOKEN_BUCKET)
 lib.define(schemas.CACHED_DISPATCH)
 lib.define(schemas.COMBINE_WITH_WEIGHTS)
 lib.define(schemas.WEIGHT_AND_REDUCE)
+
+
+#: op name -> its kernel (the function registered for every device): the
+#: Autograd kernels of :mod:`deepep_ops.autograd` call it directly where nothing
+#: records (:func:`~deepep_ops._torch_compat.register_autograd_kernel`).
+KERNELS: dict = {}
 
 
 def _kernel(op: str):
@@ -58,16 +63,20 @@ def _kernel(op: str):
 
     def register(fn):
         lib.impl(op, without_dynamo(fn), "CompositeExplicitAutograd")
+        KERNELS[op] = fn
         return fn
 
     return register
 
 
 def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
-    """The dispatch ops' kernel: validate and agree, dispatch, pack the op's outputs."""
+    """The dispatch ops' kernel: admit the call, dispatch, pack the op's outputs."""
     buf = unwrap_ep_buffer(buffer)
-    agree_dispatch(op, buf, args, verdict(check_dispatch, op, args, buf))
-    out = buf.backend.dispatch(row_major_args(args))
+    key = dispatch_key(KERNEL, args)
+    admitted = known_dispatch(op, buf.known_calls, key, args)
+    if admitted is None:
+        admitted = admit_dispatch(op, buf, args, key)
+    out = buf.backend.dispatch(admitted[0])
     return pack_dispatch(
         args.decode,
         out.recv_x,
@@ -94,11 +103,11 @@ def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts
 
 def _combine(op: str, x: torch.Tensor, buffer: EPBuffer, handle: DispatchHandle,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Validate and agree (in check mode with the handle's values too), then the
+    """Admit the call (in check mode with the handle's values too), then the
     backend's combine (into ``out`` when given)."""
     buf = unwrap_ep_buffer(buffer)
-    check_values = buf.agreement.check_mode(device_of(x))
-    agree_combine(op, buf, x, handle, verdict(check_combine, op, x, handle, buf, out, check_values))
+    admit_handle_call(op, buf, x, handle, (out,), lambda check_values: verdict(
+        check_combine, op, x, handle, buf, out, check_values))
     return buf.backend.combine(x, handle, out=out)
 
 
@@ -120,11 +129,13 @@ def token_bucket_impl(tokens, buffer):
 
 # --- training: the ops the backward passes call (autograd: deepep_ops.autograd) -------------------
 def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPBuffer, handle: tuple) -> tuple:
-    """``(buffer, handle)`` once this rank's ``check(op, x, second, handle, buf)`` and
-    every rank's agreement passed (both backward ops agree as a combine does)."""
+    """``(buffer, handle)`` once the call is admitted: a known call, or this rank's
+    ``check(op, x, second, handle, buf)`` and every rank's agreement (both
+    backward ops agree as a combine does)."""
     handle = DispatchHandle(*handle)
     buf = unwrap_ep_buffer(buffer)
-    agree_combine(op, buf, x, handle, verdict(check, op, x, second, handle, buf))
+    admit_handle_call(op, buf, x, handle, (second,), lambda _check_values: verdict(
+        check, op, x, second, handle, buf))
     return buf, handle
 
 

@@ -6,7 +6,11 @@ the ops are defined); importing this package registers nothing by itself.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from deepep_ops._torch_compat import install_compile_hooks
 
 from fake_impls.bucket import token_bucket_fake
 from fake_impls.combine import combine_fake, combine_into_fake
@@ -27,7 +31,20 @@ FAKES = {
 }
 
 
+def _installing_compile_hooks(fake):
+    """``fake``, first installing the compile hooks for graphs that hold an EPBuffer
+    (:func:`deepep_ops._torch_compat.install_compile_hooks`): a fake kernel runs
+    when Dynamo traces, before the graph's cache keys are computed."""
+
+    @functools.wraps(fake)
+    def traced(*args, **kwargs):
+        install_compile_hooks()
+        return fake(*args, **kwargs)
+
+    return traced
+
+
 def register(lib: torch.library.Library) -> None:
     """Register every fake kernel on ``lib`` (the library that defines the ops)."""
     for name, fake in FAKES.items():
-        torch.library.register_fake(f"{lib.ns}::{name}", fake, lib=lib)
+        torch.library.register_fake(f"{lib.ns}::{name}", _installing_compile_hooks(fake), lib=lib)

@@ -257,3 +257,20 @@ def test_a_new_transport_reuses_the_reference_layout():
     # every byte went through the subclass's transport, per mode: dispatch (payload and
     # counts), combine, and in backward a combine with weights and a cached dispatch
     assert transfers == [10, 10], transfers
+
+
+def test_import_stays_light_and_the_constant_mark_is_dynamos():
+    """``import deepep_ops`` imports neither Dynamo nor Inductor (seconds; every vLLM
+    process imports us through the plugin): the compile hooks are installed when a
+    graph holding our ops is first traced, and ``static_num_ranks`` is marked constant
+    the way ``torch.compiler.assume_constant_result`` marks functions."""
+    res = _run("import sys, deepep_ops; print('torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)")
+    assert res.returncode == 0 and res.stdout.split() == ["False", "False"], (res.stdout, res.stderr[-2000:])
+
+    from deepep_ops._torch_compat import _DYNAMO_CONSTANT_MARK
+
+    marked = torch.compiler.assume_constant_result(lambda: 1)
+    assert getattr(marked, _DYNAMO_CONSTANT_MARK) is True
+    from deepep_ops.buffer import static_num_ranks
+
+    assert getattr(static_num_ranks, _DYNAMO_CONSTANT_MARK) is True

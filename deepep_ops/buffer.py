@@ -147,7 +147,7 @@ def _unpickle_ep_buffer(*description: object) -> EPBuffer:
 
 # Read at trace time and baked: these are the same on every rank and layer.
 register_reference_type(
-    EPBuffer, trace_time_members=("num_ranks", "capacity", "num_scaleout_ranks", "num_scaleup_ranks")
+    EPBuffer, trace_time_members=("num_ranks", "capacity", "topk_idx_dtype", "num_scaleout_ranks", "num_scaleup_ranks")
 )
 # Compile caches key graphs by cache_description(), the same in every process.
 setattr(EPBuffer, STABLE_CACHE_KEY_METHOD, EPBuffer.cache_description)
@@ -179,7 +179,7 @@ def static_num_ranks(buffer: object) -> int:
     return unwrap_ep_buffer(buffer).num_ranks
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def static_num_scaleout_ranks(buffer: object) -> int:
     """S of an :class:`EPBuffer` argument, as a constant under ``torch.compile``
     (as :func:`static_num_ranks`): the wrappers read the hybrid-only dispatch

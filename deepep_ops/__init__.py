@@ -14,12 +14,25 @@ from deepep_ops import autograd as _autograd  # noqa: E402
 
 _autograd.register(_ops.lib, _ops.KERNELS)
 
-from deepep_ops.api import cached_dispatch, combine, combine_into, dispatch, dispatch_exact  # noqa: E402
+from deepep_ops.api import (  # noqa: E402
+    PendingCombine,
+    PendingDispatch,
+    cached_dispatch,
+    combine,
+    combine_into,
+    combine_start,
+    combine_wait,
+    dispatch,
+    dispatch_exact,
+    dispatch_exact_start,
+    dispatch_start,
+    dispatch_wait,
+)
 from deepep_ops.backends import Backend  # noqa: E402
 from deepep_ops.bucket import pow2_bucket, token_bucket  # noqa: E402
 from deepep_ops.buffer import EPBuffer, as_ep_buffer  # noqa: E402
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult  # noqa: E402
-from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PreparedTokens  # noqa: E402
+from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PendingPrepare, PreparedTokens  # noqa: E402
 from deepep_ops.reference import ReferenceElasticBuffer  # noqa: E402
 # The function shadows its module as an attribute: import helpers from deepep_ops.warmup.
 from deepep_ops.warmup import WarmupRow, format_warmup_table, warmup  # noqa: E402
@@ -31,6 +44,9 @@ __all__ = [
     "DispatchResult",
     "EPBuffer",
     "ExactDispatchResult",
+    "PendingCombine",
+    "PendingDispatch",
+    "PendingPrepare",
     "PreparedTokens",
     "ReferenceElasticBuffer",
     "WarmupRow",
@@ -38,8 +54,13 @@ __all__ = [
     "cached_dispatch",
     "combine",
     "combine_into",
+    "combine_start",
+    "combine_wait",
     "dispatch",
     "dispatch_exact",
+    "dispatch_exact_start",
+    "dispatch_start",
+    "dispatch_wait",
     "format_warmup_table",
     "pow2_bucket",
     "token_bucket",

@@ -204,7 +204,7 @@ def demo_parser() -> argparse.ArgumentParser:
         description=(
             "Compile a small expert-parallel MoE layer over the deepep_ops ops and report graph breaks,\n"
             "recompiles, bucket sizes, the error against a dense single-process MoE, and eager vs\n"
-            "compiled time per step.\n\n"
+            "compiled vs overlapped (shared expert during the dispatch) time per step.\n\n"
             "Spawns --world-size ranks: gloo on CPU with the reference buffer by default; NCCL with\n"
             "--device cuda, and deep_ep.ElasticBuffer with --backend deepep (both need one GPU per rank).\n"
             "On 2 CPU cores the whole run takes 1-3 minutes, most of it compiling."
@@ -224,6 +224,9 @@ def demo_parser() -> argparse.ArgumentParser:
                         help="tokens per rank in the prefill step")
     parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
                         help="torch.compile backend (aot_eager starts faster; eager only traces)")
+    parser.add_argument("--shared-intermediate", type=int_at_least(0), default=256, metavar="Is",
+                        help="shared expert MLP width; the 'overlapped' column runs it while the tokens are in "
+                             "flight (a second compiled layer); 0: no shared expert, no overlapped column")
     parser.add_argument("--reps", type=int_at_least(1), default=30, metavar="N",
                         help="timed repetitions per step and mode (after warm-up); the table shows medians")
     parser.add_argument("--threads", type=int_at_least(0), default=0, metavar="N",

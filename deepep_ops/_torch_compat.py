@@ -60,6 +60,7 @@ __all__ = [
     "metadata_guard",
     "opaque_type_name",
     "register_autograd_kernel",
+    "register_ordered_effect",
     "register_reference_type",
     "reset_compiler",
     "version_counter",
@@ -432,12 +433,24 @@ _is_grad_enabled = torch.is_grad_enabled
 _PLAIN_BACKEND_KEYS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
 
 
+def register_ordered_effect(lib: "torch.library.Library", name: str) -> None:
+    """Give ``lib``'s op ``name`` an ordered side effect: AOTAutograd threads an
+    effect token through every such op (``with_effects``), so compiled graphs
+    never reorder them against one another and never drop one whose outputs go
+    unused. ``Library._register_effectful_op`` and ``EffectType`` (private;
+    checked 2.13–2.15, and 2.11 on the GPU machines)."""
+    from torch._library.effects import EffectType
+
+    lib._register_effectful_op(f"{lib.ns}::{name}", EffectType.ORDERED)
+
+
 def register_autograd_kernel(
     lib: "torch.library.Library",
     name: str,
     kernel: Callable,
-    backward: Callable,
-    setup_context: Callable,
+    backward: Optional[Callable],
+    setup_context: Optional[Callable],
+    no_grad_error: Optional[str] = None,
 ) -> None:
     """``torch.library.register_autograd(f"{lib.ns}::{name}", backward, setup_context=...)``
     with a cheaper path where autograd records nothing.
@@ -453,6 +466,10 @@ def register_autograd_kernel(
     takes the same ``autograd.Function`` / redispatch route as torch's. Private
     dispatcher APIs (``_after_autograd_keyset``, ``_AutoDispatchBelowAutograd``,
     ``_any_requires_grad``), checked on 2.11–2.15.
+
+    ``backward=None``: the op has no gradient; where autograd would record, it
+    raises ``ValueError(no_grad_error)`` instead of returning outputs that
+    silently carry none.
     """
     op = getattr(getattr(torch.ops, lib.ns), name).default
     after_autograd = torch._C._after_autograd_keyset
@@ -486,6 +503,8 @@ def register_autograd_kernel(
 
     def autograd_kernel(keyset, *args):
         if is_grad_enabled() and any_requires_grad(*args):
+            if backward is None:
+                raise ValueError(no_grad_error)
             return function.apply(*args, keyset)
         below = keyset & after_autograd
         if below.highestPriorityTypeId() in plain:

@@ -7,7 +7,7 @@ codec (:mod:`deepep_ops.handle`) and take the handle back as one value.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -160,3 +160,110 @@ def cached_dispatch(
     """
     recv_x, recv_x_scales = torch.ops.deepep_ops.cached_dispatch(x, x_scales, buffer, *handle_args(handle))
     return recv_x, None if x_scales is None else recv_x_scales
+
+
+# ---------------------------------------------------------------------------
+# Asynchrony: start the communication, compute something independent, wait.
+# ---------------------------------------------------------------------------
+
+
+class PendingDispatch(NamedTuple):
+    """A started dispatch (:func:`dispatch_start` / :func:`dispatch_exact_start`):
+    hand it to :func:`dispatch_wait` once. ``ticket`` is the start op's output;
+    ``args`` and ``buffer`` are its arguments."""
+
+    ticket: torch.Tensor
+    args: DispatchArgs
+    buffer: EPBuffer
+
+
+class PendingCombine(NamedTuple):
+    """A started combine (:func:`combine_start`): hand it to :func:`combine_wait` once."""
+
+    ticket: torch.Tensor
+    x: torch.Tensor
+    handle: DispatchHandle
+    buffer: EPBuffer
+
+
+def _dispatch_start(
+    decode: bool, x, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, x_scales
+) -> PendingDispatch:
+    if decode:
+        op, name = torch.ops.deepep_ops.dispatch_start, "deepep_ops.dispatch_start"
+    else:
+        op, name = torch.ops.deepep_ops.dispatch_exact_start, "deepep_ops.dispatch_exact_start"
+    topk_idx = _eager_prologue(name, topk_idx, num_experts, expert_alignment)
+    ticket = op(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment)
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode)
+    return PendingDispatch(ticket, args, buffer)
+
+
+def dispatch_start(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    buffer: EPBuffer,
+    *,
+    num_experts: int,
+    num_max_tokens_per_rank: IntLike,
+    expert_alignment: int = 1,
+    x_scales: Optional[torch.Tensor] = None,
+) -> PendingDispatch:
+    """Start a decode-mode :func:`dispatch` (same arguments); :func:`dispatch_wait`
+    returns its :class:`DispatchResult`. In between the tokens are in flight
+    (real DeepEP: on its communication stream; the reference buffer: gloo's or
+    NCCL's asynchronous all-to-all), so independent work (a shared expert)
+    overlaps them. At most one async call per buffer is in flight; no
+    gradient (inputs that require grad are refused)."""
+    return _dispatch_start(
+        True, x, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, x_scales
+    )
+
+
+def dispatch_exact_start(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    buffer: EPBuffer,
+    *,
+    num_experts: int,
+    num_max_tokens_per_rank: IntLike,
+    expert_alignment: int = 1,
+    x_scales: Optional[torch.Tensor] = None,
+) -> PendingDispatch:
+    """Start a prefill-mode :func:`dispatch_exact` (same arguments); :func:`dispatch_wait`
+    returns its :class:`ExactDispatchResult`, whose data-dependent sizes come from the wait."""
+    return _dispatch_start(
+        False, x, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment, x_scales
+    )
+
+
+def dispatch_wait(
+    pending: PendingDispatch, overlap: Sequence[torch.Tensor] = ()
+) -> Union[DispatchResult, ExactDispatchResult]:
+    """Wait for a started dispatch: its :class:`DispatchResult` (decode) or
+    :class:`ExactDispatchResult` (prefill). A second wait, or a wait for another
+    start's ticket, is a ``ValueError``.
+
+    ``overlap``: the results of the work done between start and wait (a shared
+    expert's output). The wait does not read them, but under ``torch.compile``
+    they must exist before it, so that work stays between the start and the wait
+    (Inductor would otherwise be free to schedule it after)."""
+    ticket, args, buffer = pending
+    op = torch.ops.deepep_ops.dispatch_wait if args.decode else torch.ops.deepep_ops.dispatch_exact_wait
+    outputs = op(ticket, list(overlap), args.x, args.x_scales, args.topk_idx, args.topk_weights, buffer,
+                 args.num_experts, args.num_max_tokens_per_rank, args.expert_alignment)
+    return unpack_dispatch(args, outputs, static_num_ranks(buffer), static_num_scaleout_ranks(buffer) > 1)
+
+
+def combine_start(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> PendingCombine:
+    """Start a :func:`combine` (same arguments); :func:`combine_wait` returns its [T, H] bf16."""
+    ticket = torch.ops.deepep_ops.combine_start(x, buffer, *handle_args(handle))
+    return PendingCombine(ticket, x, handle, buffer)
+
+
+def combine_wait(pending: PendingCombine, overlap: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """Wait for a started combine: [T, H] bf16. ``overlap``: as :func:`dispatch_wait`'s."""
+    ticket, x, handle, buffer = pending
+    return torch.ops.deepep_ops.combine_wait(ticket, list(overlap), x, buffer, *handle_args(handle))

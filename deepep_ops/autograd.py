@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from deepep_ops._torch_compat import register_autograd_kernel
+from deepep_ops.schemas import ASYNC_OPS
 from deepep_ops.buffer import unwrap_ep_buffer
 from deepep_ops.handle import (
     HANDLE_STATIC_FIELDS,
@@ -161,3 +162,13 @@ def register(lib: torch.library.Library, kernels: dict) -> None:
         ("cached_dispatch", _cached_dispatch_backward, _cached_dispatch_setup_context),
     ):
         register_autograd_kernel(lib, name, kernels[name], backward, setup)
+    # The async ops have no gradient: where autograd would record, a clear error
+    # instead of outputs that silently carry none.
+    for name in ASYNC_OPS:
+        register_autograd_kernel(
+            lib, name, kernels[name], None, None,
+            no_grad_error=(
+                f"deepep_ops.{name}: the async ops have no gradient, and an input requires grad; "
+                "use the synchronous ops (dispatch / dispatch_exact / combine) to train, or detach the inputs"
+            ),
+        )

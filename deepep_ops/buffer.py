@@ -76,6 +76,8 @@ class EPBuffer(OpaqueBase):
         self.exchange = HostExchange(self.backend.group, self.num_ranks)
         self.agreement = Agreement(self.exchange, check)
         self.known_calls = KnownCalls()
+        #: The async call in flight (:mod:`deepep_ops.pending`), or None.
+        self.pending = None
 
     def bucket(self, num_local_tokens: int) -> int:
         """M for a step with ``num_local_tokens`` here: ``pow2_bucket`` of the

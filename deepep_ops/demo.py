@@ -93,7 +93,7 @@ def _worker(rank: int, args, init_method: str, results) -> None:
 
 def _run(rank: int, args, device: torch.device, results) -> None:
     import deepep_ops
-    from deepep_ops.moe import MoELayer, dense_moe, make_moe_weights, route
+    from deepep_ops.moe import MoELayer, dense_moe, make_moe_weights, make_shared_weights, route
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
     from deepep_ops._torch_compat import frame_counting_backend, graph_breaks, reset_compiler
 
@@ -103,12 +103,18 @@ def _run(rank: int, args, device: torch.device, results) -> None:
     buffer = deepep_ops.EPBuffer(_make_backend(args, group, device))
     weights = make_moe_weights(args.experts, args.hidden, args.intermediate, seed=0)
     weights = type(weights)(*(w.to(device) for w in weights))
+    shared = None
+    if args.shared_intermediate:
+        shared = make_shared_weights(args.hidden, args.shared_intermediate)
+        shared = type(shared)(*(w.to(device) for w in shared))
     seen_buckets: set[int] = set()
     rows = []
 
-    def layer_for(decode: bool):
+    def layers_for(decode: bool):
+        """The sequential layer, and the overlapped one (None without a shared expert)."""
         pf = DeepEPPrepareFinalize(buffer, args.experts, args.topk, decode=decode, device=device)
-        return MoELayer(weights, pf).to(device)
+        overlapped = None if shared is None else MoELayer(weights, pf, shared, overlap=True).to(device)
+        return MoELayer(weights, pf, shared).to(device), overlapped
 
     def inputs(step: int, tokens: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1000 * step + rank)
@@ -116,10 +122,13 @@ def _run(rank: int, args, device: torch.device, results) -> None:
 
     for mode in ("decode", "prefill"):
         reset_compiler()
-        layer = layer_for(mode == "decode")
+        layer, overlapped_layer = layers_for(mode == "decode")
         pf = layer.pf
         counter = frame_counting_backend(args.compile_backend)
         compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+        overlapped = None
+        if overlapped_layer is not None:
+            overlapped = torch.compile(overlapped_layer, backend=counter, fullgraph=True, dynamic=True)
         batches = DECODE_BATCHES if mode == "decode" else (args.prefill_tokens,)
         for step, batch in enumerate(batches):
             tokens = _tokens_on(rank, batch)
@@ -141,29 +150,38 @@ def _run(rank: int, args, device: torch.device, results) -> None:
 
             t0 = time.perf_counter()
             if step == 0:
+                what = f"the {mode} layer" + (" and its overlapped twin" if overlapped else "")
                 with _cli.Progress(say if rank == 0 else None,
-                                   f"compiling the {mode} layer with {args.compile_backend} "
+                                   f"compiling {what} with {args.compile_backend} "
                                    "(first step; may take a minute or more on a CPU)"):
                     compiled(x, bucket)
+                    if overlapped:
+                        overlapped(x, bucket)
             else:
                 compiled(x, bucket)  # first call at this size: a recompile (if any) + run
+                if overlapped:
+                    overlapped(x, bucket)
             first_call = time.perf_counter() - t0
-            med = _interleaved_medians(
-                {"eager": lambda: layer(x, bucket), "compiled": lambda: compiled(x, bucket), "comm": communication},
-                sync, args.reps,
-            )
-            eager_out, comp_out = layer(x, bucket), compiled(x, bucket)
-            dense = dense_moe(x, weights, args.topk)
-            err = (comp_out.float() - dense.float()).abs().max().item() if tokens else 0.0
-            err_eager = (comp_out.float() - eager_out.float()).abs().max().item() if tokens else 0.0
-            rows.append((mode, batch, tokens, bucket, err, err_eager, med["eager"], med["compiled"], med["comm"]))
+            fns = {"eager": lambda: layer(x, bucket), "compiled": lambda: compiled(x, bucket), "comm": communication}
+            if overlapped:
+                fns["overlapped"] = lambda: overlapped(x, bucket)
+            with torch.no_grad():  # inference: the overlapped layer's async ops have no gradient
+                med = _interleaved_medians(fns, sync, args.reps)
+                eager_out, outs = layer(x, bucket), [compiled(x, bucket)]
+                if overlapped:
+                    outs.append(overlapped(x, bucket))
+            dense = dense_moe(x, weights, args.topk, shared)
+            err = max((o.float() - dense.float()).abs().max().item() for o in outs) if tokens else 0.0
+            err_eager = max((o.float() - eager_out.float()).abs().max().item() for o in outs) if tokens else 0.0
+            rows.append((mode, batch, tokens, bucket, err, err_eager, med["eager"], med["compiled"], med["comm"],
+                         med.get("overlapped", float("nan"))))
             say(
                 f"{mode:7s} T={batch:4d} (rank0) M={bucket if bucket else args.capacity:4d} "
                 f"first call {first_call:6.2f}s  frames compiled so far: {counter.frame_count}"
             )
         breaks = graph_breaks()
-        # Expected: one dynamic graph, plus one specialised to T=1 if T=1 occurred.
-        expected = 1 + any(_tokens_on(rank, b) == 1 for b in batches)
+        # Expected per compiled layer: one dynamic graph, plus one specialised to T=1 if T=1 occurred.
+        expected = (1 + any(_tokens_on(rank, b) == 1 for b in batches)) * (2 if overlapped else 1)
         recompiles = counter.frame_count - expected
         rows.append((mode, "summary", counter.frame_count, breaks, recompiles))
 
@@ -178,33 +196,38 @@ def _print_table(per_rank: dict, args) -> None:
             if r[1] == "summary":
                 prev = worst_summary.get(r[0], (0, 0, 0))
                 worst_summary[r[0]] = tuple(max(a, b) for a, b in zip(prev, r[2:]))
-    worst = {}  # (mode, T) -> max over ranks of (err, err vs eager, eager s, compiled s, comm s)
+    worst = {}  # (mode, T) -> max over ranks of (err, err vs eager, eager s, compiled s, comm s, overlapped s)
     for rank, (rows, _) in per_rank.items():
         for r in rows:
             if r[1] != "summary":
                 key = (r[0], r[1])
-                worst[key] = tuple(max(a, b) for a, b in zip(worst.get(key, (0.0,) * 5), r[4:]))
+                worst[key] = tuple(max(a, b) for a, b in zip(worst.get(key, (0.0,) * 6), r[4:]))
+    overlap = bool(args.shared_intermediate)
     print()
     print(f"deepep-ops demo: {args.world_size} ranks, backend={args.backend}, compile backend={args.compile_backend}, "
           f"H={args.hidden}, E={args.experts}, K={args.topk}, capacity={args.capacity}, "
           f"{_threads_per_rank(args)} torch thread(s) per rank")
     print(f"times: median of {args.reps} interleaved calls after {WARMUP} warm-up calls, the slower rank's; "
-          "d+c = eager dispatch + combine alone (identity experts); rest = step - d+c")
+          "d+c = eager dispatch + combine alone (identity experts); rest = step - d+c"
+          + ("; overlapped = compiled, the shared expert (I=" + str(args.shared_intermediate) + ") run while "
+             "the tokens are in flight" if overlap else ""))
     header = (f"{'mode':8s} {'T':>5s} {'M':>5s} {'max |err| vs dense':>19s} {'vs eager':>9s} {'eager ms':>9s} "
-              f"{'compiled ms':>12s} {'speedup':>8s} {'d+c ms':>7s} {'eager rest':>11s} {'compiled rest':>14s}")
+              f"{'compiled ms':>12s} {'speedup':>8s} {'d+c ms':>7s} {'eager rest':>11s} {'compiled rest':>14s}"
+              + (f" {'overlapped ms':>14s} {'vs compiled':>12s}" if overlap else ""))
     print(header)
     print("-" * len(header))
     for r in rows0:
         if r[1] == "summary":
             continue
         mode, batch, _tokens, bucket = r[:4]
-        err, err_eager, eager_s, comp_s, comm_s = worst[(mode, batch)]
+        err, err_eager, eager_s, comp_s, comm_s, over_s = worst[(mode, batch)]
         print(f"{mode:8s} {batch:5d} {bucket if bucket else args.capacity:5d} {err:19.4f} "
               f"{err_eager:9.4f} {eager_s * 1e3:9.2f} {comp_s * 1e3:12.2f} {eager_s / comp_s:7.2f}x "
-              f"{comm_s * 1e3:7.2f} {(eager_s - comm_s) * 1e3:11.2f} {(comp_s - comm_s) * 1e3:14.2f}")
+              f"{comm_s * 1e3:7.2f} {(eager_s - comm_s) * 1e3:11.2f} {(comp_s - comm_s) * 1e3:14.2f}"
+              + (f" {over_s * 1e3:14.2f} {over_s / comp_s:11.2f}x" if overlap else ""))
     print()
     for mode, (frames, breaks, recompiles) in worst_summary.items():
-        print(f"{mode:8s} graph breaks: {breaks}   frames compiled: {frames}   "
+        print(f"{mode:8s} graph breaks: {breaks}   frames compiled: {frames}{' (2 layers)' if overlap else ''}   "
               f"recompiles after the first dynamic graph: {recompiles}   (worst rank)")
     print(f"distinct bucket sizes (num_max_tokens_per_rank): {len(buckets)} {buckets}")
 

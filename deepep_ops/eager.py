@@ -73,6 +73,8 @@ def dispatch(
         store = buffer.known_calls
     except AttributeError:  # not an EPBuffer: the op's own TypeError names it
         return None
+    if buffer.pending is not None:  # an async call in flight: the op kernel refuses the call with every rank
+        return None
     args = _new_tuple(DispatchArgs, (
         x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode,
     ))
@@ -123,6 +125,8 @@ def combine(
     try:
         store = buffer.known_calls
     except AttributeError:  # not an EPBuffer: the op's own TypeError names it
+        return None
+    if buffer.pending is not None:  # an async call in flight: the op kernel refuses the call with every rank
         return None
     dispatched = type(handle) is DispatchedHandle
     known = handle.known if dispatched else None

@@ -27,6 +27,7 @@ import torch
 from deepep_ops._torch_compat import metadata_guard
 from deepep_ops.agreement import agree_combine, agree_dispatch
 from deepep_ops.handle import HANDLE_TENSOR_FIELDS, DispatchArgs, DispatchHandle, num_expanded_tokens
+from deepep_ops.pending import outstanding_error
 from deepep_ops import validation
 from deepep_ops.validation import (
     check_dispatch,
@@ -132,12 +133,15 @@ def known_dispatch(op: str, store: KnownCalls, key: Optional[tuple], args: Dispa
     return (args if known.row_major else row_major_args(args)), known
 
 
-def admit_dispatch(op: str, buf, args: DispatchArgs, key: Optional[tuple]) -> tuple:
+def admit_dispatch(op: str, buf, args: DispatchArgs, key: Optional[tuple],
+                   error: Optional[Exception] = None) -> tuple:
     """Validate and agree in full: ``(args with row-major strides, the new
     KnownDispatch or None)``; in agree-once mode the call is remembered under
     ``key``. Tensors that need grad are remembered only for kernel keys (below
-    autograd; the eager path must leave those to the dispatcher)."""
-    agree_dispatch(op, buf, args, verdict(check_dispatch, op, args, buf))
+    autograd; the eager path must leave those to the dispatcher). ``error``: a
+    verdict the caller already has (an async call in flight), agreed instead of
+    the checks'."""
+    agree_dispatch(op, buf, args, error or verdict(check_dispatch, op, args, buf))
     normal = row_major_args(args)
     device = args.x.device
     if key is None or buf.agreement.check_mode(device):
@@ -184,11 +188,12 @@ def admit_handle_call(op: str, buf, x: torch.Tensor, handle: DispatchHandle, ext
     ``full_check(check_values)``, this rank's verdict (with the handle's values
     in check mode), and every rank's agreement, and is remembered in agree-once mode."""
     key = _handle_call_key(op, handle, x, extra)
-    guard = None if key is None else buf.known_calls.get(key)
+    busy = outstanding_error(op, buf)
+    guard = None if key is None or busy is not None else buf.known_calls.get(key)
     if guard is not None and guard(*_handle_call_tensors(x, handle, extra)):
         return
     check_values = buf.agreement.check_mode(device_of(x))
-    agree_combine(op, buf, x, handle, full_check(check_values))
+    agree_combine(op, buf, x, handle, busy or full_check(check_values))
     if key is not None and not check_values:
         guard = metadata_guard(_handle_call_tensors(x, handle, extra), allow_grad=True)
         if guard is not None:

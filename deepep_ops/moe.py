@@ -52,11 +52,32 @@ def expert_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     return (torch.nn.functional.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-def dense_moe(x: torch.Tensor, weights: MoEWeights, num_topk: int) -> torch.Tensor:
-    """The whole MoE on one process in float32: Σ_k w[t,k]·expert_{id[t,k]}(x[t]), as bf16."""
+class SharedWeights(NamedTuple):
+    """A shared expert's weights (DeepSeek / Qwen-MoE style), float32: gate/up [H, Is], down [Is, H]."""
+
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+def make_shared_weights(hidden: int, intermediate: int, seed: int = 1) -> SharedWeights:
+    """Deterministic shared-expert weights, identical on every rank for the same arguments."""
+    g = torch.Generator().manual_seed(seed)
+    return SharedWeights(
+        torch.randn(hidden, intermediate, generator=g) / hidden**0.5,
+        torch.randn(hidden, intermediate, generator=g) / hidden**0.5,
+        torch.randn(intermediate, hidden, generator=g) / intermediate**0.5,
+    )
+
+
+def dense_moe(
+    x: torch.Tensor, weights: MoEWeights, num_topk: int, shared: Optional[SharedWeights] = None
+) -> torch.Tensor:
+    """The whole MoE on one process in float32: Σ_k w[t,k]·expert_{id[t,k]}(x[t])
+    (+ the shared expert's output on x[t]), as bf16."""
     topk_w, topk_ids = route(x, weights.router, num_topk)
     xf = x.float()
-    out = torch.zeros_like(xf)
+    out = torch.zeros_like(xf) if shared is None else expert_mlp(xf, *shared)
     for e in range(weights.router.shape[1]):
         w_e = torch.where(topk_ids == e, topk_w, 0.0).sum(dim=1, keepdim=True)
         out += w_e * expert_mlp(xf, weights.w_gate[e], weights.w_up[e], weights.w_down[e])
@@ -108,20 +129,54 @@ class LocalExperts(torch.nn.Module):
 
 
 class MoELayer(torch.nn.Module):
-    """router → prepare (dispatch) → local experts → finalize (combine)."""
+    """router → prepare (dispatch) → local experts → finalize (combine), plus an
+    optional shared expert on the layer's own tokens.
 
-    def __init__(self, weights: MoEWeights, prepare_finalize: DeepEPPrepareFinalize) -> None:
+    With ``shared`` and ``overlap=True`` the shared expert runs while the tokens
+    are in flight (:meth:`DeepEPPrepareFinalize.prepare_start`, the shared expert,
+    :meth:`~DeepEPPrepareFinalize.prepare_wait`): no gradient (the async ops have
+    none). Otherwise it runs after the combine.
+    """
+
+    def __init__(
+        self,
+        weights: MoEWeights,
+        prepare_finalize: DeepEPPrepareFinalize,
+        shared: Optional[SharedWeights] = None,
+        overlap: bool = False,
+    ) -> None:
         super().__init__()
         pf = prepare_finalize
         self.pf = pf
         self.register_buffer("router", weights.router.clone())
         self.experts = LocalExperts(weights, pf.buffer.rank * pf.num_local_experts, pf.num_local_experts)
+        if overlap and shared is None:
+            raise ValueError("MoELayer: overlap=True needs a shared expert (shared=...) to overlap")
+        self.overlap = overlap
+        self.shared = None
+        if shared is not None:
+            self.shared = torch.nn.ParameterList(
+                [torch.nn.Parameter(w.clone(), requires_grad=False) for w in shared]
+            )
+
+    def _shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H] bf16 → [T, H] float32."""
+        return expert_mlp(x.float(), *self.shared)
 
     def forward(self, x: torch.Tensor, num_max_tokens_per_rank: Optional[IntLike] = None) -> torch.Tensor:
         """x [T, H] bf16 → [T, H] bf16. ``num_max_tokens_per_rank``: see ``prepare``."""
         topk_weights, topk_ids = route(x, self.router, self.pf.num_topk)
-        p = self.pf.prepare(x, topk_weights, topk_ids, num_max_tokens_per_rank=num_max_tokens_per_rank)
+        if self.overlap:
+            pending = self.pf.prepare_start(x, topk_weights, topk_ids, num_max_tokens_per_rank=num_max_tokens_per_rank)
+            shared = self._shared_expert(x)
+            p = self.pf.prepare_wait(pending, overlap=[shared])
+        else:
+            p = self.pf.prepare(x, topk_weights, topk_ids, num_max_tokens_per_rank=num_max_tokens_per_rank)
         y = self.experts(p.expert_x, p.expert_x_scale, p.topk_ids, self.pf.rank_expert_offset)
         out = torch.empty_like(x)
         self.pf.finalize(out, y, p.topk_weights, p.topk_ids, p.handle)
-        return out
+        if self.shared is None:
+            return out
+        if not self.overlap:
+            shared = self._shared_expert(x)
+        return (out.float() + shared).to(torch.bfloat16)

@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 
 from deepep_ops import reduce, schemas
-from deepep_ops._torch_compat import without_dynamo
+from deepep_ops._torch_compat import register_ordered_effect, without_dynamo
 from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
 from deepep_ops.handle import DispatchArgs, DispatchHandle, pack_dispatch
 from deepep_ops.known_calls import KERNEL, admit_dispatch, admit_handle_call, dispatch_key, known_dispatch
 from deepep_ops.layout import no_scales
+from deepep_ops.pending import begin, outstanding_error, take, ticket_like
 from deepep_ops.validation import (
     check_cached_dispatch,
     check_combine,
@@ -41,6 +42,20 @@ lib.define(schemas.TOKEN_BUCKET)
 lib.define(schemas.CACHED_DISPATCH)
 lib.define(schemas.COMBINE_WITH_WEIGHTS)
 lib.define(schemas.WEIGHT_AND_REDUCE)
+for _schema in (schemas.DISPATCH_START, schemas.DISPATCH_WAIT, schemas.COMBINE_START, schemas.COMBINE_WAIT):
+    lib.define(_schema)
+# Host sync (prefill's counts): CUDA-graph capture must leave them out, as dispatch_exact.
+lib.define(schemas.DISPATCH_EXACT_START, tags=(torch.Tag.cudagraph_unsafe,))
+lib.define(schemas.DISPATCH_EXACT_WAIT, tags=(torch.Tag.cudagraph_unsafe,))
+# Ordered effects keep every rank's EP collectives in program order and the
+# starts alive (a start's ticket alone would not). dispatch_exact_wait cannot
+# have one: Inductor (torch 2.13 to 2.15) fails to lower an effectful op whose
+# outputs bind unbacked sizes (compute_unbacked_bindings reads the with_effects
+# node's value, which leads with the effect token). It reads its start's
+# ticket, so it still follows the start, and the experts read its outputs.
+for _name in schemas.ASYNC_OPS:
+    if _name != "dispatch_exact_wait":
+        register_ordered_effect(lib, _name)
 
 
 #: op name -> its kernel (the function registered for every device): the
@@ -69,14 +84,19 @@ def _kernel(op: str):
     return register
 
 
-def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
-    """The dispatch ops' kernel: admit the call, dispatch, pack the op's outputs."""
-    buf = unwrap_ep_buffer(buffer)
+def _admit_dispatch(op: str, buf: EPBuffer, args: DispatchArgs) -> DispatchArgs:
+    """A dispatch kernel's admission (a known call, or checks + agreement); refused,
+    with every rank's agreement, while an async call is in flight on ``buf``."""
     key = dispatch_key(KERNEL, args)
-    admitted = known_dispatch(op, buf.known_calls, key, args)
+    busy = None if buf.pending is None else outstanding_error(op, buf)
+    admitted = None if busy is not None else known_dispatch(op, buf.known_calls, key, args)
     if admitted is None:
-        admitted = admit_dispatch(op, buf, args, key)
-    out = buf.backend.dispatch(admitted[0])
+        admitted = admit_dispatch(op, buf, args, key, error=busy)
+    return admitted[0]
+
+
+def _dispatch_outputs(args: DispatchArgs, out) -> tuple:
+    """The dispatch op's flat outputs from the backend's :class:`DispatchOutput`."""
     return pack_dispatch(
         args.decode,
         out.recv_x,
@@ -87,6 +107,12 @@ def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
         args.expert_alignment,
         hybrid_tensors=out.hybrid_tensors,
     )
+
+
+def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
+    """The dispatch ops' kernel: admit the call, dispatch, pack the op's outputs."""
+    buf = unwrap_ep_buffer(buffer)
+    return _dispatch_outputs(args, buf.backend.dispatch(_admit_dispatch(op, buf, args)))
 
 
 @_kernel("dispatch")
@@ -152,6 +178,62 @@ def combine_with_weights_impl(x, topk_weights, buffer, *handle):
         "deepep_ops.combine_with_weights", check_combine_with_weights, x, topk_weights, buffer, handle
     )
     return buf.backend.combine_with_weights(x, topk_weights, handle)
+
+
+# --- asynchrony: start ops launch and return a ticket, wait ops return the results ----------------
+# (deepep_ops.pending: at most one call in flight per buffer; the schemas: deepep_ops.schemas)
+def _dispatch_start(op: str, wait_op: str, args: DispatchArgs, buffer: EPBuffer) -> torch.Tensor:
+    buf = unwrap_ep_buffer(buffer)
+    started = buf.backend.dispatch_async(_admit_dispatch(op, buf, args))
+    return begin(buf, op, wait_op, ticket_like(args.x), started)
+
+
+def _dispatch_wait(wait_op: str, ticket: torch.Tensor, args: DispatchArgs, buffer: EPBuffer) -> tuple:
+    buf = unwrap_ep_buffer(buffer)
+    return _dispatch_outputs(args, take(buf, wait_op, ticket).wait())
+
+
+@_kernel("dispatch_start")
+def dispatch_start_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
+                        expert_alignment=1):
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, True)
+    return _dispatch_start("deepep_ops.dispatch_start", "deepep_ops.dispatch_wait", args, buffer)
+
+
+@_kernel("dispatch_wait")
+def dispatch_wait_impl(ticket, overlap, x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
+                       expert_alignment=1):
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, True)
+    return _dispatch_wait("deepep_ops.dispatch_wait", ticket, args, buffer)
+
+
+@_kernel("dispatch_exact_start")
+def dispatch_exact_start_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank,
+                              expert_alignment=1):
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, False)
+    return _dispatch_start("deepep_ops.dispatch_exact_start", "deepep_ops.dispatch_exact_wait", args, buffer)
+
+
+@_kernel("dispatch_exact_wait")
+def dispatch_exact_wait_impl(ticket, overlap, x, x_scales, topk_idx, topk_weights, buffer, num_experts,
+                             num_max_tokens_per_rank, expert_alignment=1):
+    args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, False)
+    return _dispatch_wait("deepep_ops.dispatch_exact_wait", ticket, args, buffer)
+
+
+@_kernel("combine_start")
+def combine_start_impl(x, buffer, *handle):
+    op = "deepep_ops.combine_start"
+    handle = DispatchHandle(*handle)
+    buf = unwrap_ep_buffer(buffer)
+    admit_handle_call(op, buf, x, handle, (), lambda check_values: verdict(
+        check_combine, op, x, handle, buf, None, check_values))
+    return begin(buf, op, "deepep_ops.combine_wait", ticket_like(x), buf.backend.combine_async(x, handle))
+
+
+@_kernel("combine_wait")
+def combine_wait_impl(ticket, overlap, x, buffer, *handle):
+    return take(unwrap_ep_buffer(buffer), "deepep_ops.combine_wait", ticket).wait()
 
 
 # --- finalize's weight-and-reduce: no buffer, no collective (deepep_ops.reduce) -------------------

@@ -12,12 +12,23 @@ routed lanes (:mod:`deepep_ops.reduce`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, NoReturn, Optional, Union
+from typing import Callable, NamedTuple, NoReturn, Optional, Sequence, Union
 
 import torch
 
 from deepep_ops.agreement import agree_combine
-from deepep_ops.api import combine, dispatch, dispatch_exact
+from deepep_ops.api import (
+    PendingCombine,
+    PendingDispatch,
+    combine,
+    combine_start,
+    combine_wait,
+    dispatch,
+    dispatch_exact,
+    dispatch_exact_start,
+    dispatch_start,
+    dispatch_wait,
+)
 from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPBuffer, as_ep_buffer
 from deepep_ops.handle import DispatchHandle
@@ -77,6 +88,16 @@ class PreparedTokens(NamedTuple):
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     handle: DispatchHandle
+    #: [T, H] the shared expert's output on this rank's own tokens, computed
+    #: while the tokens were in flight; None without ``shared_experts``.
+    shared_output: Optional[torch.Tensor] = None
+
+
+class PendingPrepare(NamedTuple):
+    """A started :meth:`DeepEPPrepareFinalize.prepare_start`: hand it to ``prepare_wait`` once."""
+
+    dispatch: PendingDispatch
+    defer_globalize: bool
 
 
 _INPUT_DTYPES = {
@@ -107,6 +128,11 @@ class DeepEPPrepareFinalize:
             before dispatch; otherwise dispatch bf16.
         expert_alignment: A, rows per local expert rounded up to it (prefill).
         device: where the tokens live.
+        shared_experts: optional [T, H] → [T, H] module (DeepSeek / Qwen-MoE
+            style shared expert). :meth:`prepare` then starts the dispatch, runs
+            it on the tokens while they are in flight, waits, and returns its
+            output as ``PreparedTokens.shared_output`` (the caller adds it to
+            the combined output). No gradient: inference only (the async ops).
     """
 
     def __init__(
@@ -119,8 +145,10 @@ class DeepEPPrepareFinalize:
         use_fp8_dispatch: bool = False,
         expert_alignment: int = 1,
         device: Union[torch.device, str] = "cpu",
+        shared_experts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.buffer = as_ep_buffer(buffer)
+        self.shared_experts = shared_experts
         self.num_experts = num_experts
         self.num_topk = num_topk
         self.decode = decode
@@ -162,11 +190,90 @@ class DeepEPPrepareFinalize:
                 (−1 for other ranks' experts; padding rows unspecified) for
                 experts that add ``rank_expert_offset`` themselves (vLLM 0.33).
 
+        With ``shared_experts`` the dispatch is asynchronous (:meth:`prepare_start`,
+        the shared expert, :meth:`prepare_wait`), except where ``a1`` requires
+        grad: the async ops have no gradient, so it dispatches, then runs the
+        shared expert.
+
         Raises:
             TypeError: a wrong input dtype, up front: under ``torch.compile``
                 this is the error the compiler reports (otherwise a float32
                 ``a1`` would only surface later, as finalize's bf16 error).
         """
+        if self.shared_experts is not None:
+            if torch.is_grad_enabled() and a1.requires_grad:
+                # The async ops have no gradient: dispatch, then the shared expert.
+                prepared = self._prepare_sync(
+                    a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank, defer_globalize
+                )
+                return prepared._replace(shared_output=self.shared_experts(a1))
+            pending = self.prepare_start(
+                a1, topk_weights, topk_ids, apply_router_weight_on_input=apply_router_weight_on_input,
+                num_max_tokens_per_rank=num_max_tokens_per_rank, defer_globalize=defer_globalize,
+            )
+            # The shared expert runs while the tokens are in flight (its input: the tokens as given).
+            shared_output = self.shared_experts(a1)
+            return self.prepare_wait(pending, overlap=(shared_output,))._replace(shared_output=shared_output)
+        return self._prepare_sync(
+            a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank, defer_globalize
+        )
+
+    def _prepare_sync(
+        self, a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank, defer_globalize
+    ) -> PreparedTokens:
+        a1, scales, num_max_tokens_per_rank = self._dispatch_inputs(
+            a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank
+        )
+        out = (dispatch if self.decode else dispatch_exact)(
+            a1,
+            topk_ids,
+            topk_weights,
+            self.buffer,
+            num_experts=self.num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=self.expert_alignment,
+            x_scales=scales,
+        )
+        return self._received(out, a1.device, defer_globalize)
+
+    def prepare_start(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        apply_router_weight_on_input: bool = False,
+        num_max_tokens_per_rank: Optional[IntLike] = None,
+        defer_globalize: bool = False,
+    ) -> "PendingPrepare":
+        """:meth:`prepare` up to the dispatch's start (:func:`deepep_ops.dispatch_start`):
+        the tokens are in flight until :meth:`prepare_wait`, which returns the
+        :class:`PreparedTokens`. Same arguments as :meth:`prepare`; no gradient."""
+        a1, scales, num_max_tokens_per_rank = self._dispatch_inputs(
+            a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank
+        )
+        pending = (dispatch_start if self.decode else dispatch_exact_start)(
+            a1,
+            topk_ids,
+            topk_weights,
+            self.buffer,
+            num_experts=self.num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=self.expert_alignment,
+            x_scales=scales,
+        )
+        return PendingPrepare(pending, defer_globalize)
+
+    def prepare_wait(self, pending: "PendingPrepare", overlap: Sequence[torch.Tensor] = ()) -> PreparedTokens:
+        """The :class:`PreparedTokens` of a :meth:`prepare_start`. ``overlap``: the
+        results of the work done in between (see :func:`deepep_ops.dispatch_wait`)."""
+        out = dispatch_wait(pending.dispatch, overlap)
+        return self._received(out, pending.dispatch.args.x.device, pending.defer_globalize)
+
+    def _dispatch_inputs(self, a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank):
+        """``(tokens, scales or None, M)`` to dispatch: weighted on input if asked,
+        block-fp8 quantized if configured, every dtype checked; M the given or
+        in-graph bucket (decode) or the capacity (prefill)."""
         # Each input is checked just before the code first reads it: Dynamo numbers
         # graph inputs in the order of first reads, and graphs/*.txt record that order.
         if apply_router_weight_on_input:
@@ -192,20 +299,30 @@ class DeepEPPrepareFinalize:
         unchecked_a1 = None if self.use_fp8_dispatch else a1  # fp8: checked before quantizing
         if not self.decode:
             _check_dtypes(a1=unchecked_a1, topk_ids=topk_ids, topk_weights=topk_weights)
-            return self._prepare_prefill(a1, scales, topk_weights, topk_ids)
+            return a1, scales, self.capacity
         if num_max_tokens_per_rank is None:
             num_max_tokens_per_rank = token_bucket(a1, self.buffer)
         _check_dtypes(a1=unchecked_a1, topk_ids=topk_ids, topk_weights=topk_weights)
-        out = dispatch(
-            a1,
-            topk_ids,
-            topk_weights,
-            self.buffer,
-            num_experts=self.num_experts,
-            num_max_tokens_per_rank=num_max_tokens_per_rank,
-            expert_alignment=self.expert_alignment,
-            x_scales=scales,
-        )
+        return a1, scales, num_max_tokens_per_rank
+
+    def _received(self, out, device: torch.device, defer_globalize: bool) -> PreparedTokens:
+        """What the experts get from a dispatch's result (global expert ids)."""
+        if not self.decode:
+            # Rows are grouped by local expert: expert e owns counts[e] (aligned) rows.
+            local_ids = torch.arange(self.num_local_experts, device=device, dtype=torch.int64)
+            global_ids = torch.repeat_interleave(
+                local_ids + self.rank_expert_offset,
+                out.num_recv_tokens_per_expert,
+                output_size=out.recv_x.shape[0],
+            )
+            return PreparedTokens(
+                out.recv_x,
+                out.recv_x_scales,
+                out.num_recv_tokens_per_expert,
+                global_ids.unsqueeze(1),
+                out.recv_topk_weights.unsqueeze(1),
+                out.handle,
+            )
         if defer_globalize:
             return PreparedTokens(
                 out.recv_x, out.recv_x_scales, None, out.recv_topk_idx, out.recv_topk_weights, out.handle
@@ -214,37 +331,10 @@ class DeepEPPrepareFinalize:
         # count (DeepEP leaves those rows stale: they can alias local expert 0).
         rows = out.recv_topk_idx.shape[0]
         num_recv = out.handle.psum_num_recv_tokens_per_scaleup_rank[-1]
-        is_real_row = torch.arange(rows, device=a1.device) < num_recv
+        is_real_row = torch.arange(rows, device=device) < num_recv
         is_routed = (out.recv_topk_idx >= 0) & is_real_row.unsqueeze(1)
         global_ids = torch.where(is_routed, out.recv_topk_idx + self.rank_expert_offset, -1)
         return PreparedTokens(out.recv_x, out.recv_x_scales, None, global_ids, out.recv_topk_weights, out.handle)
-
-    def _prepare_prefill(self, a1, scales, topk_weights, topk_ids) -> PreparedTokens:
-        out = dispatch_exact(
-            a1,
-            topk_ids,
-            topk_weights,
-            self.buffer,
-            num_experts=self.num_experts,
-            num_max_tokens_per_rank=self.capacity,
-            expert_alignment=self.expert_alignment,
-            x_scales=scales,
-        )
-        # Rows are grouped by local expert: expert e owns counts[e] (aligned) rows.
-        local_ids = torch.arange(self.num_local_experts, device=a1.device, dtype=torch.int64)
-        global_ids = torch.repeat_interleave(
-            local_ids + self.rank_expert_offset,
-            out.num_recv_tokens_per_expert,
-            output_size=out.recv_x.shape[0],
-        )
-        return PreparedTokens(
-            out.recv_x,
-            out.recv_x_scales,
-            out.num_recv_tokens_per_expert,
-            global_ids.unsqueeze(1),
-            out.recv_topk_weights.unsqueeze(1),
-            out.handle,
-        )
 
     def finalize(
         self,
@@ -271,6 +361,39 @@ class DeepEPPrepareFinalize:
             self._reject(error, fused_expert_output, handle)
         self.finalize_reduced(output, reduced, handle)
 
+    def finalize_start(
+        self,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        handle: DispatchHandle,
+        *,
+        apply_router_weight_on_input: bool = False,
+    ) -> PendingCombine:
+        """:meth:`finalize` up to the combine's start (:func:`deepep_ops.combine_start`):
+        weight-and-reduce, then the expert outputs are in flight until
+        :meth:`finalize_wait`. Same arguments as :meth:`finalize` less ``output``;
+        no gradient."""
+        try:
+            reduced = weight_and_reduce(fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input)
+        except (ValueError, TypeError) as error:
+            self._reject(error, fused_expert_output, handle)
+        return self.finalize_reduced_start(reduced, handle)
+
+    def finalize_reduced_start(self, reduced: torch.Tensor, handle: DispatchHandle) -> PendingCombine:
+        """:meth:`finalize_reduced` up to the combine's start: ``reduced`` [rows, H]
+        bf16 is in flight until :meth:`finalize_wait`; no gradient."""
+        self._check_reduced(reduced, handle)
+        return combine_start(reduced, handle, self.buffer)
+
+    def finalize_wait(
+        self, output: torch.Tensor, pending: PendingCombine, overlap: Sequence[torch.Tensor] = ()
+    ) -> None:
+        """Wait for a :meth:`finalize_start` and write ``output`` [T, H] bf16 in place.
+        ``overlap``: the results of the work done in between (see
+        :func:`deepep_ops.dispatch_wait`)."""
+        output.copy_(combine_wait(pending, overlap))
+
     def finalize_reduced(self, output: torch.Tensor, reduced: torch.Tensor, handle: DispatchHandle) -> None:
         """Combine already weighted-and-reduced rows and write ``output``.
 
@@ -279,12 +402,15 @@ class DeepEPPrepareFinalize:
             reduced: [rows, H] bf16, one row per received row (decode: R·M, prefill: X).
             handle: from :meth:`prepare`.
         """
+        self._check_reduced(reduced, handle)
+        output.copy_(combine(reduced, handle, self.buffer))
+
+    def _check_reduced(self, reduced: torch.Tensor, handle: DispatchHandle) -> None:
         if reduced.dtype != torch.bfloat16:
             self._reject(ValueError(
                 "finalize: DeepEP combine needs bfloat16 expert outputs, "
                 f"got reduced expert outputs of dtype {reduced.dtype}"
             ), reduced, handle)
-        output.copy_(combine(reduced, handle, self.buffer))
 
     def _reject(self, error: Exception, rows: torch.Tensor, handle: DispatchHandle) -> NoReturn:
         """Raise ``error``, a rejection of this rank's expert outputs before combine.

@@ -73,3 +73,40 @@ TOKEN_BUCKET = f"token_bucket(Tensor tokens, {EP_BUFFER_TYPE} buffer) -> SymInt"
 WEIGHT_AND_REDUCE = (
     "weight_and_reduce(Tensor expert_output, Tensor topk_weights, Tensor topk_ids, bool apply_weights) -> Tensor"
 )
+
+# --- asynchrony: a start op launches the communication and returns a ticket (an
+# empty tensor, which orders its wait after it); the wait takes the ticket and
+# the start's own arguments (so the fake kernel sees every shape, and the inputs
+# stay alive until the data has left) and returns what the synchronous op
+# returns. Prefill's wait owns its unbacked sizes N and X. Five of the six carry
+# an ordered effect (deepep_ops.ops): never reordered against one another, never
+# dead-code-eliminated; dispatch_exact_wait cannot (deepep_ops.ops says why) and
+# is ordered by its ticket. At most one start per buffer is outstanding.
+#
+# A wait's ``overlap`` tensors are not read: they are the work meant to run while
+# the data is in flight, and as inputs of the wait they must exist before it.
+# Without them Inductor is free to schedule independent work after the wait (its
+# peak-memory reordering moves a shared expert next to its consumer).
+_WAIT_OVERLAP = "Tensor[] overlap"
+
+#: Start a decode dispatch.
+DISPATCH_START = f"dispatch_start({_DISPATCH_ARGS}) -> Tensor ticket"
+#: Wait for a decode dispatch: ``dispatch``'s outputs.
+DISPATCH_WAIT = (
+    f"dispatch_wait(Tensor ticket, {_WAIT_OVERLAP}, {_DISPATCH_ARGS}) -> ({_handle.dispatch_schema_returns(decode=True)})"
+)
+#: Start a prefill dispatch.
+DISPATCH_EXACT_START = f"dispatch_exact_start({_DISPATCH_ARGS}) -> Tensor ticket"
+#: Wait for a prefill dispatch: ``dispatch_exact``'s outputs (N and X bound here).
+DISPATCH_EXACT_WAIT = (
+    f"dispatch_exact_wait(Tensor ticket, {_WAIT_OVERLAP}, {_DISPATCH_ARGS}) "
+    f"-> ({_handle.dispatch_schema_returns(decode=False)})"
+)
+#: Start a combine.
+COMBINE_START = f"combine_start({_COMBINE_ARGS}) -> Tensor ticket"
+#: Wait for a combine: [T, H] bf16.
+COMBINE_WAIT = f"combine_wait(Tensor ticket, {_WAIT_OVERLAP}, {_COMBINE_ARGS}) -> Tensor"
+
+#: The async ops (deepep_ops.ops registers their ordered effect).
+ASYNC_OPS = ("dispatch_start", "dispatch_wait", "dispatch_exact_start", "dispatch_exact_wait",
+             "combine_start", "combine_wait")

@@ -12,6 +12,14 @@ import torch
 
 from deepep_ops._torch_compat import install_compile_hooks
 
+from fake_impls.asynchrony import (
+    combine_start_fake,
+    combine_wait_fake,
+    dispatch_exact_start_fake,
+    dispatch_exact_wait_fake,
+    dispatch_start_fake,
+    dispatch_wait_fake,
+)
 from fake_impls.bucket import token_bucket_fake
 from fake_impls.combine import combine_fake, combine_into_fake
 from fake_impls.dispatch import dispatch_exact_fake, dispatch_fake
@@ -28,6 +36,12 @@ FAKES = {
     "cached_dispatch": cached_dispatch_fake,
     "combine_with_weights": combine_with_weights_fake,
     "weight_and_reduce": weight_and_reduce_fake,
+    "dispatch_start": dispatch_start_fake,
+    "dispatch_wait": dispatch_wait_fake,
+    "dispatch_exact_start": dispatch_exact_start_fake,
+    "dispatch_exact_wait": dispatch_exact_wait_fake,
+    "combine_start": combine_start_fake,
+    "combine_wait": combine_wait_fake,
 }
 
 

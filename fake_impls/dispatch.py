@@ -29,7 +29,7 @@ def _recv_scales(x, x_scales, rows):
     return x_scales.new_empty((rows, x_scales.shape[1]))
 
 
-def _reject_eager_meta(op: str, args: DispatchArgs, buffer) -> None:
+def reject_meta_dispatch(op: str, args: DispatchArgs, buffer) -> None:
     # Meta tensors are host-side: the CPU default of check mode applies (the peers,
     # with CPU tensors, exchange on every call; agree-once mode would raise here alone).
     reject_eager_meta(op, args.x, args.topk_idx, args.topk_weights, agree=lambda error: agree_dispatch(
@@ -50,7 +50,7 @@ def _dims(buf, args: DispatchArgs, num_recv_tokens) -> HandleDims:
 def dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment=1):
     """Decode mode: R·M rows, a pure function of the SymInt M."""
     args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, True)
-    _reject_eager_meta("dispatch", args, buffer)
+    reject_meta_dispatch("dispatch", args, buffer)
     buf = unwrap_ep_buffer(buffer)
     num_ranks = buf.num_ranks
     rows = decode_num_recv_tokens(num_ranks, num_max_tokens_per_rank)
@@ -76,7 +76,7 @@ def dispatch_exact_fake(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     X is at most the worst case of decode mode.
     """
     args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, False)
-    _reject_eager_meta("dispatch_exact", args, buffer)
+    reject_meta_dispatch("dispatch_exact", args, buffer)
     buf = unwrap_ep_buffer(buffer)
     num_ranks = buf.num_ranks
     T, K = topk_idx.shape

@@ -7,8 +7,9 @@ For every config the real ops run eagerly (world size 1 in-process; world size
 dtype, significant strides and storage offset must agree once the symbols are
 replaced by the real values; for dispatch_exact the unbacked sizes (N = rows of
 recv_src_metadata, X = rows of recv_x) come from the real run and must satisfy
-the ranges and runtime asserts the fake declares. A few torch.compile traces
-check the same through Dynamo's recorded example values.
+the ranges and runtime asserts the fake declares. The async pairs (a start, then
+its wait) are checked the same way. A few torch.compile traces check the same
+through Dynamo's recorded example values.
 """
 
 from __future__ import annotations
@@ -130,14 +131,41 @@ def real_metas(c: Config, rank: int, buf) -> dict:
         ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)))
     ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
         torch.zeros(ex[0].shape, dtype=torch.bfloat16), ex, inp.topk_idx, buf, c, c.M, False, ex[0].shape[0]))
+    # The async pairs: a start's ticket, its wait's outputs (those of the synchronous op).
+    dec_w, ex_w, dec_comb_w, ex_comb_w = _async_ops(args, inp.topk_idx, buf, c, real=True)
     return {
         "dispatch": [_meta(t) for t in dec],
         "dispatch_exact": [_meta(t) for t in ex],
         "combine_decode": [_meta(dec_comb)],
         "combine_exact": [_meta(ex_comb)],
+        "dispatch_wait": [_meta(t) for t in dec_w],
+        "dispatch_exact_wait": [_meta(t) for t in ex_w[2:]],
+        "combine_wait_decode": [_meta(dec_comb_w)],
+        "combine_wait_exact": [_meta(ex_comb_w)],
         "N": N,
         "X": X,
     }
+
+
+def _async_ops(args, topk_idx, buf, c: Config, real: bool):
+    """dispatch_start/wait, dispatch_exact_start/wait and combine_start/wait (after each
+    dispatch) with the same arguments as the synchronous calls; each wait's outputs.
+    Each start's ticket is an empty uint8 tensor on the tokens' device."""
+    ops = torch.ops.deepep_ops
+    outs = []
+    for start, wait in ((ops.dispatch_start, ops.dispatch_wait), (ops.dispatch_exact_start, ops.dispatch_exact_wait)):
+        ticket = start(*args)
+        assert ticket.shape == (0,) and ticket.dtype == torch.uint8 and ticket.device == args[0].device, ticket
+        outs.append(wait(ticket, [], *args))
+    dec_w, ex_w = outs
+    dec_worst = ref.align_up(c.R * c.M * min(c.K, c.E // c.R) + (c.A - 1) * (c.E // c.R), c.A)
+    combined = []
+    for outputs, decode, num_expanded in ((dec_w, True, dec_worst), (ex_w[2:], False, ex_w[2].shape[0])):
+        new = torch.zeros if real else torch.empty
+        cargs = _combine_args(new(outputs[0].shape, dtype=torch.bfloat16), outputs, topk_idx, buf, c, c.M,
+                              decode, num_expanded)
+        combined.append(ops.combine_wait(ops.combine_start(*cargs), [], *cargs))
+    return (dec_w, ex_w, *combined)
 
 
 def _r2_worker(rank, world, configs):
@@ -182,8 +210,11 @@ def fake_outputs(c: Config, rank: int):
             torch.empty(dec[0].shape, dtype=torch.bfloat16), dec, fi, buf, c, c.M, True, dec_worst))
         ex_comb = torch.ops.deepep_ops.combine(*_combine_args(
             torch.empty(ex[0].shape, dtype=torch.bfloat16), ex, fi, buf, c, c.M, False, ex[0].shape[0]))
+        dec_w, ex_w, dec_comb_w, ex_comb_w = _async_ops(args, fi, buf, c, real=False)
     return shape_env, {"sizes": (n_out, x_out), "dispatch": list(dec), "dispatch_exact": ex,
-                       "combine_decode": [dec_comb], "combine_exact": [ex_comb]}
+                       "combine_decode": [dec_comb], "combine_exact": [ex_comb],
+                       "wait_sizes": tuple(ex_w[:2]), "dispatch_wait": list(dec_w), "dispatch_exact_wait": ex_w[2:],
+                       "combine_wait_decode": [dec_comb_w], "combine_wait_exact": [ex_comb_w]}
 
 
 def _value(s, subs) -> int:
@@ -208,9 +239,16 @@ def compare(c: Config, rank: int, real: dict) -> None:
     N, X = real["N"], real["X"]
     subs = dict(shape_env.backed_var_to_val)
     subs.update({u_n: sympy.Integer(N), u_x: sympy.Integer(X)})
+    # dispatch_exact_wait binds N and X anew (its own unbacked symbols), for the same values.
+    ex_w = fake["dispatch_exact_wait"]
+    (w_x,) = free_unbacked_symbols(ex_w[0].shape[0].node.expr)
+    (w_n,) = free_unbacked_symbols(ex_w[7].shape[0].node.expr)
+    assert {w_n, w_x}.isdisjoint({u_n, u_x})
+    assert tuple(s.node.expr for s in fake["wait_sizes"]) == (w_n, w_x)
+    subs.update({w_n: sympy.Integer(N), w_x: sympy.Integer(X)})
 
     # bounds the fake declares (value ranges and deferred runtime asserts) hold for the real sizes
-    for sym, val in ((u_n, N), (u_x, X)):
+    for sym, val in ((u_n, N), (u_x, X), (w_n, N), (w_x, X)):
         vr = shape_env.var_to_range[sym]
         assert vr.lower <= val <= vr.upper, f"real {sym}={val} outside declared range {vr}"
     for asserts in shape_env.deferred_runtime_asserts.values():
@@ -221,7 +259,7 @@ def compare(c: Config, rank: int, real: dict) -> None:
     assert 0 <= N <= c.R * c.M and N <= X <= ref.align_up(c.R * c.M * min(c.K, EL) + (c.A - 1) * EL, c.A)
 
     for op, real_list in real.items():
-        if op in ("N", "X"):
+        if op in ("N", "X", "wait_sizes"):
             continue
         fake_list = fake[op]
         assert len(fake_list) == len(real_list), (op, len(fake_list), len(real_list))

@@ -206,8 +206,9 @@ class PointToPointBuffer(D.ReferenceElasticBuffer):
     ``all_to_all_single`` (what a new all-to-all library overrides). ``EPBuffer``
     wraps it with no registration: it is a ``ReferenceElasticBuffer``."""
 
-    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+    def all_to_all_async(self, send: torch.Tensor):
         import torch.distributed as dist
+        from deepep_ops.reference import Transfer
 
         self.transfers = getattr(self, "transfers", 0) + 1
         recv = torch.empty_like(send)
@@ -217,9 +218,8 @@ class PointToPointBuffer(D.ReferenceElasticBuffer):
             if peer != self.rank_idx:
                 ops.append(dist.P2POp(dist.isend, send[peer].contiguous(), peer, group=self.group))
                 ops.append(dist.P2POp(dist.irecv, recv[peer], peer, group=self.group))
-        for work in dist.batch_isend_irecv(ops) if ops else ():
-            work.wait()
-        return recv
+        # Started, not waited for: the buffer waits (at once, or at an async op's wait).
+        return recv, Transfer(dist.batch_isend_irecv(ops) if ops else ())
 
 
 def _third_backend(rank: int, world_size: int) -> int:

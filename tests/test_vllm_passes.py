@@ -1,7 +1,7 @@
 """The combine-into post-grad pass (deepep_ops.vllm.passes) on real Inductor post-grad graphs.
 
 A small MoE step through vLLM's ``FusedMoEKernel`` + the adapter (decode mode,
-reference buffer at world size 1) writes into a caller-owned output buffer
+synchronous combine, reference buffer at world size 1) writes into a caller-owned output buffer
 (``out.copy_(kernel.apply(...))``, a graph input), so the post-grad graph holds
 ``aten.copy_(out, deepep_ops.combine(...))``. Checks: graph snapshots before/after
 the pass (``graphs/vllm_pass_combine_into.{before,after}.txt``), the same numbers
@@ -31,7 +31,8 @@ def setup():
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
-    kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=True)
+    # Synchronous combine (the pass's case); the async one is test_async_finalize_is_left_alone.
+    kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=True, asynchronous=False)
     w1, w2 = gated_expert_weights(E, H, I)
     g = torch.Generator().manual_seed(0)
 
@@ -168,3 +169,35 @@ def test_pass_by_name_after_plugin():
     from deepep_ops.vllm.passes import combine_into_pass
 
     assert p.callable is combine_into_pass
+
+
+def test_async_finalize_is_left_alone():
+    """The default adapter combines asynchronously (``combine_start`` / ``combine_wait``,
+    so vLLM's shared experts overlap it): the pass matches nothing there (the wait's
+    copy into ``out`` stays; real DeepEP's combine_into copies too), and the numbers
+    are those of eager."""
+    import deepep_ops
+    from deepep_ops.vllm.passes import CombineIntoPass
+    from deepep_ops.vllm.testing import build_modular_kernel, gated_expert_weights
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    buf = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
+    kernel, _ = build_modular_kernel(buf, E, K, H, I, decode=True)
+    w1, w2 = gated_expert_weights(E, H, I)
+
+    def step(out, x, topk_weights, topk_ids):
+        out.copy_(kernel.apply(x, w1, w2, topk_weights, topk_ids, MoEActivation.SILU, E, None, False))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    w = torch.rand(T, K, generator=g).softmax(-1)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    eager = torch.zeros(T, H, dtype=torch.bfloat16)
+    step(eager, x, w, ids)
+    pass_ = CombineIntoPass()
+    rec = _Recorder(pass_)
+    got = _run(step, (x, w, ids), rec)
+    assert pass_.matched_count == 0 and rec.after == rec.before
+    assert "deepep_ops.combine_start.default" in rec.before and "deepep_ops.combine_wait.default" in rec.before
+    torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+    assert eager.abs().sum() > 0

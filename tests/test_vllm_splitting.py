@@ -90,16 +90,17 @@ def test_splitting_ops_helper():
     from deepep_ops.vllm import splitting_ops
     from vllm.config import CompilationConfig
 
-    assert splitting_ops() == ["deepep_ops::dispatch_exact"]
+    ours = ["deepep_ops::dispatch_exact", "deepep_ops::dispatch_exact_start", "deepep_ops::dispatch_exact_wait"]
+    assert splitting_ops() == ours
     cc = CompilationConfig(splitting_ops=["vllm::unified_attention_with_output"])
-    assert splitting_ops(cc) == ["vllm::unified_attention_with_output", "deepep_ops::dispatch_exact"]
-    assert splitting_ops(cc) == cc.splitting_ops == ["vllm::unified_attention_with_output", "deepep_ops::dispatch_exact"]
+    assert splitting_ops(cc) == ["vllm::unified_attention_with_output", *ours]
+    assert splitting_ops(cc) == cc.splitting_ops == ["vllm::unified_attention_with_output", *ours]
     default = CompilationConfig()  # splitting_ops None: vLLM's defaults are kept
     ops = splitting_ops(default)
-    assert "vllm::unified_attention_with_output" in ops and ops[-1] == "deepep_ops::dispatch_exact"
-    assert "deepep_ops::dispatch" not in ops
+    assert "vllm::unified_attention_with_output" in ops and ops[-3:] == ours
+    assert "deepep_ops::dispatch" not in ops and "deepep_ops::dispatch_start" not in ops
     part = CompilationConfig(use_inductor_graph_partition=True, splitting_ops=[])
-    assert splitting_ops(part) == ["deepep_ops::dispatch_exact"]
+    assert splitting_ops(part) == ours
 
 
 def _call_targets(gm):

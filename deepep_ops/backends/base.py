@@ -38,6 +38,19 @@ class DispatchOutput(NamedTuple):
     hybrid_tensors: tuple = (None, None)
 
 
+class Done:
+    """A started call whose result is already there: ``wait()`` returns it (the
+    default of :meth:`Backend.dispatch_async` / :meth:`Backend.combine_async`)."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: object) -> None:
+        self._result = result
+
+    def wait(self) -> object:
+        return self._result
+
+
 class Backend(abc.ABC):
     """One EP buffer of one all-to-all implementation.
 
@@ -98,6 +111,18 @@ class Backend(abc.ABC):
         written into ``out`` when given (and returned). ``handle`` may be a
         :class:`~deepep_ops.handle.DispatchedHandle` carrying ``native``, the
         ``native_handle`` this backend's dispatch returned."""
+
+    # Asynchrony (deepep_ops::dispatch_start / _wait, combine_start / _wait). A
+    # backend without it runs the call at start: correct, with nothing to overlap.
+    def dispatch_async(self, args: DispatchArgs) -> "Done":
+        """Start :meth:`dispatch`: returns an object whose ``wait()`` (called once,
+        by the matching wait op) returns its :class:`DispatchOutput`; until then
+        the communication may be in flight while the caller computes."""
+        return Done(self.dispatch(args))
+
+    def combine_async(self, x: torch.Tensor, handle: DispatchHandle) -> "Done":
+        """Start :meth:`combine`: ``wait()`` returns the [T, H] bf16 result."""
+        return Done(self.combine(x, handle))
 
     # Training: the two calls the backward passes make. Not abstract, so
     # forward-only backends keep working; the op kernels raise their error.

@@ -135,8 +135,13 @@ class DeepEPBackend(Backend):
         self._num_channels: dict = {}
 
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
+        recv, recv_topk_idx, recv_topk_weights, handle, _event = self._dispatch(args)
+        return self._dispatch_output(args, recv, recv_topk_idx, recv_topk_weights, handle)
+
+    def _dispatch(self, args: DispatchArgs, **extra):
+        """``buffer.dispatch`` of validated ``args`` in DeepEP's words (``extra``: the async keywords)."""
         prefill = not args.decode  # DeepEP's do_expand / do_cpu_sync
-        recv, recv_topk_idx, recv_topk_weights, handle, _event = self.buffer.dispatch(
+        return self.buffer.dispatch(
             args.x if args.x_scales is None else (args.x, args.x_scales),
             topk_idx=args.topk_idx,
             topk_weights=args.topk_weights,
@@ -152,19 +157,63 @@ class DeepEPBackend(Backend):
             do_expand=prefill,
             # Zeroed padding rows keep garbage (NaN/Inf) out of expert compute.
             do_zero_padding=prefill,
+            **extra,
         )
+
+    def _dispatch_output(self, args: DispatchArgs, recv, recv_topk_idx, recv_topk_weights, handle) -> DispatchOutput:
         recv_x, recv_x_scales = recv if isinstance(recv, tuple) else (recv, None)
         hybrid_tensors = self._confirm_hybrid_handle(args, handle) if self.hybrid else _NO_HYBRID_TENSORS
         # tuple.__new__: the NamedTuple without its Python __new__ (eager dispatch's hot path).
         return _new_tuple(DispatchOutput, (
             recv_x,
             recv_x_scales,
-            None if prefill else recv_topk_idx,
+            recv_topk_idx if args.decode else None,
             recv_topk_weights,
             _handle_tensors(handle),
             handle,
             hybrid_tensors,
         ))
+
+    # ------------------------------------------------------------------ asynchrony
+    # DeepEP v2.1 (async_with_compute_stream=True): the call launches its kernels on
+    # DeepEP's communication stream and returns its (not yet valid) outputs with an
+    # EventOverlap; the compute stream carries on, and the wait makes it wait for
+    # the event (a stream join, legal inside one CUDA-graph capture). v2.5 and the
+    # reference buffer also take defer_epilogue=True: the call returns only the
+    # event, whose wait() runs the receiving epilogue and returns the results.
+    def _defers_epilogue(self) -> bool:
+        """Whether this DeepEP's dispatch/combine take ``defer_epilogue`` (v2.5, the reference)."""
+        defers = self.__dict__.get("_defers")
+        if defers is None:
+            import inspect
+
+            defers = self.__dict__["_defers"] = "defer_epilogue" in inspect.signature(self.buffer.dispatch).parameters
+        return defers
+
+    def dispatch_async(self, args: DispatchArgs) -> "_Pending":
+        if self._defers_epilogue():
+            event = self._dispatch(args, async_with_compute_stream=True, defer_epilogue=True)
+            return _Pending(lambda: self._dispatch_output(args, *event.wait()))
+        recv, recv_topk_idx, recv_topk_weights, handle, event = self._dispatch(args, async_with_compute_stream=True)
+
+        def received() -> DispatchOutput:
+            event.current_stream_wait()
+            return self._dispatch_output(args, recv, recv_topk_idx, recv_topk_weights, handle)
+
+        return _Pending(received)
+
+    def combine_async(self, x, handle) -> "_Pending":
+        native = self.native_handle(handle)
+        if self._defers_epilogue():
+            event = self.buffer.combine(x, handle=native, async_with_compute_stream=True, defer_epilogue=True)
+            return _Pending(lambda: event.wait()[0])
+        combined_x, _combined_weights, event = self.buffer.combine(x, handle=native, async_with_compute_stream=True)
+
+        def received() -> torch.Tensor:
+            event.current_stream_wait()
+            return combined_x
+
+        return _Pending(received)
 
     # ------------------------------------------------------------------ hybrid mode
     def _channels_key(self, args: DispatchArgs) -> tuple:
@@ -293,6 +342,18 @@ class DeepEPBackend(Backend):
             x, handle=self._native_handle(handle), topk_weights=topk_weights
         )
         return combined_x, combined_weights
+
+
+class _Pending:
+    """A started DeepEP call: ``wait()`` (once) returns its result."""
+
+    __slots__ = ("_receive",)
+
+    def __init__(self, receive) -> None:
+        self._receive = receive
+
+    def wait(self):
+        return self._receive()
 
 
 def from_object(obj: object) -> Optional[DeepEPBackend]:

@@ -7,7 +7,7 @@ the real backend's code path. It also writes combine results in place.
 
 Another all-to-all library can reuse the reference's layout (the handle, the
 row order, the reductions) by subclassing :class:`ReferenceElasticBuffer` and
-overriding its transport, :meth:`ReferenceElasticBuffer.all_to_all`; such a
+overriding its transport, :meth:`ReferenceElasticBuffer.all_to_all_async`; such a
 subclass is wrapped here with no registration of its own.
 """
 

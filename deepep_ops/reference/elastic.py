@@ -110,10 +110,62 @@ class EPHandle:
 
 
 class _NoEvent:
-    """Stands in for DeepEP's ``EventOverlap``: the reference is synchronous."""
+    """Stands in for DeepEP's ``EventOverlap`` of a call that has finished."""
 
     def current_stream_wait(self) -> None:
         pass
+
+
+class Transfer:
+    """A transport in flight (:meth:`ReferenceElasticBuffer.all_to_all_async`):
+    ``wait()`` returns once every one of its ``works`` (``torch.distributed``
+    works, e.g. gloo's ``async_op=True`` ones) has finished."""
+
+    def __init__(self, works: Sequence = ()) -> None:
+        self.works = tuple(works)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+class DeferredEvent:
+    """What a dispatch or combine with ``defer_epilogue=True`` returns (DeepEP
+    v2.5's deferred ``EventOverlap``): the payload is in flight; ``wait()``
+    waits for it, runs the receiver's epilogue and returns the results
+    (dispatch: ``(recv_x, recv_topk_idx, recv_topk_weights, handle)``; combine:
+    ``(combined_x, combined_topk_weights)``). It can be waited on once."""
+
+    def __init__(self, steps) -> None:
+        # A generator that has sent its payload and yielded the transfers in flight.
+        self._steps = steps
+        self._transfers = next(steps)
+
+    def wait(self):
+        if self._steps is None:
+            raise RuntimeError("Assertion exception: this event was already waited on")
+        steps, self._steps = self._steps, None
+        for transfer in self._transfers:
+            transfer.wait()
+        try:
+            steps.send(None)
+        except StopIteration as done:
+            return done.value[:-1]  # without the (finished) event
+        raise RuntimeError("the reference buffer's epilogue yielded twice")  # pragma: no cover
+
+    def current_stream_wait(self) -> None:
+        raise RuntimeError("Assertion exception: a deferred event returns its results from wait()")
+
+
+def _run(steps):
+    """Run a dispatch/combine step generator to the end, waiting for its transfers."""
+    for transfer in next(steps):
+        transfer.wait()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the reference buffer's epilogue yielded twice")  # pragma: no cover
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -373,19 +425,28 @@ class ReferenceElasticBuffer:
         return 1
 
     # ------------------------------------------------------------------ comm
-    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+    def all_to_all_async(self, send: torch.Tensor) -> Tuple[torch.Tensor, Transfer]:
         """The transport: an equal-split all-to-all over dim 0 (one block per rank,
-        ``send[d]`` goes to rank d; returns ``recv`` with ``recv[s]`` from rank s).
+        ``send[d]`` goes to rank d), started: ``(recv, transfer)``, ``recv[s]``
+        holding rank s's block once ``transfer.wait()`` returned.
 
         Every byte this buffer moves goes through here (one call per dispatch for
         the payload and one for the counts, one per combine and cached dispatch),
         so another all-to-all library reuses the whole reference layout by
         overriding this method in a subclass (:mod:`deepep_ops.backends.reference`).
+        Here: ``torch.distributed.all_to_all_single(..., async_op=True)`` (gloo runs
+        it on its own threads, so the caller's compute overlaps it on CPU too).
         """
         if self.num_ranks == 1:
-            return send.clone()
+            return send.clone(), Transfer()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+        return recv, Transfer((work,))
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """:meth:`all_to_all_async`, waited for."""
+        recv, transfer = self.all_to_all_async(send)
+        transfer.wait()
         return recv
 
     # -------------------------------------------------------------- dispatch
@@ -410,6 +471,7 @@ class ReferenceElasticBuffer:
         do_expand: bool = False,
         do_zero_padding: bool = False,
         use_tma_aligned_col_major_sf: bool = False,
+        defer_epilogue: bool = False,
     ):
         """DeepEP's ``ElasticBuffer.dispatch`` (direct mode; hybrid mode's handle: :meth:`_hybrid_handle`).
 
@@ -418,6 +480,11 @@ class ReferenceElasticBuffer:
         handle's, and only ``recv_x`` (and its scales) is returned, with the
         handle itself. Returns ``(recv_x | (recv_x, recv_sf), recv_topk_idx, recv_topk_weights,
         handle, event)`` with the shapes of contract §2.
+
+        ``defer_epilogue=True`` (DeepEP v2.5's keyword; needs
+        ``async_with_compute_stream=True``): the payload is sent and a
+        :class:`DeferredEvent` returned at once; its ``wait()`` receives it and
+        returns ``(recv_x, recv_topk_idx, recv_topk_weights, handle)``.
         """
         if handle is not None:
             if do_expand != handle.do_expand:
@@ -429,6 +496,18 @@ class ReferenceElasticBuffer:
             recv_x, recv_sf = self._cached_dispatch(x, handle)
             recv_x_ret = recv_x if recv_sf is None else (recv_x, recv_sf)
             return recv_x_ret, None, None, handle, _NoEvent()
+        if defer_epilogue and not async_with_compute_stream:
+            raise RuntimeError("Assertion exception: defer_epilogue requires async_with_compute_stream")
+        steps = self._dispatch_steps(x, topk_idx, topk_weights, cumulative_local_expert_recv_stats, num_experts,
+                                     num_max_tokens_per_rank, expert_alignment, num_sms, do_handle_copy, do_cpu_sync,
+                                     do_expand, do_zero_padding)
+        return DeferredEvent(steps) if defer_epilogue else _run(steps)
+
+    def _dispatch_steps(self, x, topk_idx, topk_weights, cumulative_local_expert_recv_stats, num_experts,
+                        num_max_tokens_per_rank, expert_alignment, num_sms, do_handle_copy, do_cpu_sync, do_expand,
+                        do_zero_padding):
+        """:meth:`dispatch` (not cached) as steps: send the payload, yield the
+        transfers in flight, then receive; returns dispatch's 5-tuple."""
         if topk_idx is None or num_experts is None:
             raise ValueError("ReferenceElasticBuffer.dispatch needs topk_idx and num_experts")
         if do_zero_padding and not do_expand:
@@ -475,8 +554,9 @@ class ReferenceElasticBuffer:
         for d in range(R):
             dest = torch.where(to_rank[:, d], slot[:, d], M)
             _words(send[d]).index_copy_(0, dest, _words(payload))
-        recv = self.all_to_all(send[:, :M].contiguous())  # [R(src), M, B]
-        recv_counts = self.all_to_all(send_counts.to(torch.int64))  # [R(src)]
+        recv, sent = self.all_to_all_async(send[:, :M].contiguous())  # [R(src), M, B]
+        recv_counts, counts_sent = self.all_to_all_async(send_counts.to(torch.int64))  # [R(src)]
+        yield sent, counts_sent
 
         # ---- receiver: compact rows to [0, N), grouped by source rank
         psum_rank = torch.cumsum(recv_counts, 0)
@@ -803,6 +883,7 @@ class ReferenceElasticBuffer:
         async_with_compute_stream: bool = False,
         allocate_on_comm_stream: bool = False,
         out: Optional[torch.Tensor] = None,
+        defer_epilogue: bool = False,
     ):
         """DeepEP's ``ElasticBuffer.combine``, reductions as contract §4 (hybrid mode: §9).
 
@@ -813,8 +894,17 @@ class ReferenceElasticBuffer:
         ``out`` (an extension, not in DeepEP's API): [T, H] bf16 to write
         the result into instead of allocating it.
 
-        Returns ``(combined_x [T, H] bf16, combined_topk_weights [T, K] f32 or None, event)``.
+        Returns ``(combined_x [T, H] bf16, combined_topk_weights [T, K] f32 or None, event)``;
+        with ``defer_epilogue=True`` (v2.5's keyword; needs ``async_with_compute_stream``)
+        a :class:`DeferredEvent` whose ``wait()`` returns the first two.
         """
+        if defer_epilogue and not async_with_compute_stream:
+            raise RuntimeError("Assertion exception: defer_epilogue requires async_with_compute_stream")
+        steps = self._combine_steps(x, handle, topk_weights, bias, out)
+        return DeferredEvent(steps) if defer_epilogue else _run(steps)
+
+    def _combine_steps(self, x, handle, topk_weights, bias, out):
+        """:meth:`combine` as steps: send, yield the transfer in flight, reduce; returns combine's 3-tuple."""
         if x.dtype != torch.bfloat16:
             raise RuntimeError(f"Assertion exception: combine x must be bfloat16, got {x.dtype}")
         R = self.num_ranks
@@ -865,7 +955,8 @@ class ReferenceElasticBuffer:
         payload = torch.cat(parts, dim=1)
         B = payload.shape[1]
         send = _scatter_rows(payload, back_dest, row_valid, R * M).reshape(R, M, B)
-        recv = self.all_to_all(send)  # [R(dst), M, B]: what rank d sends back for my token t
+        recv, sent = self.all_to_all_async(send)  # [R(dst), M, B]: what rank d sends back for my token t
+        yield (sent,)
 
         lanes_per_row = contrib.shape[1]
         back = _from_bytes(recv.reshape(R * M, B)[:, : lanes_per_row * H * 2], torch.bfloat16, lanes_per_row * H)

@@ -152,6 +152,11 @@ def dp_max_num_tokens() -> Optional[int]:
     return int(dp_metadata.num_tokens_across_dp_cpu.max())
 
 
+def dbo_active() -> bool:
+    """Whether vLLM's dual-batch overlap (DBO) is running micro-batches now."""
+    return bool(dbo_enabled())
+
+
 def ubatch_id() -> int:
     """The DBO micro-batch of this thread (0 without DBO)."""
     # Reading the thread id only under DBO keeps the common path traceable.

@@ -107,8 +107,8 @@ class EngineDeepEPV2PrepareAndFinalize(DeepEPV2PrepareAndFinalize):
         # The router produces these; dispatch takes int64 either way.
         return torch.int64
 
-    def prepare_async(self, a1, *args, **kwargs):
-        receive = super().prepare_async(a1, *args, **kwargs)
+    def _prepare(self, a1, *args, **kwargs):
+        receive = super()._prepare(a1, *args, **kwargs)
         num_tokens = a1.shape[0]
         if not (self.use_cudagraph and self.buffer.num_ranks > 1 and torch.compiler.is_compiling()):
             return receive
@@ -133,9 +133,15 @@ class EngineDeepEPV2PrepareAndFinalize(DeepEPV2PrepareAndFinalize):
 
     def finalize_async(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
                        weight_and_reduce_impl):
-        self.finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
-                      weight_and_reduce_impl)
-        return lambda: None
+        receive = super().finalize_async(output, fused_expert_output, topk_weights, topk_ids,
+                                         apply_router_weight_on_input, weight_and_reduce_impl)
+        _debug_nonfinite("finalize in", fused_expert_output, topk_ids=topk_ids)
+
+        def receive_checked():
+            receive()
+            _debug_nonfinite("finalize out", output)
+
+        return receive_checked
 
     def _receive(self, p, quant_config, quantize_after):
         a1q, a1q_scale, meta, topk_ids, topk_weights = super()._receive(p, quant_config, quantize_after)

@@ -31,6 +31,7 @@ from deepep_ops.vllm._compat import (
     TopKWeightAndReduceNoOP,
     can_quantize_after_dispatch,
     current_device_type,
+    dbo_active,
     deepep_activation_format,
     dp_max_num_tokens,
     expert_tokens_metadata,
@@ -173,10 +174,16 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     run-time per-tensor scale over the received rows only
     (``masked_amax_scale(..., num_valid=psum[-1:])``). Decode metadata is what
     0.32 to 0.34 all return: no counts, ``psum_recv_per_rank`` set.
-    :meth:`finalize_async` combines synchronously and returns a receiver with
-    nothing left to wait for; 0.34's class instead issues the combine on
-    DeepEP's stream and joins in the receiver, so that the shared experts
-    overlap it. The result is the same; the overlap is not there.
+    Asynchrony (:func:`deepep_ops.dispatch_start` and friends): :meth:`prepare_async`
+    starts the dispatch and its receiver waits; :meth:`finalize_async` starts
+    the combine and its receiver waits, so vLLM's modular kernel runs the
+    shared experts while the combine is in flight (0.34's class does the same
+    with DeepEP's stream; it dispatches synchronously). Under DBO both are
+    synchronous (the micro-batches interleave their calls; a buffer holds one
+    async call at a time), as 0.34 does for its combine. ``asynchronous=False``
+    (keyword-only) makes them synchronous always: one op per dispatch and
+    combine, where :mod:`deepep_ops.vllm.passes` turns the combine's copy into
+    ``combine_into``.
 
     Args (keyword-only):
         device: where tokens live (default: vLLM's current platform device type).
@@ -220,8 +227,10 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         device: Optional[Union[torch.device, str]] = None,
         warmup: Optional[bool] = None,
         hidden: Optional[int] = None,
+        asynchronous: bool = True,
     ) -> None:
         super().__init__()
+        self.asynchronous = asynchronous
         self.buffer = as_ep_buffer(buffer)
         self.num_dispatchers_ = num_dispatchers
         self.dp_size = dp_size
@@ -347,6 +356,25 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         quant_config: FusedMoEQuantConfig,
         defer_input_quant: bool = False,
     ) -> mk.ReceiverType:
+        # DBO's two micro-batches interleave their calls on one buffer, which
+        # holds one async call at a time: there the dispatch is synchronous.
+        return self._prepare(
+            a1, topk_weights, topk_ids, num_experts, apply_router_weight_on_input, quant_config,
+            defer_input_quant, asynchronous=self.asynchronous and not dbo_active(),
+        )
+
+    def _prepare(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        num_experts: int,
+        apply_router_weight_on_input: bool,
+        quant_config: FusedMoEQuantConfig,
+        defer_input_quant: bool,
+        asynchronous: bool,
+    ) -> mk.ReceiverType:
+        """Dispatch (started, with ``asynchronous``) and its receiver."""
         if num_experts != self.num_experts:
             raise ValueError(
                 f"DeepEPV2PrepareAndFinalize: called with num_experts={num_experts}, "
@@ -364,17 +392,25 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                     "GPU quantization kernels and is not available on CPU; use block fp8, "
                     "an unquantized config, or experts with expects_unquantized_inputs"
                 )
-        prepared = self._pf[fp8].prepare(
-            a1,
-            topk_weights,
-            topk_ids,
+        quantize_after = not fp8 and not defer_input_quant
+        kwargs = dict(
             apply_router_weight_on_input=apply_router_weight_on_input,
             num_max_tokens_per_rank=self._bucket(a1),
             defer_globalize=self.use_cudagraph and self.defer_globalize,
         )
-        self.handles[ubatch_id()] = prepared.handle
-        # The ops are synchronous: the receiver only repackages.
-        return lambda: self._receive(prepared, quant_config, quantize_after=not fp8 and not defer_input_quant)
+        if not asynchronous:
+            prepared = self._pf[fp8].prepare(a1, topk_weights, topk_ids, **kwargs)
+            self.handles[ubatch_id()] = prepared.handle
+            return lambda: self._receive(prepared, quant_config, quantize_after)
+        pending = self._pf[fp8].prepare_start(a1, topk_weights, topk_ids, **kwargs)
+
+        def receive() -> mk.PrepareResultType:
+            prepared = self._pf[fp8].prepare_wait(pending)
+            self.handles[0] = prepared.handle
+            return self._receive(prepared, quant_config, quantize_after)
+
+        # The tokens are in flight until vLLM calls the receiver.
+        return receive
 
     def _receive(self, p: PreparedTokens, quant_config: FusedMoEQuantConfig, quantize_after: bool) -> mk.PrepareResultType:
         if self.use_cudagraph:
@@ -407,9 +443,9 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         quant_config: FusedMoEQuantConfig,
         defer_input_quant: bool = False,
     ) -> mk.PrepareResultType:
-        return self.prepare_async(
-            a1, topk_weights, topk_ids, num_experts, expert_map, apply_router_weight_on_input,
-            quant_config, defer_input_quant,
+        return self._prepare(
+            a1, topk_weights, topk_ids, num_experts, apply_router_weight_on_input, quant_config,
+            defer_input_quant, asynchronous=False,
         )()
 
     # ----------------------------------------------------------------- finalize
@@ -423,38 +459,16 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         apply_router_weight_on_input: bool,
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
     ) -> None:
-        slot = ubatch_id()
-        handle = self.handles[slot]
-        if handle is None:
-            raise RuntimeError("DeepEPV2PrepareAndFinalize.finalize: no dispatch handle (prepare was not called)")
-        # Free the slot once its combine is issued. Under torch.compile a handle
-        # left on `self` is an attribute write that Dynamo replays after the
-        # graph, which makes the handle's tensors extra graph outputs, alive
-        # until the next forward.
-        self.handles[slot] = None
+        handle = self._take_handle(ubatch_id())
         pf = self._pf[False]
-        if isinstance(weight_and_reduce_impl, (TopKWeightAndReduceDelegate, TopKWeightAndReduceContiguous)):
-            if not _is_empty(fused_expert_output):
-                # Weight-and-reduce (plain torch) + combine + copy into output.
-                pf.finalize(
-                    output, fused_expert_output, topk_weights, topk_ids, handle,
-                    apply_router_weight_on_input=apply_router_weight_on_input,
-                )
-                return
-            # No rows here (the modular kernel hands back [0, H]): nothing to reduce.
-            reduced = fused_expert_output.new_empty((topk_ids.shape[0], output.shape[-1]))
-        elif isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP) or _is_empty(fused_expert_output):
-            # The experts already weighted and reduced: [rows, H].
-            reduced = fused_expert_output
+        reduced = self._reduced(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                                weight_and_reduce_impl)
+        if reduced is None:
+            # Weight-and-reduce (plain torch) + combine + copy into output.
+            pf.finalize(output, fused_expert_output, topk_weights, topk_ids, handle,
+                        apply_router_weight_on_input=apply_router_weight_on_input)
         else:
-            reduced = weight_and_reduce_impl.apply(
-                output=None,
-                fused_expert_output=fused_expert_output,
-                topk_weights=topk_weights,
-                topk_ids=topk_ids,
-                apply_router_weight_on_input=apply_router_weight_on_input,
-            )
-        pf.finalize_reduced(output, reduced, handle)
+            pf.finalize_reduced(output, reduced, handle)
 
     def finalize_async(
         self,
@@ -465,14 +479,57 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         apply_router_weight_on_input: bool,
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
     ) -> Callable[[], None]:
-        # combine is synchronous (one op in the graph); the receiver has nothing
-        # left to wait for. vLLM 0.34's modular kernel runs the shared experts
-        # between this call and the receiver (its own class overlaps them with
-        # a combine on DeepEP's stream): here they run after the combine, with
-        # the same result.
-        self.finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
-                      weight_and_reduce_impl)
-        return _noop
+        if not self.asynchronous or dbo_active():
+            # DBO interleaves micro-batches on the one buffer (one async call at a
+            # time): combine now, as vLLM 0.34's class does under DBO.
+            self.finalize(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                          weight_and_reduce_impl)
+            return _noop
+        handle = self._take_handle(0)
+        pf = self._pf[False]
+        reduced = self._reduced(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                                weight_and_reduce_impl)
+        if reduced is None:
+            pending = pf.finalize_start(fused_expert_output, topk_weights, topk_ids, handle,
+                                        apply_router_weight_on_input=apply_router_weight_on_input)
+        else:
+            pending = pf.finalize_reduced_start(reduced, handle)
+        # vLLM's modular kernel runs the shared experts before calling this: the
+        # combine is in flight meanwhile.
+        return lambda: pf.finalize_wait(output, pending)
+
+    def _reduced(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                 weight_and_reduce_impl) -> Optional[torch.Tensor]:
+        """[rows, H] weighted and reduced expert outputs, or None where
+        :class:`DeepEPPrepareFinalize`'s own weight-and-reduce applies (vLLM's
+        Delegate / Contiguous reducers on a non-empty ``fused_expert_output``)."""
+        if isinstance(weight_and_reduce_impl, (TopKWeightAndReduceDelegate, TopKWeightAndReduceContiguous)):
+            if not _is_empty(fused_expert_output):
+                return None
+            # No rows here (the modular kernel hands back [0, H]): nothing to reduce.
+            return fused_expert_output.new_empty((topk_ids.shape[0], output.shape[-1]))
+        if isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP) or _is_empty(fused_expert_output):
+            # The experts already weighted and reduced: [rows, H].
+            return fused_expert_output
+        return weight_and_reduce_impl.apply(
+            output=None,
+            fused_expert_output=fused_expert_output,
+            topk_weights=topk_weights,
+            topk_ids=topk_ids,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+        )
+
+    def _take_handle(self, slot: int) -> DispatchHandle:
+        """The handle of micro-batch ``slot``'s prepare, and its slot freed."""
+        handle = self.handles[slot]
+        if handle is None:
+            raise RuntimeError("DeepEPV2PrepareAndFinalize.finalize: no dispatch handle (prepare was not called)")
+        # Free the slot once its combine is issued. Under torch.compile a handle
+        # left on `self` is an attribute write that Dynamo replays after the
+        # graph, which makes the handle's tensors extra graph outputs, alive
+        # until the next forward.
+        self.handles[slot] = None
+        return handle
 
 
 def _noop() -> None:

@@ -19,7 +19,12 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 #: Ops that must run outside CUDA graphs (vLLM splitting-op names).
-NON_CAPTURABLE_OPS = ("deepep_ops::dispatch_exact",)
+NON_CAPTURABLE_OPS = (
+    "deepep_ops::dispatch_exact",
+    # The adapter's prepare_async: the same dispatch, started and waited for.
+    "deepep_ops::dispatch_exact_start",
+    "deepep_ops::dispatch_exact_wait",
+)
 
 
 def splitting_ops(compilation_config: Optional[Any] = None) -> List[str]:
@@ -28,7 +33,7 @@ def splitting_ops(compilation_config: Optional[Any] = None) -> List[str]:
     Args:
         compilation_config: a ``vllm.config.CompilationConfig`` (or None to just
             get the names). Its ``splitting_ops`` gets ``deepep_ops::dispatch_exact``
-            appended (idempotent). If it is still ``None`` (vLLM's "use the
+            and its async pair appended (idempotent). If it is still ``None`` (vLLM's "use the
             defaults", resolved in ``VllmConfig`` post-init), it is first set to
             the defaults vLLM would pick — its attention ops, plus the KV-cache
             update ops when Inductor graph partition is off — so that adding our

@@ -178,7 +178,7 @@ def expert_map_for(num_experts: int, rank: int, num_ranks: int, device="cpu") ->
 
 def build_modular_kernel(buffer, num_experts: int, num_topk: int, hidden: int, intermediate: int, *,
                          decode: bool, quant_config: Optional[FusedMoEQuantConfig] = None,
-                         reduce: bool = False, sp_size: int = 1):
+                         reduce: bool = False, sp_size: int = 1, asynchronous: bool = True):
     """``(FusedMoEKernel, adapter)``: vLLM's modular kernel over this adapter and :class:`TorchGatedExperts`."""
     from deepep_ops.buffer import as_ep_buffer
     from deepep_ops.vllm.prepare_finalize import DeepEPV2PrepareAndFinalize
@@ -188,6 +188,7 @@ def build_modular_kernel(buffer, num_experts: int, num_topk: int, hidden: int, i
     adapter = DeepEPV2PrepareAndFinalize(
         buffer, num_dispatchers=R, dp_size=R, rank_expert_offset=rank * (num_experts // R),
         num_experts=num_experts, num_topk=num_topk, use_cudagraph=decode, sp_size=sp_size,
+        asynchronous=asynchronous,
     )
     cfg = make_moe_config(num_experts, num_topk, hidden, intermediate, ep_rank=rank, ep_size=R)
     experts = TorchGatedExperts(cfg, quant_config or FUSED_MOE_UNQUANTIZED_CONFIG, reduce=reduce)

@@ -607,3 +607,68 @@ def test_deepep_decode_reduce_overhead_launches_cuda_graphs(deepep_buffers, fp8)
         out = call(x, DE_M)
         torch.testing.assert_close(out, layer(x, DE_M), **tol)
         _assert_rel_err(out, _de_dense(x, weights), 5e-2 if fp8 else 2e-2)
+
+
+# --- asynchrony on real DeepEP (issue 33): async_with_compute_stream, stream fork/join in capture -----
+@pytest.mark.parametrize("exact", [False, True], ids=["decode", "prefill"])
+def test_deepep_async_pairs_equal_the_synchronous_ops(deepep_buffers, exact):
+    """dispatch_start → (a matmul on the compute stream) → dispatch_wait, then combine_start →
+    combine_wait, on DeepEP's communication stream: bitwise what the synchronous ops return."""
+    import deepep_ops
+
+    buf, _ = deepep_buffers
+    x, _s, idx, w = _de_inputs(40, False, seed=9)
+    kw = dict(num_experts=DE_E, num_max_tokens_per_rank=DE_CAP)
+    sync = (deepep_ops.dispatch_exact if exact else deepep_ops.dispatch)(x, idx, w, buf, **kw)
+    start = deepep_ops.dispatch_exact_start if exact else deepep_ops.dispatch_start
+    pending = start(x, idx, w, buf, **kw)
+    busy = torch.randn(1024, 1024, device="cuda") @ torch.randn(1024, 1024, device="cuda")
+    got = deepep_ops.dispatch_wait(pending, overlap=[busy])
+    n = int(got.handle.psum_num_recv_tokens_per_scaleup_rank[-1])
+    assert torch.equal(got.recv_x[:n], sync.recv_x[:n])
+    y = got.recv_x.float().mul(0.5).bfloat16()
+    want = deepep_ops.combine(y, sync.handle, buf)
+    out = deepep_ops.combine_wait(deepep_ops.combine_start(y, got.handle, buf))
+    assert torch.equal(out, want)
+    expected = x.float() * 0.5 * ((idx >= 0).sum(1, keepdim=True) if exact else (idx >= 0).any(1, keepdim=True))
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_deepep_overlapped_layer_replays_from_cuda_graph(deepep_buffers):
+    """The compiled decode layer with its shared expert between dispatch start and wait,
+    captured in one CUDA graph (DeepEP's stream fork and join inside the capture), replays
+    correctly on new inputs against the dense MoE with the shared expert."""
+    import dense_reference as ref
+
+    from deepep_ops.moe import MoELayer, make_moe_weights, make_shared_weights
+    from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
+
+    buf, _ = deepep_buffers
+    weights = make_moe_weights(DE_E, DE_H, 128, seed=3)
+    weights = type(weights)(*(w.cuda() for w in weights))
+    shared = make_shared_weights(DE_H, 256)
+    shared = type(shared)(*(w.cuda() for w in shared))
+    pf = DeepEPPrepareFinalize(buf, DE_E, DE_K, decode=True, device="cuda")
+    layer = MoELayer(weights, pf, shared, overlap=True).cuda()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    T = 6
+    g = torch.Generator().manual_seed(0)
+    static_x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                compiled(static_x, DE_M)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = compiled(static_x, DE_M)
+        for _ in range(3):
+            x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
+            static_x.copy_(x)
+            graph.replay()
+            dense = ref.dense_moe_layer(x, *weights, DE_K)[0].to(x.device).float()
+            dense = dense + (torch.nn.functional.silu(x.float() @ shared.w_gate) * (x.float() @ shared.w_up)) @ shared.w_down
+            _assert_rel_err(static_out, dense, 2e-2)
+    assert buf.pending is None

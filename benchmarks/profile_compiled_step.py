@@ -1,0 +1,156 @@
+"""Where the host time of a compiled prepare/finalize step goes, without CUDA graphs.
+
+Times the step (prepare → identity experts → finalize, decode or prefill) eager
+and compiled, taking turns, then runs the compiled step under cProfile and
+sums each function's own time by where its code lives:
+
+- ``Dynamo frame + guards``: ``torch/_dynamo`` (the frame hook, guard checks);
+- ``AOT / Inductor wrappers``: ``torch/_functorch``, ``torch/_inductor`` (runtime
+  wrappers, ``assert_size_stride``, output handling);
+- ``Inductor call()``: the generated module (kernel launches, our ops' calls);
+- ``deepep_ops``: our kernels and their admission (known calls, checks);
+- ``DeepEP``: ``deep_ep`` Python and its C++ calls;
+- ``torch ops (C++)``: built-in calls (the dispatcher, allocations, launches);
+- ``other``.
+
+cProfile slows Python down, so the table gives shares of the profiled time,
+scaled to the unprofiled compiled step's median.
+
+    python benchmarks/profile_compiled_step.py --backend deepep --sizes 1,64,512
+    python benchmarks/profile_compiled_step.py --backend reference --device cpu --hidden 512 --topk 2 --experts 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+CATEGORIES = ("Dynamo frame + guards", "AOT / Inductor wrappers", "Inductor call()", "deepep_ops", "DeepEP",
+              "torch ops (C++)", "other")
+
+
+def _category(filename: str, name: str) -> str:
+    if filename == "~":  # a built-in
+        return "DeepEP" if "deep_ep" in name or "EPBuffer" in name else "torch ops (C++)"
+    if "torch/_dynamo" in filename:
+        return "Dynamo frame + guards"
+    if "torch/_functorch" in filename or "torch/_inductor" in filename:
+        return "AOT / Inductor wrappers"
+    if "torchinductor" in filename or "/tmp/" in filename:
+        return "Inductor call()"
+    if "deepep_ops" in filename or "fake_impls" in filename:
+        return "deepep_ops"
+    if "deep_ep" in filename:
+        return "DeepEP"
+    return "other"
+
+
+def _breakdown(fn, calls: int) -> dict:
+    """Own time per category over ``calls`` profiled calls, as fractions of the total."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    per = dict.fromkeys(CATEGORIES, 0.0)
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(prof).stats.items():
+        per[_category(filename, name)] += tottime
+    total = sum(per.values()) or 1.0
+    return {k: v / total for k, v in per.items()}
+
+
+def _median(fn, sync, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("deepep", "reference"), default="deepep")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mode", choices=("decode", "prefill"), default="decode")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--sizes", default="1,64,512")
+    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--profile-calls", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    import deepep_ops
+    from deepep_ops import DeepEPPrepareFinalize
+
+    device = torch.device(args.device)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    capacity = max(sizes)
+    H, K, E = args.hidden, args.topk, args.experts
+    if args.backend == "deepep":
+        import deep_ep
+
+        torch.cuda.set_device(0)
+        store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        native = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K,
+                                       explicitly_destroy=True)
+    else:
+        native = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K)
+    buffer = deepep_ops.EPBuffer(native)
+    decode = args.mode == "decode"
+    pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+
+    def step(x, w, ids, m):
+        p = pf.prepare(x, w, ids, num_max_tokens_per_rank=m)
+        y = p.expert_x.unsqueeze(1).expand(-1, p.topk_ids.shape[1], -1)
+        out = torch.empty_like(x)
+        pf.finalize(out, y, p.topk_weights, p.topk_ids, p.handle)
+        return out
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    print(f"compiled {args.mode} prepare/finalize without CUDA graphs, {args.backend} on "
+          f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+          f"H={H} K={K} E={E}; deepep_ops from {os.path.dirname(deepep_ops.__file__)}")
+    print("| T | eager µs | compiled µs | compiled / eager | " + " | ".join(f"{c} µs" for c in CATEGORIES) + " |")
+    print("|---|---|---|---|" + "---|" * len(CATEGORIES))
+    for T in sorted(sizes, reverse=True):  # the largest first: one dynamic graph for all
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
+        w = torch.rand(T, K, generator=g).to(device)
+        m = deepep_ops.pow2_bucket(T, capacity) if decode else None
+        eager_fn, comp_fn = (lambda: step(x, w, ids, m)), (lambda: compiled(x, w, ids, m))
+        for _ in range(3):
+            eager_fn()
+            comp_fn()
+        eager, comp = [], []
+        for _ in range(5):  # taking turns
+            eager.append(_median(eager_fn, sync, args.reps // 5))
+            comp.append(_median(comp_fn, sync, args.reps // 5))
+        eager_s, comp_s = statistics.median(eager), statistics.median(comp)
+        shares = _breakdown(comp_fn, args.profile_calls)
+        sync()
+        print(f"| {T} | {eager_s * 1e6:.0f} | {comp_s * 1e6:.0f} | {comp_s / eager_s:.2f} | "
+              + " | ".join(f"{shares[c] * comp_s * 1e6:.0f}" for c in CATEGORIES) + " |")
+    print("category µs: cProfile's own-time shares of the compiled step, scaled to its unprofiled median "
+          "(host time; on a GPU the step is host-bound at these sizes)")
+    if args.backend == "deepep":
+        native.destroy()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,7 @@ def dispatch(
     """
     try:
         store = buffer.known_calls
-    except AttributeError:  # not an EPBuffer: the op's own TypeError names it
+    except AttributeError:  # not an EPOpsBuffer: the op's own TypeError names it
         return None
     args = _new_tuple(DispatchArgs, (
         x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode,
@@ -122,7 +122,7 @@ def combine(
     """
     try:
         store = buffer.known_calls
-    except AttributeError:  # not an EPBuffer: the op's own TypeError names it
+    except AttributeError:  # not an EPOpsBuffer: the op's own TypeError names it
         return None
     dispatched = type(handle) is DispatchedHandle
     known = handle.known if dispatched else None

@@ -19,7 +19,7 @@ import torch
 
 from deepep_ops import reduce, schemas
 from deepep_ops._torch_compat import without_dynamo
-from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
+from deepep_ops.buffer import EPOpsBuffer, unwrap_ep_buffer
 from deepep_ops.handle import DispatchArgs, DispatchHandle, pack_dispatch
 from deepep_ops.known_calls import KERNEL, admit_dispatch, admit_handle_call, dispatch_key, known_dispatch
 from deepep_ops.layout import no_scales
@@ -55,7 +55,7 @@ def _kernel(op: str):
     Each kernel runs with Dynamo's frame hook off: when an op runs eagerly while
     the hook is live (code after a graph break inside a compiled function),
     Dynamo must not trace the kernel's own Python frames, which handle the real
-    buffer behind the opaque EPBuffer and fail as a hard error when traced.
+    buffer behind the opaque EPOpsBuffer and fail as a hard error when traced.
     ``torch.library.register_kernel`` does the same through
     ``torch._disable_dynamo``, at several times the cost of
     :func:`~deepep_ops._torch_compat.without_dynamo`.
@@ -69,7 +69,7 @@ def _kernel(op: str):
     return register
 
 
-def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
+def _dispatch(op: str, args: DispatchArgs, buffer: EPOpsBuffer) -> tuple:
     """The dispatch ops' kernel: admit the call, dispatch, pack the op's outputs."""
     buf = unwrap_ep_buffer(buffer)
     key = dispatch_key(KERNEL, args)
@@ -101,7 +101,7 @@ def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     return _dispatch("deepep_ops.dispatch_exact", args, buffer)
 
 
-def _combine(op: str, x: torch.Tensor, buffer: EPBuffer, handle: DispatchHandle,
+def _combine(op: str, x: torch.Tensor, buffer: EPOpsBuffer, handle: DispatchHandle,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Admit the call (in check mode with the handle's values too), then the
     backend's combine (into ``out`` when given)."""
@@ -128,7 +128,7 @@ def token_bucket_impl(tokens, buffer):
 
 
 # --- training: the ops the backward passes call (autograd: deepep_ops.autograd) -------------------
-def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPBuffer, handle: tuple) -> tuple:
+def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPOpsBuffer, handle: tuple) -> tuple:
     """``(buffer, handle)`` once the call is admitted: a known call, or this rank's
     ``check(op, x, second, handle, buf)`` and every rank's agreement (both
     backward ops agree as a combine does)."""

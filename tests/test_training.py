@@ -40,7 +40,7 @@ E1 = 4
 
 
 def _buffer1():
-    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
 
 
 def _check(op, args):
@@ -144,7 +144,7 @@ class _Setup:
         self.EL = 2
         self.W = make_moe_weights(self.E, H, I, seed=seed)
         # S > 1: hybrid mode (S nodes of world / S ranks, 3 simulated channels).
-        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP,
+        buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP,
                                                   num_scaleout_ranks=S, num_channels=3),
                          num_tokens_source=_max_source)
         assert buf.num_scaleout_ranks == S
@@ -292,7 +292,7 @@ def _hybrid_opcheck(rank, world):
     import torch.distributed as dist
 
     E = 2 * world
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K,
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K,
                                               num_scaleout_ranks=2, num_channels=3))
     inp = ref.make_global_inputs(9, [5, 3, 0, 4], H, K, E, neg_frac=0.3)[rank]
     x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()

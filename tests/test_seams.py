@@ -50,6 +50,30 @@ def test_import_logs_no_deprecation():
     assert "deprecated" not in res.stderr.lower(), res.stderr[-3000:]
 
 
+def test_epbuffer_is_a_deprecated_alias():
+    """The old name of EPOpsBuffer (renamed: DeepEP v2.5's own buffer is deep_ep.EPBuffer) still
+    works, with a DeprecationWarning naming the new one, from the package and from its module."""
+    import deepep_ops.buffer
+
+    with pytest.warns(DeprecationWarning, match=r"deepep_ops.EPBuffer is deprecated, use deepep_ops.EPOpsBuffer"):
+        assert D.EPBuffer is D.EPOpsBuffer
+    with pytest.warns(DeprecationWarning, match=r"deepep_ops.buffer.EPBuffer is deprecated"):
+        from deepep_ops.buffer import EPBuffer
+    assert EPBuffer is D.EPOpsBuffer and "EPBuffer" not in D.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'EPBufer'"):
+        D.EPBufer
+    # Nothing in the package uses the old name: importing it and running an op raise no
+    # DeprecationWarning from deepep_ops code (the alias attributes it to its caller).
+    res = _run("import warnings\n"
+               "warnings.filterwarnings('error', category=DeprecationWarning, module=r'(deepep_ops|fake_impls)(\\.|$)')\n"
+               "import deepep_ops as D, torch\n"
+               "b = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))\n"
+               "r = D.dispatch(torch.zeros(3, 256).bfloat16(), torch.tensor([[0, 1]] * 3), torch.ones(3, 2), b, "
+               "num_experts=2, num_max_tokens_per_rank=4)\n"
+               "D.combine(r.recv_x, r.handle, b); print('ok')")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 def test_unknown_buffer_is_a_clear_type_error():
     with pytest.raises(TypeError, match=r"buffer must be a DeepEP buffer \(deep_ep.ElasticBuffer, v2.1, or "
                                         r"deep_ep.EPBuffer, v2.5\).*got builtins.object"):

@@ -31,7 +31,7 @@ def measure(backend: str, in_graph: bool) -> tuple[int, float, float]:
     from torch._dynamo.testing import CompileCounterWithBackend
 
     capacity, hidden, experts, topk = 64, 256, 8, 2
-    buffer = deepep_ops.EPBuffer(
+    buffer = deepep_ops.EPOpsBuffer(
         deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=capacity, hidden=hidden, num_topk=topk)
     )
     layer = MoELayer(make_moe_weights(experts, hidden, 128), DeepEPPrepareFinalize(buffer, experts, topk, decode=True))

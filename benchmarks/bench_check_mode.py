@@ -31,7 +31,7 @@ def _bench(rank, world, iters, T, H, K, E):
     w = torch.rand(T, K, generator=g)
     rows = {}
     for check in (False, True):
-        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T), check=check)
+        buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T), check=check)
         for i in range(iters + 10):
             if i == 10:
                 dist.barrier()

@@ -5,7 +5,8 @@ Side by side in one process, on the same inputs, for each T (M = next pow2 of T)
 - ``raw``: ``ElasticBuffer.dispatch`` + ``combine`` called directly with the
   flags the eager ops use (decode: no CPU sync, no expand; DeepEP's default
   ``do_handle_copy=True``, the handle's own copy of ``topk_idx``, as vLLM calls
-  it), the floor; ``raw/no copy``: the same with ``do_handle_copy=False``;
+  it; DeepEP v2.5 has no copy, so there ``raw`` is ``raw/no copy``), the floor;
+  ``raw/no copy``: the same with ``do_handle_copy=False``;
   ``raw/as backend`` (host table only): with ``backends/deep_ep.py``'s exact
   arguments (no copy, ``num_sms`` given); ``backend``: that module's dispatch,
   then DeepEP's combine on the handle it returns, no op layer (host table only);
@@ -39,7 +40,7 @@ which cancels the drift that a difference of two medians keeps. With
 which for the ops is the op layer's own. ``--profile-glue`` lists the compiled
 step's kernels at the largest T.
 
-    python benchmarks/bench_deepep.py --backend deepep     # deep_ep.ElasticBuffer, NCCL world size 1
+    python benchmarks/bench_deepep.py --backend deepep     # DeepEP's buffer (new_buffer), NCCL world size 1
     python benchmarks/bench_deepep.py --backend reference  # ReferenceElasticBuffer
 """
 
@@ -235,13 +236,15 @@ def _make_buffer(backend: str, capacity: int, args):
     if backend == "reference":
         return deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=capacity, hidden=args.hidden,
                                                  num_topk=args.topk), (lambda: None)
-    import deep_ep
     import torch.distributed as dist
+
+    from deepep_ops.backends.deep_ep import new_buffer
 
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    native = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=args.hidden,
-                                   num_topk=args.topk, use_fp8_dispatch=args.fp8, explicitly_destroy=True)
+    # v2.1's ElasticBuffer or v2.5's EPBuffer, whichever is installed.
+    native = new_buffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=args.hidden,
+                        num_topk=args.topk, use_fp8_dispatch=args.fp8, explicitly_destroy=True)
 
     def cleanup():
         native.destroy()
@@ -279,16 +282,15 @@ def main(argv=None) -> None:
     H, K, E = args.hidden, args.topk, args.experts
     capacity = max(sizes)
     native, cleanup = _make_buffer(args.backend, capacity, args)
-    buffer = deepep_ops.EPBuffer(native)
+    buffer = deepep_ops.EPOpsBuffer(native)
     timed = timed_buffer = None
     if args.backend == "deepep":
-        from deep_ep.buffers.elastic import EPHandle
-
         from deepep_ops.backends.deep_ep import DeepEPBackend
 
         # The same DeepEP buffer behind a timing shim: where an eager pair's host time goes.
         timed = TimedBuffer(native)
-        timed_buffer = deepep_ops.EPBuffer(DeepEPBackend(timed, EPHandle, buffer.topk_idx_dtype))
+        real = buffer.backend
+        timed_buffer = deepep_ops.EPOpsBuffer(DeepEPBackend(timed, real.handle_class, real.topk_idx_dtype, real.api))
     R = buffer.num_ranks
     bandwidth = copy_bandwidth()
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=True, use_fp8_dispatch=args.fp8, device="cuda")
@@ -326,7 +328,8 @@ def main(argv=None) -> None:
             ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).cuda()
             w = torch.rand(T, K, generator=g).cuda()
 
-            def raw(copy=True, num_sms=0):
+            # DeepEP's default: v2.1 copies topk_idx into its handle; v2.5 cannot (it asserts).
+            def raw(copy=buffer.backend.api.handle_copy, num_sms=0):
                 recv_x, _, _, handle, _ = native.dispatch(
                     x, topk_idx=ids, topk_weights=w, num_experts=E, num_max_tokens_per_rank=M,
                     expert_alignment=1, num_sms=num_sms, do_handle_copy=copy, do_cpu_sync=False, do_expand=False,

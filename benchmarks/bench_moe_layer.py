@@ -215,14 +215,15 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
     capacity = max(sizes)
     H, K, E = args.hidden, args.topk, args.experts
     if args.backend == "deepep":
-        import deep_ep
+        from deepep_ops.backends.deep_ep import new_buffer
 
-        native = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K,
-                                       explicitly_destroy=True)
+        # v2.1's ElasticBuffer or v2.5's EPBuffer, whichever is installed.
+        native = new_buffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K,
+                            explicitly_destroy=True)
     else:
         native = deepep_ops.ReferenceElasticBuffer(dist.group.WORLD if world > 1 else None,
                                                    num_max_tokens_per_rank=capacity, hidden=H, num_topk=K)
-    buffer = deepep_ops.EPBuffer(native)
+    buffer = deepep_ops.EPOpsBuffer(native)
     decode = (args.mode == "decode") or (args.mode == "train" and args.layout == "decode")
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
     grouped_mm = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9

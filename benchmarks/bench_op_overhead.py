@@ -180,10 +180,10 @@ def main(argv=None) -> None:
     null = NullElasticBuffer(max(sizes), H, K, device)
     backend = DeepEPBackend(null, NullEPHandle, torch.int64)
     # Check mode (deepep_ops.agreement) off, as on GPU by default: the steady-state hot path.
-    buffer = deepep_ops.EPBuffer(backend, check=False)
+    buffer = deepep_ops.EPOpsBuffer(backend, check=False)
     # Check mode on (deepep_ops.agreement; the CPU default, opt-in on GPU): at R = 1 no
     # exchange, so this column is the per-call checks alone (handle values read on the host).
-    checked = deepep_ops.EPBuffer(backend, check=True)
+    checked = deepep_ops.EPOpsBuffer(backend, check=True)
 
     rows = []
     for T in sizes:

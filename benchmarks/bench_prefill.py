@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     H, K, E = args.hidden, args.topk, args.experts
     capacity = max(sizes)
     native, cleanup = _make_buffer(args.backend, capacity, args)
-    buffer = deepep_ops.EPBuffer(native)
+    buffer = deepep_ops.EPOpsBuffer(native)
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
 
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=False, device="cuda")

@@ -107,7 +107,7 @@ def _bench(rank: int, args, device, group) -> list:
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
 
     capacity = max(PREFILL_T + DECODE_T)
-    buffer = deepep_ops.EPBuffer(deepep_ops.ReferenceElasticBuffer(
+    buffer = deepep_ops.EPOpsBuffer(deepep_ops.ReferenceElasticBuffer(
         group, num_max_tokens_per_rank=capacity, hidden=args.hidden, num_topk=args.topk))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     variants = ["eager", "compiled"] + (["compiled+cudagraph"] if device.type == "cuda" else [])

@@ -55,7 +55,7 @@ def _make_buffer(args, group):
 
         raw = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=args.capacity, hidden=args.hidden,
                                     num_topk=args.topk)
-    return deepep_ops.EPBuffer(raw)
+    return deepep_ops.EPOpsBuffer(raw)
 
 
 def _device(args, rank: int) -> torch.device:

@@ -99,16 +99,17 @@ def main(argv=None) -> None:
     capacity = max(sizes)
     H, K, E = args.hidden, args.topk, args.experts
     if args.backend == "deepep":
-        import deep_ep
+        from deepep_ops.backends.deep_ep import new_buffer
 
         torch.cuda.set_device(0)
         store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
         dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
-        native = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K,
-                                       explicitly_destroy=True)
+        # v2.1's ElasticBuffer or v2.5's EPBuffer, whichever is installed.
+        native = new_buffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K,
+                            explicitly_destroy=True)
     else:
         native = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K)
-    buffer = deepep_ops.EPBuffer(native)
+    buffer = deepep_ops.EPOpsBuffer(native)
     decode = args.mode == "decode"
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)

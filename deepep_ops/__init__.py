@@ -30,7 +30,7 @@ from deepep_ops.api import (  # noqa: E402
 )
 from deepep_ops.backends import Backend  # noqa: E402
 from deepep_ops.bucket import pow2_bucket, token_bucket  # noqa: E402
-from deepep_ops.buffer import EPBuffer, as_ep_buffer  # noqa: E402
+from deepep_ops.buffer import EPOpsBuffer, as_ep_buffer, deprecated_name as _deprecated_name  # noqa: E402
 from deepep_ops.handle import DispatchHandle, DispatchResult, ExactDispatchResult  # noqa: E402
 from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, PendingPrepare, PreparedTokens  # noqa: E402
 from deepep_ops.reference import ReferenceElasticBuffer  # noqa: E402
@@ -42,7 +42,7 @@ __all__ = [
     "DeepEPPrepareFinalize",
     "DispatchHandle",
     "DispatchResult",
-    "EPBuffer",
+    "EPOpsBuffer",
     "ExactDispatchResult",
     "PendingCombine",
     "PendingDispatch",
@@ -66,3 +66,8 @@ __all__ = [
     "token_bucket",
     "warmup",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # EPBuffer: the old name of EPOpsBuffer, with a DeprecationWarning (deepep_ops.buffer).
+    return _deprecated_name(__name__, name)

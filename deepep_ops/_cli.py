@@ -206,14 +206,15 @@ def demo_parser() -> argparse.ArgumentParser:
             "recompiles, bucket sizes, the error against a dense single-process MoE, and eager vs\n"
             "compiled vs overlapped (shared expert during the dispatch) time per step.\n\n"
             "Spawns --world-size ranks: gloo on CPU with the reference buffer by default; NCCL with\n"
-            "--device cuda, and deep_ep.ElasticBuffer with --backend deepep (both need one GPU per rank).\n"
+            "--device cuda, and DeepEP's buffer with --backend deepep (both need one GPU per rank).\n"
             "On 2 CPU cores the whole run takes 1-3 minutes, most of it compiling."
         ),
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--backend", choices=("reference", "deepep"), default="reference",
                         help="reference: deepep_ops.ReferenceElasticBuffer (DeepEP v2's API in PyTorch; any "
-                             "device); deepep: deep_ep.ElasticBuffer (needs CUDA GPUs and DeepEP v2)")
+                             "device); deepep: DeepEP's buffer, v2.1's ElasticBuffer or v2.5's EPBuffer (needs "
+                             "CUDA GPUs and DeepEP v2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the reference backend runs (--backend deepep always runs on CUDA)")
     _shape_options(parser, hidden=256, intermediate=128, experts=8, topk=2, world_size=2)

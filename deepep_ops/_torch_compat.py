@@ -100,7 +100,7 @@ def opaque_type_name(cls: type) -> str:
 # its inputs and nodes (FxGraphCachePickler; AOTAutogradCachePickler subclasses
 # it). A FakeScriptObject whose opaque type has members is pickled as its real
 # object, after switching the pickler out of fast mode (torch 2.13: "opaque
-# types may have cyclic references"). Measured on 2.13 with EPBuffer: the key
+# types may have cyclic references"). Measured on 2.13 with EPOpsBuffer: the key
 # then differs from process to process (memo references depend on object
 # identity), so every new process misses; and a buffer holding a ProcessGroup
 # cannot be pickled at all ("Failed to pickle cache key", a bypass). Objects
@@ -126,12 +126,12 @@ def install_stable_cache_keys() -> bool:
     try:
         from torch._inductor.codecache import FxGraphCachePickler
     except ImportError:  # pragma: no cover - torch without Inductor
-        return _cannot_patch("stable compile-cache keys for EPBuffer", "no torch._inductor.codecache")
+        return _cannot_patch("stable compile-cache keys for EPOpsBuffer", "no torch._inductor.codecache")
     original = getattr(FxGraphCachePickler, "_reduce_fake_script_object", None)
     if original is None:
         return _cannot_patch(
-            "stable compile-cache keys for EPBuffer",
-            "FxGraphCachePickler has no _reduce_fake_script_object (compiled graphs with an EPBuffer "
+            "stable compile-cache keys for EPOpsBuffer",
+            "FxGraphCachePickler has no _reduce_fake_script_object (compiled graphs with an EPOpsBuffer "
             "then miss the FX/AOT caches in a new process)",
         )
     if getattr(original, "_deepep_ops_stable", False):
@@ -289,15 +289,15 @@ def install_cudagraph_inputs() -> bool:
     try:
         from torch._inductor import output_code
     except ImportError:  # pragma: no cover - torch without Inductor
-        return _cannot_patch("CUDA-graph inputs for EPBuffer", "no torch._inductor.output_code")
+        return _cannot_patch("CUDA-graph inputs for EPOpsBuffer", "no torch._inductor.output_code")
     names = ("cudagraph_post_compile", "cudagraph_partition_post_compile")
     hooks = [getattr(output_code, name, None) for name in names]
     if not all(callable(h) for h in hooks):
         missing = [n for n, h in zip(names, hooks) if not callable(h)]
         return _cannot_patch(
-            "CUDA-graph inputs for EPBuffer",
+            "CUDA-graph inputs for EPOpsBuffer",
             f"torch._inductor.output_code lacks {missing} (mode='reduce-overhead' then runs graphs with an "
-            "EPBuffer input without CUDA graphs on torch 2.11, and may replay one buffer's graph for another)",
+            "EPOpsBuffer input without CUDA graphs on torch 2.11, and may replay one buffer's graph for another)",
         )
     for name, original in zip(names, hooks):
         if getattr(original, _PATCHED, False):

@@ -11,14 +11,14 @@ small tuple of the values that must match (:data:`DISPATCH_FIELDS`,
 same error when anything is off. Every site that agrees goes through
 :func:`agree_dispatch` or :func:`agree_combine`.
 
-Two modes, per :class:`EPBuffer`:
+Two modes, per :class:`EPOpsBuffer`:
 
 - *agree once* (default on GPU): the exchange runs the first time the buffer
   sees each distinct combination of the fields; a seen combination costs a
   tuple build and a set lookup, no collective, so the steady state stays
   CUDA-graph capturable. A local rejection is raised locally (as before).
 - *check mode* (default for CPU tensors, i.e. gloo; opt in with
-  ``EPBuffer(check=True)`` or ``DEEPEP_OPS_CHECK=1``; ``DEEPEP_OPS_CHECK=0`` or
+  ``EPOpsBuffer(check=True)`` or ``DEEPEP_OPS_CHECK=1``; ``DEEPEP_OPS_CHECK=0`` or
   ``check=False`` turns it off): the exchange runs on every call, so a per-call
   difference (one rank's M) and one rank's rejection reach every rank.
 
@@ -99,7 +99,7 @@ def _domain(buf, num_channels) -> tuple:
 
 def dispatch_signature(args, buf=None) -> tuple:
     """The :data:`DISPATCH_FIELDS` of one dispatch call (a :class:`~deepep_ops.handle.DispatchArgs`)
-    on the :class:`~deepep_ops.EPBuffer` ``buf``."""
+    on the :class:`~deepep_ops.EPOpsBuffer` ``buf``."""
     return _dispatch_args_signature(args) + _domain(buf, lambda: buf.num_channels(args))
 
 
@@ -179,7 +179,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 class Agreement:
-    """The agreement state of one :class:`EPBuffer` (see the module doc).
+    """The agreement state of one :class:`EPOpsBuffer` (see the module doc).
 
     Args:
         exchange: the host exchange over the buffer's EP group.

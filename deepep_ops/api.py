@@ -13,7 +13,7 @@ import torch
 
 from deepep_ops import eager, ops  # noqa: F401  (ops: defines torch.ops.deepep_ops)
 from deepep_ops._torch_compat import eager_mode_is_plain
-from deepep_ops.buffer import EPBuffer, static_num_ranks, static_num_scaleout_ranks
+from deepep_ops.buffer import EPOpsBuffer, static_num_ranks, static_num_scaleout_ranks
 from deepep_ops.handle import (
     DispatchArgs,
     DispatchHandle,
@@ -71,7 +71,7 @@ def dispatch(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
-    buffer: EPBuffer,
+    buffer: EPOpsBuffer,
     *,
     num_experts: int,
     num_max_tokens_per_rank: IntLike,
@@ -84,7 +84,7 @@ def dispatch(
         x: [T, H] bf16, or float8_e4m3fn with ``x_scales``.
         topk_idx: [T, K] int64 global expert ids, −1 for an empty slot.
         topk_weights: [T, K] float32.
-        buffer: the :class:`EPBuffer`.
+        buffer: the :class:`EPOpsBuffer`.
         num_experts: E, a multiple of the EP group size.
         num_max_tokens_per_rank: M, the same on every rank, T <= M <= capacity
             (see :func:`deepep_ops.pow2_bucket`).
@@ -100,7 +100,7 @@ def dispatch_exact(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
-    buffer: EPBuffer,
+    buffer: EPOpsBuffer,
     *,
     num_experts: int,
     num_max_tokens_per_rank: IntLike,
@@ -117,7 +117,7 @@ def dispatch_exact(
     )
 
 
-def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.Tensor:
+def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPOpsBuffer) -> torch.Tensor:
     """Send expert outputs back and reduce them per token (docs/deepep_contract.md §4, unweighted).
 
     Args:
@@ -137,7 +137,7 @@ def combine(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> torch.
     return torch.ops.deepep_ops.combine(x, buffer, *handle_args(handle))
 
 
-def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> None:
+def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buffer: EPOpsBuffer) -> None:
     """:func:`combine` writing its [T, H] bf16 result into ``out``."""
     if _eager_mode_is_plain() and eager.combine("deepep_ops.combine_into", x, buffer, handle, out) is not None:
         return
@@ -145,7 +145,7 @@ def combine_into(out: torch.Tensor, x: torch.Tensor, handle: DispatchHandle, buf
 
 
 def cached_dispatch(
-    x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer, *, x_scales: Optional[torch.Tensor] = None
+    x: torch.Tensor, handle: DispatchHandle, buffer: EPOpsBuffer, *, x_scales: Optional[torch.Tensor] = None
 ) -> tuple:
     """Dispatch ``x`` along ``handle``'s routing (DeepEP's ``dispatch(x, handle=...)``).
 
@@ -174,7 +174,7 @@ class PendingDispatch(NamedTuple):
 
     ticket: torch.Tensor
     args: DispatchArgs
-    buffer: EPBuffer
+    buffer: EPOpsBuffer
 
 
 class PendingCombine(NamedTuple):
@@ -183,7 +183,7 @@ class PendingCombine(NamedTuple):
     ticket: torch.Tensor
     x: torch.Tensor
     handle: DispatchHandle
-    buffer: EPBuffer
+    buffer: EPOpsBuffer
 
 
 def _dispatch_start(
@@ -203,7 +203,7 @@ def dispatch_start(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
-    buffer: EPBuffer,
+    buffer: EPOpsBuffer,
     *,
     num_experts: int,
     num_max_tokens_per_rank: IntLike,
@@ -225,7 +225,7 @@ def dispatch_exact_start(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
-    buffer: EPBuffer,
+    buffer: EPOpsBuffer,
     *,
     num_experts: int,
     num_max_tokens_per_rank: IntLike,
@@ -257,7 +257,7 @@ def dispatch_wait(
     return unpack_dispatch(args, outputs, static_num_ranks(buffer), static_num_scaleout_ranks(buffer) > 1)
 
 
-def combine_start(x: torch.Tensor, handle: DispatchHandle, buffer: EPBuffer) -> PendingCombine:
+def combine_start(x: torch.Tensor, handle: DispatchHandle, buffer: EPOpsBuffer) -> PendingCombine:
     """Start a :func:`combine` (same arguments); :func:`combine_wait` returns its [T, H] bf16."""
     ticket = torch.ops.deepep_ops.combine_start(x, buffer, *handle_args(handle))
     return PendingCombine(ticket, x, handle, buffer)

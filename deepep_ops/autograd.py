@@ -21,6 +21,12 @@ routing, so every backward is the other op with the forward's handle:
   (zero on decode padding rows ≥ psum[-1] and on prefill alignment padding).
 - ``cached_dispatch``: as dispatch, ``grad_x = combine(grad_recv_x)``.
 
+Gradient strides are undefined (torch 2.15's ``register_autograd`` says so: a
+transpose or an expand in the loss hands a backward a non-contiguous gradient),
+and every backward reaches a layout-sensitive kernel (DeepEP's combine asserts a
+contiguous ``x``, its dispatch reads rows), so each makes its incoming gradients
+contiguous before the op (``tests/test_training.py::test_non_contiguous_gradients``).
+
 Saved state is graph values only: the handle's tensors and ints and the opaque
 buffer (a graph input under ``torch.compile``). ``combine_into`` mutates its
 ``out`` and has no autograd (training uses ``combine``); ``combine_with_weights``

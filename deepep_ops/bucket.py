@@ -67,7 +67,7 @@ def token_bucket(tokens: "torch.Tensor", buffer) -> "int | torch.SymInt":
     Args:
         tokens: [T, ...]; only ``tokens.shape[0]`` is read (it also tells
             Inductor the device).
-        buffer: the :class:`deepep_ops.EPBuffer`; its token source gives the
+        buffer: the :class:`deepep_ops.EPOpsBuffer`; its token source gives the
             count to bucket (the DP-global maximum with a DP group).
 
     Eager: returns an int. Compiled: an unbacked SymInt in [1, capacity].

@@ -1,15 +1,20 @@
 """The long-lived EP buffer as an opaque custom-op argument, and its bucket.
 
-:class:`EPBuffer` is registered as an opaque *reference* type, so under
+:class:`EPOpsBuffer` is registered as an opaque *reference* type, so under
 ``torch.compile`` it becomes a graph input rather than a constant: one graph
 serves every layer and every process, and nothing per-process is baked in. The
 fake kernels read only ``num_ranks``, ``capacity``, the EP domain
 (``num_scaleout_ranks``, ``num_scaleup_ranks``) and, in hybrid mode, the
-backend's channel count (:meth:`EPBuffer.num_channels`) from it.
+backend's channel count (:meth:`EPOpsBuffer.num_channels`) from it.
 
 The buffer also owns the token count its bucket M is computed from (its
-*token source*), so the eager path (:meth:`EPBuffer.bucket`) and the compiled
+*token source*), so the eager path (:meth:`EPOpsBuffer.bucket`) and the compiled
 path (``deepep_ops::token_bucket``) of one caller always pick the same M.
+
+The class was called ``EPBuffer`` until DeepEP v2.5 named its own buffer
+``deep_ep.EPBuffer`` (the buffer ours wraps): ``deepep_ops.EPBuffer`` is a
+deprecated alias of :class:`EPOpsBuffer` (a DeprecationWarning on every
+lookup), so that one user file can hold both without one name meaning two things.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from deepep_ops.exchange import HostExchange
 TokenSource = Callable[[int], int]
 
 
-class EPBuffer(OpaqueBase):
-    """Wraps a backend (``deep_ep.ElasticBuffer``, :class:`ReferenceElasticBuffer`
-    or a :class:`deepep_ops.backends.Backend`).
+class EPOpsBuffer(OpaqueBase):
+    """Wraps a backend (DeepEP's buffer: v2.1's ``deep_ep.ElasticBuffer`` or v2.5's
+    ``deep_ep.EPBuffer``; a :class:`ReferenceElasticBuffer`; or a
+    :class:`deepep_ops.backends.Backend`).
 
     Args:
         buffer: the buffer to wrap.
@@ -121,11 +127,11 @@ class EPBuffer(OpaqueBase):
         return (f"{backend.__module__}.{backend.__qualname__}", self.num_ranks, self.capacity, str(self.topk_idx_dtype),
                 self.num_scaleout_ranks)
 
-    def __deepcopy__(self, memo: dict) -> "EPBuffer":
+    def __deepcopy__(self, memo: dict) -> "EPOpsBuffer":
         # A long-lived communication resource: copies of a module or graph share it.
         return self
 
-    def __copy__(self) -> "EPBuffer":
+    def __copy__(self) -> "EPOpsBuffer":
         return self
 
     def __reduce__(self) -> tuple:
@@ -135,44 +141,45 @@ class EPBuffer(OpaqueBase):
     def __repr__(self) -> str:
         domain = f", {self.num_scaleout_ranks}x{self.num_scaleup_ranks} hybrid" if self.hybrid else ""
         return (
-            f"EPBuffer({type(self.backend).__name__}, rank={self.rank}/{self.num_ranks}{domain}, "
+            f"EPOpsBuffer({type(self.backend).__name__}, rank={self.rank}/{self.num_ranks}{domain}, "
             f"capacity={self.capacity})"
         )
 
 
-def _unpickle_ep_buffer(*description: object) -> EPBuffer:
+def _unpickle_ep_buffer(*description: object) -> EPOpsBuffer:
     raise TypeError(
-        f"EPBuffer{description} cannot be unpickled: it wraps a live communication buffer; "
-        "build an EPBuffer in the receiving process instead"
+        f"EPOpsBuffer{description} cannot be unpickled: it wraps a live communication buffer; "
+        "build an EPOpsBuffer in the receiving process instead"
     )
 
 
 # Read at trace time and baked: these are the same on every rank and layer.
 register_reference_type(
-    EPBuffer, trace_time_members=("num_ranks", "capacity", "topk_idx_dtype", "num_scaleout_ranks", "num_scaleup_ranks")
+    EPOpsBuffer,
+    trace_time_members=("num_ranks", "capacity", "topk_idx_dtype", "num_scaleout_ranks", "num_scaleup_ranks"),
 )
 # Compile caches key graphs by cache_description(), the same in every process.
-setattr(EPBuffer, STABLE_CACHE_KEY_METHOD, EPBuffer.cache_description)
+setattr(EPOpsBuffer, STABLE_CACHE_KEY_METHOD, EPOpsBuffer.cache_description)
 # mode="reduce-overhead": CUDA-graph trees take the buffer as an input (torch 2.11
 # needs a backport for that), and a graph recorded with one buffer re-records
 # rather than replay its device addresses for another.
-setattr(EPBuffer, CUDAGRAPH_INPUT_MARKER, True)
+setattr(EPOpsBuffer, CUDAGRAPH_INPUT_MARKER, True)
 # The hooks that act on these two markers patch Inductor, whose import costs
 # seconds: they are installed when a graph holding our ops is first traced
 # (fake_impls), not by `import deepep_ops`.
 
 #: The name schemas use for the buffer argument.
-EP_BUFFER_TYPE = opaque_type_name(EPBuffer)
+EP_BUFFER_TYPE = opaque_type_name(EPOpsBuffer)
 
 
-def as_ep_buffer(buffer: object) -> EPBuffer:
-    """Wrap a backend in :class:`EPBuffer` unless it already is one."""
-    return buffer if isinstance(buffer, EPBuffer) else EPBuffer(buffer)
+def as_ep_buffer(buffer: object) -> EPOpsBuffer:
+    """Wrap a backend in :class:`EPOpsBuffer` unless it already is one."""
+    return buffer if isinstance(buffer, EPOpsBuffer) else EPOpsBuffer(buffer)
 
 
 @constant_under_compile
 def static_num_ranks(buffer: object) -> int:
-    """R of an :class:`EPBuffer` argument, as a constant under ``torch.compile``.
+    """R of an :class:`EPOpsBuffer` argument, as a constant under ``torch.compile``.
 
     Dynamo would turn ``buffer.num_ranks`` into a symbolic graph input; the fake
     kernels bake R into every shape (R·M rows), so the Python wrappers bake it
@@ -183,22 +190,48 @@ def static_num_ranks(buffer: object) -> int:
 
 @constant_under_compile
 def static_num_scaleout_ranks(buffer: object) -> int:
-    """S of an :class:`EPBuffer` argument, as a constant under ``torch.compile``
+    """S of an :class:`EPOpsBuffer` argument, as a constant under ``torch.compile``
     (as :func:`static_num_ranks`): the wrappers read the hybrid-only dispatch
     outputs only when S > 1, so a direct-mode graph has no node for them."""
     return unwrap_ep_buffer(buffer).num_scaleout_ranks
 
 
-def unwrap_ep_buffer(buffer: object) -> EPBuffer:
-    """The real :class:`EPBuffer` behind a custom-op argument (fake kernels get a wrapper).
+def unwrap_ep_buffer(buffer: object) -> EPOpsBuffer:
+    """The real :class:`EPOpsBuffer` behind a custom-op argument (fake kernels get a wrapper).
 
     Raises:
-        TypeError: ``buffer`` is not an :class:`EPBuffer` (e.g. a raw backend).
+        TypeError: ``buffer`` is not an :class:`EPOpsBuffer` (e.g. a raw backend).
     """
     real = getattr(buffer, "real_obj", buffer)
-    if not isinstance(real, EPBuffer):
+    if not isinstance(real, EPOpsBuffer):
         raise TypeError(
-            "deepep_ops: buffer must be a deepep_ops.EPBuffer (wrap the backend: "
-            f"deepep_ops.EPBuffer(buffer)), got {type(real).__module__}.{type(real).__qualname__}"
+            "deepep_ops: buffer must be a deepep_ops.EPOpsBuffer (wrap the backend: "
+            f"deepep_ops.EPOpsBuffer(buffer)), got {type(real).__module__}.{type(real).__qualname__}"
         )
     return real
+
+
+#: Names kept for user code, each with the one it became.
+_DEPRECATED_NAMES = {"EPBuffer": "EPOpsBuffer"}
+
+
+def deprecated_name(module: str, name: str) -> object:
+    """The object a deprecated public name stands for, with a DeprecationWarning
+    attributed to the caller's caller (user code); AttributeError for other names.
+    The ``__getattr__`` of :mod:`deepep_ops` and of this module."""
+    new = _DEPRECATED_NAMES.get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(
+        f"{module}.{name} is deprecated, use {module}.{new}: the same class, renamed because DeepEP v2.5 "
+        f"calls its own buffer (the one this class wraps) deep_ep.{name}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return globals()[new]
+
+
+def __getattr__(name: str) -> object:
+    return deprecated_name(__name__, name)

@@ -38,9 +38,10 @@ def _make_backend(args, group, device):
         from deepep_ops import ReferenceElasticBuffer
 
         return ReferenceElasticBuffer(group, num_max_tokens_per_rank=args.capacity, hidden=args.hidden, num_topk=args.topk)
-    import deep_ep  # lazy: only where users built DeepEP v2
+    from deepep_ops.backends.deep_ep import new_buffer  # imports deep_ep: only where users built DeepEP v2
 
-    return deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=args.capacity, hidden=args.hidden, num_topk=args.topk)
+    # v2.1's ElasticBuffer or v2.5's EPBuffer, whichever is installed.
+    return new_buffer(group, num_max_tokens_per_rank=args.capacity, hidden=args.hidden, num_topk=args.topk)
 
 
 WARMUP = 3
@@ -100,7 +101,7 @@ def _run(rank: int, args, device: torch.device, results) -> None:
     say = (lambda msg: print(f"[demo] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     group = dist.group.WORLD
-    buffer = deepep_ops.EPBuffer(_make_backend(args, group, device))
+    buffer = deepep_ops.EPOpsBuffer(_make_backend(args, group, device))
     weights = make_moe_weights(args.experts, args.hidden, args.intermediate, seed=0)
     weights = type(weights)(*(w.to(device) for w in weights))
     shared = None

@@ -71,7 +71,7 @@ def dispatch(
     """
     try:
         store = buffer.known_calls
-    except AttributeError:  # not an EPBuffer: the op's own TypeError names it
+    except AttributeError:  # not an EPOpsBuffer: the op's own TypeError names it
         return None
     if buffer.pending is not None:  # an async call in flight: the op kernel refuses the call with every rank
         return None
@@ -124,7 +124,7 @@ def combine(
     """
     try:
         store = buffer.known_calls
-    except AttributeError:  # not an EPBuffer: the op's own TypeError names it
+    except AttributeError:  # not an EPOpsBuffer: the op's own TypeError names it
         return None
     if buffer.pending is not None:  # an async call in flight: the op kernel refuses the call with every rank
         return None

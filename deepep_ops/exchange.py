@@ -1,7 +1,7 @@
 """Small host-side exchanges over a backend's EP process group.
 
 Cross-rank agreement (:mod:`deepep_ops.agreement`) and the buffer's bucket
-(``EPBuffer.bucket`` without a token source) all-gather a few ints, and rarely
+(``EPOpsBuffer.bucket`` without a token source) all-gather a few ints, and rarely
 a small picklable value, before any payload collective. Any backend that
 exposes its process group (:attr:`deepep_ops.backends.Backend.group`) gets
 them from here: nothing backend-specific is needed.

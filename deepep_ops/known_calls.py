@@ -14,7 +14,7 @@ A call is admitted before it reaches the backend in one of two ways:
 Both the eager fast path (:mod:`deepep_ops.eager`) and the op kernels that
 compiled graphs and the dispatcher run (:mod:`deepep_ops.ops`) admit calls
 here, each under keys of their own (their threads' dispatch state differs).
-Each :class:`EPBuffer` keeps its known calls in one :class:`KnownCalls` store.
+Each :class:`EPOpsBuffer` keeps its known calls in one :class:`KnownCalls` store.
 Check mode never remembers: it exchanges on every call.
 """
 
@@ -68,7 +68,7 @@ class KnownDispatch(NamedTuple):
 
 
 class KnownCalls:
-    """One :class:`EPBuffer`'s known calls (agree-once mode only). Bounded: a key
+    """One :class:`EPOpsBuffer`'s known calls (agree-once mode only). Bounded: a key
     holds T (and a prefill combine key its data-dependent row counts)."""
 
     #: Bound on the keys (one per T, dtype, ... seen).

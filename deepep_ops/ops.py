@@ -19,7 +19,7 @@ import torch
 
 from deepep_ops import reduce, schemas
 from deepep_ops._torch_compat import register_ordered_effect, without_dynamo
-from deepep_ops.buffer import EPBuffer, unwrap_ep_buffer
+from deepep_ops.buffer import EPOpsBuffer, unwrap_ep_buffer
 from deepep_ops.handle import DispatchArgs, DispatchHandle, pack_dispatch
 from deepep_ops.known_calls import KERNEL, admit_dispatch, admit_handle_call, dispatch_key, known_dispatch
 from deepep_ops.layout import no_scales
@@ -70,7 +70,7 @@ def _kernel(op: str):
     Each kernel runs with Dynamo's frame hook off: when an op runs eagerly while
     the hook is live (code after a graph break inside a compiled function),
     Dynamo must not trace the kernel's own Python frames, which handle the real
-    buffer behind the opaque EPBuffer and fail as a hard error when traced.
+    buffer behind the opaque EPOpsBuffer and fail as a hard error when traced.
     ``torch.library.register_kernel`` does the same through
     ``torch._disable_dynamo``, at several times the cost of
     :func:`~deepep_ops._torch_compat.without_dynamo`.
@@ -84,7 +84,7 @@ def _kernel(op: str):
     return register
 
 
-def _admit_dispatch(op: str, buf: EPBuffer, args: DispatchArgs) -> DispatchArgs:
+def _admit_dispatch(op: str, buf: EPOpsBuffer, args: DispatchArgs) -> DispatchArgs:
     """A dispatch kernel's admission (a known call, or checks + agreement); refused,
     with every rank's agreement, while an async call is in flight on ``buf``."""
     key = dispatch_key(KERNEL, args)
@@ -109,7 +109,7 @@ def _dispatch_outputs(args: DispatchArgs, out) -> tuple:
     )
 
 
-def _dispatch(op: str, args: DispatchArgs, buffer: EPBuffer) -> tuple:
+def _dispatch(op: str, args: DispatchArgs, buffer: EPOpsBuffer) -> tuple:
     """The dispatch ops' kernel: admit the call, dispatch, pack the op's outputs."""
     buf = unwrap_ep_buffer(buffer)
     return _dispatch_outputs(args, buf.backend.dispatch(_admit_dispatch(op, buf, args)))
@@ -127,7 +127,7 @@ def dispatch_exact_impl(x, x_scales, topk_idx, topk_weights, buffer, num_experts
     return _dispatch("deepep_ops.dispatch_exact", args, buffer)
 
 
-def _combine(op: str, x: torch.Tensor, buffer: EPBuffer, handle: DispatchHandle,
+def _combine(op: str, x: torch.Tensor, buffer: EPOpsBuffer, handle: DispatchHandle,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Admit the call (in check mode with the handle's values too), then the
     backend's combine (into ``out`` when given)."""
@@ -154,7 +154,7 @@ def token_bucket_impl(tokens, buffer):
 
 
 # --- training: the ops the backward passes call (autograd: deepep_ops.autograd) -------------------
-def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPBuffer, handle: tuple) -> tuple:
+def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPOpsBuffer, handle: tuple) -> tuple:
     """``(buffer, handle)`` once the call is admitted: a known call, or this rank's
     ``check(op, x, second, handle, buf)`` and every rank's agreement (both
     backward ops agree as a combine does)."""
@@ -182,13 +182,13 @@ def combine_with_weights_impl(x, topk_weights, buffer, *handle):
 
 # --- asynchrony: start ops launch and return a ticket, wait ops return the results ----------------
 # (deepep_ops.pending: at most one call in flight per buffer; the schemas: deepep_ops.schemas)
-def _dispatch_start(op: str, wait_op: str, args: DispatchArgs, buffer: EPBuffer) -> torch.Tensor:
+def _dispatch_start(op: str, wait_op: str, args: DispatchArgs, buffer: EPOpsBuffer) -> torch.Tensor:
     buf = unwrap_ep_buffer(buffer)
     started = buf.backend.dispatch_async(_admit_dispatch(op, buf, args))
     return begin(buf, op, wait_op, ticket_like(args.x), started)
 
 
-def _dispatch_wait(wait_op: str, ticket: torch.Tensor, args: DispatchArgs, buffer: EPBuffer) -> tuple:
+def _dispatch_wait(wait_op: str, ticket: torch.Tensor, args: DispatchArgs, buffer: EPOpsBuffer) -> tuple:
     buf = unwrap_ep_buffer(buffer)
     return _dispatch_outputs(args, take(buf, wait_op, ticket).wait())
 

@@ -30,7 +30,7 @@ from deepep_ops.api import (
     dispatch_wait,
 )
 from deepep_ops.bucket import token_bucket
-from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.buffer import EPOpsBuffer, as_ep_buffer
 from deepep_ops.handle import DispatchHandle
 from deepep_ops.layout import IntLike
 from deepep_ops.reduce import reduce_lanes, reduce_lanes_fused
@@ -119,7 +119,7 @@ class DeepEPPrepareFinalize:
     """Prepare (quantize + dispatch + receiver) and finalize (weight-and-reduce + combine).
 
     Args:
-        buffer: the EP buffer (an :class:`EPBuffer` or a backend to wrap).
+        buffer: the EP buffer (an :class:`EPOpsBuffer` or a backend to wrap).
         num_experts: E, global.
         num_topk: K.
         decode: True for the graph-safe path (no expand, no CPU sync, R·M rows,
@@ -137,7 +137,7 @@ class DeepEPPrepareFinalize:
 
     def __init__(
         self,
-        buffer: EPBuffer,
+        buffer: EPOpsBuffer,
         num_experts: int,
         num_topk: int,
         *,
@@ -185,7 +185,7 @@ class DeepEPPrepareFinalize:
                 computed on the host (cheapest; a SymInt in the graph). ``None``
                 derives it in the graph with :func:`deepep_ops.token_bucket`.
                 Prefill always uses the buffer capacity.
-                (``EPBuffer.bucket`` computes the same M on the host.)
+                (``EPOpsBuffer.bucket`` computes the same M on the host.)
             defer_globalize: decode only: return the local ids DeepEP received
                 (−1 for other ranks' experts; padding rows unspecified) for
                 experts that add ``rank_expert_offset`` themselves (vLLM 0.33).

@@ -66,7 +66,7 @@ def _build(rank: int, group, args) -> TrainableMoE:
         return int(t)
 
     weights = make_moe_weights(args.experts, args.hidden, args.intermediate, seed=0)
-    buf = D.EPBuffer(
+    buf = D.EPOpsBuffer(
         D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=args.capacity, hidden=args.hidden, num_topk=args.topk),
         num_tokens_source=global_max,
     )

@@ -158,7 +158,7 @@ def check_topk_idx_values(op: str, topk_idx: torch.Tensor, num_experts: int) -> 
 def check_dispatch(op: str, args: DispatchArgs, buf) -> None:
     """Every dispatch check of contract §6 that this rank can make on its own.
 
-    ``buf``: the :class:`~deepep_ops.EPBuffer` (its R, capacity and id dtype).
+    ``buf``: the :class:`~deepep_ops.EPOpsBuffer` (its R, capacity and id dtype).
     """
     x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode = args
     num_ranks = buf.num_ranks
@@ -225,7 +225,7 @@ def check_dispatch(op: str, args: DispatchArgs, buf) -> None:
 def check_hybrid_dispatch(op: str, args: DispatchArgs, buf) -> None:
     """Hybrid mode's own limits (contract §9: DeepEP's hybrid kernels static-assert
     them, so past them the JIT compile fails), and a channel count the backend
-    can tell (:meth:`EPBuffer.num_channels <deepep_ops.EPBuffer.num_channels>`,
+    can tell (:meth:`EPOpsBuffer.num_channels <deepep_ops.EPOpsBuffer.num_channels>`,
     which raises ValueError naming the switch otherwise)."""
     S, U = buf.num_scaleout_ranks, buf.num_scaleup_ranks
     domain = f"hybrid mode ({S} scale-out x {U} scale-up ranks)"

@@ -25,7 +25,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from deepep_ops.api import combine, dispatch, dispatch_exact
-from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.buffer import EPOpsBuffer, as_ep_buffer
 from deepep_ops.layout import layout_name
 from deepep_ops.prepare_finalize import FP8_BLOCK, quantize_block_fp8
 
@@ -74,11 +74,11 @@ def warm_key(
     return (hidden, num_topk, num_experts, expert_alignment, tuple(str(d) for d in dispatch_dtypes), tuple(modes))
 
 
-def warmed_up(buffer: EPBuffer) -> set:
+def warmed_up(buffer: EPOpsBuffer) -> set:
     """The :func:`warm_key` values :func:`warmup` has completed on this buffer.
 
     Held by the wrapped buffer object itself (a ``deep_ep.ElasticBuffer`` lives
-    as long as the kernels it warmed, and every layer's :class:`EPBuffer`
+    as long as the kernels it warmed, and every layer's :class:`EPOpsBuffer`
     wraps the same one), so layers sharing it warm up once.
     """
     owner = getattr(buffer.backend, "buffer", buffer.backend)
@@ -89,7 +89,7 @@ def warmed_up(buffer: EPBuffer) -> set:
 WARMUP_ENV = "DEEPEP_OPS_WARMUP"
 
 
-def warmup_enabled(buffer: EPBuffer, override: Optional[bool] = None) -> bool:
+def warmup_enabled(buffer: EPOpsBuffer, override: Optional[bool] = None) -> bool:
     """Whether start-up warm-up runs: ``override`` if given, else ``DEEPEP_OPS_WARMUP``
     (``0``/``1``), else the backend's :attr:`~deepep_ops.backends.Backend.needs_warmup`
     (real DeepEP's JIT; the reference buffer has nothing to warm).
@@ -107,7 +107,7 @@ def warmup_enabled(buffer: EPBuffer, override: Optional[bool] = None) -> bool:
     return buffer.backend.needs_warmup
 
 
-def _check_args(buf: EPBuffer, hidden, num_topk, num_experts, expert_alignment, dispatch_dtypes, modes,
+def _check_args(buf: EPOpsBuffer, hidden, num_topk, num_experts, expert_alignment, dispatch_dtypes, modes,
                 num_tokens, buckets) -> List[int]:
     def fail(arg: str, expected: str, got: object) -> None:
         raise ValueError(f"warmup: {arg} must be {expected}, got {got!r}")
@@ -161,7 +161,7 @@ def _sync(device: torch.device) -> None:
 
 
 def warmup(
-    buffer: Union[EPBuffer, object],
+    buffer: Union[EPOpsBuffer, object],
     *,
     hidden: int,
     num_topk: int,
@@ -177,7 +177,7 @@ def warmup(
     """Run one dispatch + combine per bucket, collectively on every rank.
 
     Args:
-        buffer: the :class:`EPBuffer` (or a backend to wrap).
+        buffer: the :class:`EPOpsBuffer` (or a backend to wrap).
         hidden: H of the layers that will use the buffer.
         num_topk: K.
         num_experts: E, global.

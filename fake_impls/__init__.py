@@ -46,7 +46,7 @@ FAKES = {
 
 
 def _installing_compile_hooks(fake):
-    """``fake``, first installing the compile hooks for graphs that hold an EPBuffer
+    """``fake``, first installing the compile hooks for graphs that hold an EPOpsBuffer
     (:func:`deepep_ops._torch_compat.install_compile_hooks`): a fake kernel runs
     when Dynamo traces, before the graph's cache keys are computed."""
 

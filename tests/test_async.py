@@ -67,7 +67,7 @@ def _moe_matches_dense(rank: int, world: int, backend: str) -> None:
     import torch.distributed as dist
 
     E = 4 * world
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
     experts = ref.Experts(3, E, H, "diag")
     shared = SharedExpert(H, INNER)
     for decode in (True, False):
@@ -98,7 +98,7 @@ def _misuse_every_rank(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     E = 4 * world
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
     inp = ref.make_global_inputs(11, (4, 6)[:world], H, K, E, neg_frac=0.25)[rank]
     args = (inp.x, inp.topk_idx, inp.topk_weights, buf)
     kw = dict(num_experts=E, num_max_tokens_per_rank=8)
@@ -155,7 +155,7 @@ def test_two_ranks(name):
 
 # ----------------------------------------------------------------------------- one process
 def _world1(decode: bool, shared: SharedExpert):
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
     experts = ref.Experts(3, 8, H, "diag")
     pf = D.DeepEPPrepareFinalize(buf, 8, K, decode=decode, shared_experts=shared)
     return buf, experts, _overlapped_step(pf, experts.s.float())
@@ -233,7 +233,7 @@ def test_shared_expert_with_gradients_runs_after_the_dispatch():
     """The async ops have no gradient: with ``a1`` requiring grad, prepare dispatches
     synchronously, then runs the shared expert; values and gradients match float64."""
     shared = SharedExpert(H, INNER)
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
     experts = ref.Experts(3, 8, H, "diag")
     pf = D.DeepEPPrepareFinalize(buf, 8, K, decode=False, shared_experts=shared)
     inp = ref.make_global_inputs(4, (6,), H, K, 8, neg_frac=0.25)[0]

@@ -50,7 +50,7 @@ def spy(monkeypatch):
         return real_dispatch(*args, **kwargs)
 
     backend.dispatch = dispatch_spy
-    buf = D.EPBuffer(backend)
+    buf = D.EPOpsBuffer(backend)
     # The stub peer agrees with whatever this rank sends in the cross-rank check
     # (deepep_ops.agreement, a host exchange, not a payload collective).
     buf.exchange.all_gather_object = lambda obj: [obj] * buf.num_ranks
@@ -190,7 +190,7 @@ def test_bad_dispatch_input(spy, entry, case):
 @pytest.fixture
 def world1(monkeypatch):
     backend = D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)
-    buf = D.EPBuffer(backend)
+    buf = D.EPOpsBuffer(backend)
     calls = []
     real_combine = backend.combine
 

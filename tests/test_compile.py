@@ -187,7 +187,7 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
     logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(recompiles)
 
     W = make_moe_weights(E, H, I, seed=1)
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
 
     t0 = time.perf_counter()
     dense = {}
@@ -437,7 +437,7 @@ def test_bucket_values_bounded():
     rec = RecordingBuffer(None, num_max_tokens_per_rank=cap, hidden=H, num_topk=K)
     # Two experts: the experts do not matter here, and each costs ~0.25 s per step at M=8192.
     W = make_moe_weights(2, H, 16, seed=2)
-    layer = MoELayer(W, DeepEPPrepareFinalize(D.EPBuffer(rec), 2, K, decode=True))
+    layer = MoELayer(W, DeepEPPrepareFinalize(D.EPOpsBuffer(rec), 2, K, decode=True))
     layer.experts = GarbageExperts(layer.experts, decode=True)
     g = torch.Generator().manual_seed(0)
     ts = sorted({2**k + d for k in range(14) for d in (-1, 0, 1) if 1 <= 2**k + d <= cap})
@@ -480,7 +480,7 @@ def test_prefill_rank_receiving_no_tokens():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     pf = DeepEPPrepareFinalize(
-        D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=64, hidden=H, num_topk=K)),
+        D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=64, hidden=H, num_topk=K)),
         E, K, decode=False, expert_alignment=4,
     )
 

@@ -31,7 +31,7 @@ cap = int(sys.argv[1])
 store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
 dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 H, K, E = 256, 2, 4
-buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=cap, hidden=H, num_topk=K))
+buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=cap, hidden=H, num_topk=K))
 layer = MoELayer(make_moe_weights(E, H, 32), D.DeepEPPrepareFinalize(buf, E, K, decode=True))
 f = torch.compile(layer, fullgraph=True, dynamic=True, backend="inductor")
 x = torch.randn(3, H).to(torch.bfloat16)

@@ -16,7 +16,7 @@ H, K, E, CAP = 256, 2, 4, 8
 
 @pytest.fixture
 def buf():
-    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
 
 
 def _inputs(T=5, seed=0):
@@ -85,7 +85,7 @@ def test_edited_handle_is_checked_in_full(buf):
 @pytest.fixture
 def agree_once():
     """Agree-once mode (GPU's default): the mode in which eager calls are remembered."""
-    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K), check=False)
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K), check=False)
 
 
 def _pair(buf, x, idx, w):
@@ -250,7 +250,8 @@ def test_without_a_guard_every_call_is_checked_in_full(agree_once, monkeypatch):
 
     x, idx, w = _inputs()
     want = _pair(agree_once, x, idx, w)
-    fresh = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K), check=False)
+    fresh = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K),
+                          check=False)
     monkeypatch.setattr(compat, "_TensorGuards", None)
     for _ in range(2):
         assert torch.equal(_pair(fresh, x, idx, w), want)

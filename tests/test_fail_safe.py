@@ -34,7 +34,7 @@ def _buffer(world, *, num_scaleout_ranks=1, num_channels=2, **kw):
     import deepep_ops as D
 
     group = dist.group.WORLD if world > 1 else None
-    return D.EPBuffer(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K,
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K,
                                                num_scaleout_ranks=num_scaleout_ranks, num_channels=num_channels),
                       **kw)
 
@@ -437,7 +437,7 @@ def test_matches_dense_reference(world, name):
 def _one_rank_buffer():
     import deepep_ops as D
 
-    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
 
 
 def _valid():
@@ -453,7 +453,7 @@ def test_unclear_errors_are_clear():
     with pytest.raises(ValueError, match=r"x_scales.shape\[1\] \(scale columns\) must be >= 1, got 0"):
         D.dispatch(fp8.x, fp8.topk_idx, fp8.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=4,
                    x_scales=fp8.x_scales[:, :0])
-    with pytest.raises(TypeError, match=r"buffer must be a deepep_ops.EPBuffer .*ReferenceElasticBuffer"):
+    with pytest.raises(TypeError, match=r"buffer must be a deepep_ops.EPOpsBuffer .*ReferenceElasticBuffer"):
         D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf.backend.buffer, num_experts=E,
                    num_max_tokens_per_rank=4)
     with pytest.raises(ValueError, match=r"tokens must be a tensor of >= 1 dimension"):

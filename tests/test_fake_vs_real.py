@@ -174,7 +174,7 @@ def _r2_worker(rank, world, configs):
     torch.manual_seed(0)
     out = []
     for c in configs:
-        buf = D.EPBuffer(c.buffer(dist.group.WORLD))
+        buf = D.EPOpsBuffer(c.buffer(dist.group.WORLD))
         out.append(real_metas(c, rank, buf))
     return out
 
@@ -197,7 +197,7 @@ def _hybrid_results():
 def fake_outputs(c: Config, rank: int):
     """Fake kernels of dispatch, dispatch_exact and both combines under FakeTensorMode + ShapeEnv."""
     inp = c.inputs()[rank]
-    buf = D.EPBuffer(c.buffer(_StubGroup(rank, c.R)))
+    buf = D.EPOpsBuffer(c.buffer(_StubGroup(rank, c.R)))
     shape_env = ShapeEnv()
     with FakeTensorMode(shape_env=shape_env) as mode:
         fx, fi, fw = (mode.from_tensor(t) for t in (inp.x, inp.topk_idx, inp.topk_weights))
@@ -284,7 +284,7 @@ def test_config_list_is_fixed():
 
 @pytest.mark.parametrize("c", R1, ids=[c.id for c in R1])
 def test_fake_vs_real_world1(c):
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=c.H, num_topk=c.K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=c.H, num_topk=c.K))
     compare(c, 0, real_metas(c, 0, buf))
 
 
@@ -349,7 +349,7 @@ def test_compiled_example_values_match_real(fp8):
     real eager outputs, and the compiled function returns the eager result bitwise."""
     torch._dynamo.reset()
     E, K, H, A = 8, 3, 256, 2
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
 
     def fn(x, sf, idx, w, M):
         r = D.dispatch(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=M, expert_alignment=A, x_scales=sf)

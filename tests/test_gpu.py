@@ -28,7 +28,7 @@ def _layer(decode: bool, native=None):
     device = torch.device("cuda")
     if native is None:
         native = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
-    buffer = deepep_ops.EPBuffer(native)
+    buffer = deepep_ops.EPOpsBuffer(native)
     weights = make_moe_weights(E, H, I, seed=3)
     weights = type(weights)(*(w.to(device) for w in weights))
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
@@ -139,7 +139,7 @@ def _reduce_overhead_call(compiled):
 
 def test_decode_reduce_overhead_launches_cuda_graphs():
     """Past warm-up and recording each decode call is one CUDA-graph launch, with the
-    EPBuffer as a graph input (torch 2.11 needs deepep_ops._torch_compat's backport),
+    EPOpsBuffer as a graph input (torch 2.11 needs deepep_ops._torch_compat's backport),
     and T = 5..8 padded to their bucket replay that one graph with correct results."""
     from torch._dynamo.utils import counters
 
@@ -180,10 +180,10 @@ def test_reduce_overhead_replays_each_buffer_its_own_graph():
     """Two EPBuffers share one compiled graph (Dynamo guards the opaque type, not the
     object); a CUDA graph recorded with one must not be replayed for the other,
     which would run the first buffer's device memory (deepep_ops._torch_compat's guard)."""
-    from deepep_ops import EPBuffer, pow2_bucket
+    from deepep_ops import EPOpsBuffer, pow2_bucket
 
     layer, weights = _layer(decode=True, native=_scaled_reference(1.0))
-    buffers = {1.0: layer.pf.buffer, 3.0: EPBuffer(_scaled_reference(3.0))}
+    buffers = {1.0: layer.pf.buffer, 3.0: EPOpsBuffer(_scaled_reference(3.0))}
     call = _reduce_overhead_call(torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=True))
     m = pow2_bucket(8, CAPACITY)
     for step, scale in enumerate([1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0, 3.0, 1.0, 3.0]):
@@ -267,7 +267,7 @@ def nccl_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def training_buffers(nccl_world):
-    """(EPBuffer over deep_ep.ElasticBuffer, EPBuffer over ReferenceElasticBuffer) for the training tests."""
+    """(EPOpsBuffer over deep_ep.ElasticBuffer, EPOpsBuffer over ReferenceElasticBuffer) for the training tests."""
     import deep_ep
 
     import deepep_ops
@@ -277,7 +277,7 @@ def training_buffers(nccl_world):
     )
     reference = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K)
     try:
-        yield deepep_ops.EPBuffer(native), deepep_ops.EPBuffer(reference)
+        yield deepep_ops.EPOpsBuffer(native), deepep_ops.EPOpsBuffer(reference)
     finally:
         native.destroy()
 
@@ -363,7 +363,7 @@ DE_H, DE_K, DE_E, DE_CAP, DE_M = 2048, 8, 64, 64, 8
 
 @pytest.fixture(scope="module")
 def deepep_buffers(nccl_world):
-    """(EPBuffer over deep_ep.ElasticBuffer, EPBuffer over ReferenceElasticBuffer), world size 1."""
+    """(EPOpsBuffer over deep_ep.ElasticBuffer, EPOpsBuffer over ReferenceElasticBuffer), world size 1."""
     import deep_ep
 
     import deepep_ops
@@ -376,7 +376,7 @@ def deepep_buffers(nccl_world):
     )
     reference = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=DE_CAP, hidden=DE_H, num_topk=DE_K)
     try:
-        yield deepep_ops.EPBuffer(native), deepep_ops.EPBuffer(reference)
+        yield deepep_ops.EPOpsBuffer(native), deepep_ops.EPOpsBuffer(reference)
     finally:
         native.destroy()
 

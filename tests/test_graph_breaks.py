@@ -4,7 +4,7 @@ must fall back to eager cleanly, never fail.
 A branch on a data-dependent size (``if rows == 0``, as vLLM's modular kernel
 has) makes Dynamo graph-break at the op that produced the size and run the op
 eagerly while its frame hook is still live; the op's kernel frame must then not
-be traced (it unwraps the opaque ``EPBuffer``).
+be traced (it unwraps the opaque ``EPOpsBuffer``).
 """
 
 import torch
@@ -17,7 +17,7 @@ H, K, E, CAP = 256, 2, 4, 16
 
 
 def test_data_dependent_branch_after_dispatch_exact_falls_back_to_eager():
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
 
     def step(x, idx, w):
         r = D.dispatch_exact(x, idx, w, buf, num_experts=E, num_max_tokens_per_rank=CAP)

@@ -34,7 +34,7 @@ def make_fn(mode: str, dtype: str):
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize, dequantize_block_fp8
 
     decode = mode == "decode"
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
     pf = DeepEPPrepareFinalize(
         buf, E, K, decode=decode, use_fp8_dispatch=dtype == "fp8", expert_alignment=1 if decode else 4
     )

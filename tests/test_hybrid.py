@@ -14,7 +14,13 @@ import torch
 
 import deepep_ops as D
 import dense_reference as ref
-from deepep_ops.backends.deep_ep import DeepEPBackend, logical_domain, predict_num_channels
+from deepep_ops.backends.deep_ep import (
+    ELASTIC_BUFFER_API,
+    DeepEPAPI,
+    DeepEPBackend,
+    logical_domain,
+    predict_num_channels,
+)
 from deepep_ops.handle import HANDLE_TENSOR_SPECS, DispatchArgs, DispatchHandle, HandleDims, handle_args
 
 SWITCH = r"allow_hybrid_mode=False.*VLLM_DEEPEP_V2_ALLOW_HYBRID_MODE=0.*--deepep-v2-mode direct"
@@ -125,17 +131,20 @@ class StandInElasticBuffer:
     """``deep_ep.ElasticBuffer``'s attributes (2 nodes x 2 ranks by default) and calls, recorded.
     Its dispatch returns a hybrid handle with ``channels`` channels."""
 
-    def __init__(self, num_scaleout_ranks=2, num_ranks=4, channels=448, prefer_overlap_with_compute=True):
+    def __init__(self, num_scaleout_ranks=2, num_ranks=4, channels=448, prefer_overlap_with_compute=True,
+                 theoretical_num_sms=64, num_sms_alignment=1):
         self.num_ranks, self.rank_idx, self.group = num_ranks, 0, None
         self.num_max_tokens_per_rank, self.hidden = 16, 7168
         self.num_scaleout_ranks = num_scaleout_ranks
         self.num_scaleup_ranks = num_ranks // num_scaleout_ranks
         self.prefer_overlap_with_compute = prefer_overlap_with_compute
         self.channels = channels
+        self.theoretical_num_sms = theoretical_num_sms
+        self.num_sms_alignment = num_sms_alignment  # v2.5 rounds an explicit num_sms up to even
         self.calls = []
 
     def get_theoretical_num_sms(self, num_experts, num_topk):
-        return 64
+        return self.theoretical_num_sms
 
     def dispatch(self, x, **kw):
         self.calls.append(("dispatch", kw))
@@ -149,6 +158,7 @@ class StandInElasticBuffer:
         mtpc = -(-M // C)
         i32 = dict(dtype=torch.int32)
         handle = types.SimpleNamespace(
+            num_sms=-(-kw["num_sms"] // self.num_sms_alignment) * self.num_sms_alignment,
             psum_num_recv_tokens_per_scaleup_rank=torch.zeros(U, **i32),
             psum_num_recv_tokens_per_expert=torch.zeros(E // R, **i32),
             num_unaligned_recv_tokens_per_expert=torch.zeros(E // R, **i32),
@@ -256,13 +266,39 @@ def test_hybrid_native_handle_carries_the_hybrid_tensors(monkeypatch):
     assert buf.calls[-1][1]["num_sms"] == 64  # cached dispatch: the dispatch's SM count
 
 
+@pytest.mark.parametrize("api,num_sms", [(ELASTIC_BUFFER_API, 63), (DeepEPAPI("EPBuffer", True, 2, False), 64)],
+                         ids=["v2.1", "v2.5"])
+def test_hybrid_channels_and_calls_use_the_dispatchs_num_sms(monkeypatch, api, num_sms):
+    """get_theoretical_num_sms answers 63: v2.1 runs with 63, v2.5 with 64 (even). The predicted C
+    (7 channels per SM, bf16 H = 7168), the dispatch, and the combine, weighted combine and cached
+    dispatch of a handle rebuilt from graph values all use that count."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=232448))
+    buf = StandInElasticBuffer(channels=7 * num_sms, theoretical_num_sms=63, num_sms_alignment=api.num_sms_alignment)
+    backend = DeepEPBackend(buf, StandInHandle, torch.int64, api)
+    args = _args(device="cuda")
+    assert backend.num_channels(args) == 7 * num_sms
+    out = backend.dispatch(args)  # confirms C against the handle
+    assert out.hybrid_tensors[0].shape[0] == 7 * num_sms
+    handle = DispatchHandle(args.topk_idx, *out.handle_tensors, args.num_experts, args.num_max_tokens_per_rank,
+                            args.expert_alignment, True, 0, *out.hybrid_tensors)
+    rows = torch.zeros(out.recv_x.shape[0], 7168, dtype=torch.bfloat16)
+    backend.combine(rows, handle)
+    backend.combine_with_weights(rows, torch.zeros(rows.shape[0], 8), handle)
+    backend.cached_dispatch(torch.zeros(3, 7168, dtype=torch.bfloat16), None, handle)
+    (_, dispatched), *later = buf.calls
+    assert dispatched["num_sms"] == num_sms and out.native_handle.num_sms == num_sms
+    assert [kw["handle"].num_sms for _, kw in later] == [num_sms] * 3
+    assert later[-1][1]["num_sms"] == num_sms  # cached dispatch passes it explicitly (DeepEP PR #685)
+
 def test_hybrid_fakes_use_the_backends_channel_count(monkeypatch):
-    """Under FakeTensorMode an EPBuffer over a hybrid DeepEP buffer returns the hybrid shapes with
+    """Under FakeTensorMode an EPOpsBuffer over a hybrid DeepEP buffer returns the hybrid shapes with
     the backend's C (what it will confirm at the first real dispatch)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _buf, backend = _hybrid_backend(monkeypatch, predicted=6)
-    ep = D.EPBuffer(backend)
+    ep = D.EPOpsBuffer(backend)
     assert (ep.num_scaleout_ranks, ep.num_scaleup_ranks, ep.hybrid) == (2, 2, True)
     args = _args(T=3, H=256, K=2, E=8, M=8)
     with FakeTensorMode() as mode:
@@ -279,7 +315,7 @@ def test_hybrid_fakes_use_the_backends_channel_count(monkeypatch):
 def test_hybrid_limits_are_checked_before_dispatch(monkeypatch):
     """DeepEP's hybrid kernels need U + EL <= 128 (a JIT failure otherwise): a clear error first."""
     buf, backend = _hybrid_backend(monkeypatch)
-    ep = D.EPBuffer(backend)
+    ep = D.EPOpsBuffer(backend)
     args = _args(T=2, H=256, K=2, E=4 * 127, M=4)  # EL = 127
     with pytest.raises(ValueError, match=r"scale-up ranks \+ num_experts / num_ranks in hybrid mode \(2 scale-out x "
                                          r"2 scale-up ranks\) must be <= 128; .*" + SWITCH + ", got 129"):
@@ -293,4 +329,4 @@ def test_reference_domain_arguments():
     with pytest.raises(ValueError, match=r"num_channels must be a positive int, got 0"):
         D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=4, num_channels=0)
     ref_buf = D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=4)
-    assert ref_buf.get_logical_domain_size() == (1, 1) and D.EPBuffer(ref_buf).hybrid is False
+    assert ref_buf.get_logical_domain_size() == (1, 1) and D.EPOpsBuffer(ref_buf).hybrid is False

@@ -406,7 +406,7 @@ def run_moe(rank, world, *, seed, Ts, K, E, A=1, fp8=False, neg_frac=0.25, exper
     R, me = world, rank
     EL = E // R
     U = R // S
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K,
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=CAPACITY, hidden=H, num_topk=K,
                                               num_scaleout_ranks=S, num_channels=C,
                                               allow_multiple_reduction=multi_reduction))
     assert (buf.num_scaleout_ranks, buf.num_scaleup_ranks) == (S, U)
@@ -542,7 +542,7 @@ def run_rounding_example(rank, world):
     EL = 2
     failures = []
     for S, want in ((2, 2.03125), (1, 2.015625)):
-        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=4, hidden=H, num_topk=4,
+        buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=4, hidden=H, num_topk=4,
                                                   num_scaleout_ranks=S, num_channels=2))
         res = D.dispatch_exact(x, idx, w, buf, num_experts=8, num_max_tokens_per_rank=4)
         rows = torch.zeros(res.recv_x.shape, dtype=BF16)
@@ -599,7 +599,7 @@ def run_toy_example(rank, world):
     import deepep_ops as D
 
     assert world == 4
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=4, hidden=H, num_topk=2,
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=4, hidden=H, num_topk=2,
                                               num_scaleout_ranks=2, num_channels=2))
     idx = torch.tensor(TOY_ROUTING.get(rank, []), dtype=torch.int64).reshape(-1, 2)
     x = torch.ones(idx.shape[0], H, dtype=BF16)
@@ -643,7 +643,7 @@ def run_hybrid_compiled(rank, world):
     import deepep_ops as D
 
     E, K = 8, 2
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAPACITY, hidden=H,
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAPACITY, hidden=H,
                                               num_topk=K, num_scaleout_ranks=2, num_channels=3))
 
     def step(x, idx, w, M):

@@ -17,7 +17,7 @@ ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "te
 
 
 def _buffer():
-    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
 
 
 def _inputs(fp8: bool, T: int = 5, seed: int = 0):
@@ -118,7 +118,7 @@ def test_token_bucket_real_and_fake(T, cap, expected):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
     x = torch.zeros(T, H, dtype=torch.bfloat16)
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=cap, hidden=H, num_topk=K))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=cap, hidden=H, num_topk=K))
     assert torch.ops.deepep_ops.token_bucket(x, buf) == expected
     shape_env = ShapeEnv()
     with FakeTensorMode(shape_env=shape_env) as mode:

@@ -19,7 +19,7 @@ H, K, E, CAP, T = 256, 2, 8, 16, 3
 
 def _step():
     pf = DeepEPPrepareFinalize(
-        D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)),
+        D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K)),
         E, K, decode=True,
     )
 

@@ -26,7 +26,7 @@ lib = torch.library.Library("deepep", "DEF")
 lib.define("dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, int num_experts) -> (Tensor, Tensor, Tensor)")
 lib.define("combine(Tensor x, Tensor handle) -> Tensor")
 import deepep_ops as D
-buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
+buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
 x = torch.randn(5, 256).bfloat16()
 idx = torch.tensor([[0, 1], [1, 2], [3, -1], [2, 0], [-1, -1]])
 w = torch.rand(5, 2)
@@ -50,16 +50,41 @@ def test_import_logs_no_deprecation():
     assert "deprecated" not in res.stderr.lower(), res.stderr[-3000:]
 
 
+def test_epbuffer_is_a_deprecated_alias():
+    """The old name of EPOpsBuffer (renamed: DeepEP v2.5's own buffer is deep_ep.EPBuffer) still
+    works, with a DeprecationWarning naming the new one, from the package and from its module."""
+    import deepep_ops.buffer
+
+    with pytest.warns(DeprecationWarning, match=r"deepep_ops.EPBuffer is deprecated, use deepep_ops.EPOpsBuffer"):
+        assert D.EPBuffer is D.EPOpsBuffer
+    with pytest.warns(DeprecationWarning, match=r"deepep_ops.buffer.EPBuffer is deprecated"):
+        from deepep_ops.buffer import EPBuffer
+    assert EPBuffer is D.EPOpsBuffer and "EPBuffer" not in D.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'EPBufer'"):
+        D.EPBufer
+    # Nothing in the package uses the old name: importing it and running an op raise no
+    # DeprecationWarning from deepep_ops code (the alias attributes it to its caller).
+    res = _run("import warnings\n"
+               "warnings.filterwarnings('error', category=DeprecationWarning, module=r'(deepep_ops|fake_impls)(\\.|$)')\n"
+               "import deepep_ops as D, torch\n"
+               "b = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))\n"
+               "r = D.dispatch(torch.zeros(3, 256).bfloat16(), torch.tensor([[0, 1]] * 3), torch.ones(3, 2), b, "
+               "num_experts=2, num_max_tokens_per_rank=4)\n"
+               "D.combine(r.recv_x, r.handle, b); print('ok')")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 def test_unknown_buffer_is_a_clear_type_error():
-    with pytest.raises(TypeError, match=r"buffer must be a deep_ep.ElasticBuffer.*got builtins.object"):
-        D.EPBuffer(object())
+    with pytest.raises(TypeError, match=r"buffer must be a DeepEP buffer \(deep_ep.ElasticBuffer, v2.1, or "
+                                        r"deep_ep.EPBuffer, v2.5\).*got builtins.object"):
+        D.EPOpsBuffer(object())
 
 
 class _CountingBackend(D.Backend):
     """A third backend in a few lines: delegates to the reference and counts calls."""
 
     def __init__(self, inner):
-        self.inner = D.EPBuffer(inner).backend
+        self.inner = D.EPOpsBuffer(inner).backend
         self.num_ranks, self.rank, self.capacity = inner.num_ranks, 0, inner.num_max_tokens_per_rank
         self.topk_idx_dtype = torch.int64
         self.calls = []
@@ -77,7 +102,7 @@ def test_a_backend_is_one_class():
     """The op kernels talk to any :class:`deepep_ops.Backend`; results match a dense MoE."""
     H, K, E = 256, 2, 4
     backend = _CountingBackend(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
-    buf = D.EPBuffer(backend)
+    buf = D.EPOpsBuffer(backend)
     inp = ref.make_global_inputs(0, [6], H, K, E, neg_frac=0.2)[0]
     pf = D.DeepEPPrepareFinalize(buf, E, K, decode=False)
     p = pf.prepare(inp.x, inp.topk_weights, inp.topk_idx)
@@ -101,7 +126,7 @@ def _same_bucket_eager_and_compiled(rank: int, world_size: int) -> list:
     inner = D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=32, hidden=H, num_topk=K)
     backend = _CountingBackend(inner)
     backend.rank = rank
-    buf = D.EPBuffer(backend, num_tokens_source=lambda _local: max(Ts))
+    buf = D.EPOpsBuffer(backend, num_tokens_source=lambda _local: max(Ts))
     pf = D.DeepEPPrepareFinalize(buf, E, K, decode=True)
     inp = ref.make_global_inputs(1, Ts, H, K, E, neg_frac=0.2)[rank]
 
@@ -125,7 +150,7 @@ def test_eager_and_compiled_bucket_the_same_count_on_every_rank():
     assert run_distributed(_same_bucket_eager_and_compiled, 2) == [[16, 16], [16, 16]]
 
 
-# --- CUDA-graph trees and the EPBuffer input (deepep_ops._torch_compat) ---------------------
+# --- CUDA-graph trees and the EPOpsBuffer input (deepep_ops._torch_compat) ---------------------
 # The GPU behaviour (graphs recorded and replayed on torch 2.11, a swapped buffer re-recorded)
 # is in tests/test_gpu.py; here, on any torch, the two decisions the patches make.
 
@@ -153,7 +178,7 @@ def test_cudagraph_verdict_lifted_only_for_an_ep_buffer_input():
     objects), other reasons stay, and any other object keeps the verdict."""
     from deepep_ops._torch_compat import _allow_marked_inputs
 
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
     fake = _fake_script_object(buf)
     assert fake is not buf and getattr(fake, "real_obj", None) is buf
     inputs = [torch.ones(2), fake, torch.ones(3)]
@@ -188,13 +213,13 @@ def test_cudagraph_node_recorded_with_one_buffer_rejects_another():
     from deepep_ops._torch_compat import _patch_trees
 
     _patch_trees()
-    make = lambda: D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))  # noqa: E731
+    make = lambda: D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))  # noqa: E731
     a, b = make(), make()
     node = object.__new__(CUDAGraphNode)  # only what the identity check reads
     node.reconstructed_inputs = [torch.ones(2), a, 3]
     status, reason = CUDAGraphNode.check_invariants(node, [torch.ones(2), b, 3])
     assert status == CheckInvariantStatus.StaticInputIdxMismatch
-    assert "EPBuffer" in reason()
+    assert "EPOpsBuffer" in reason()
     # The same buffer reaches torch's own check (which a bare node cannot pass).
     with pytest.raises(AttributeError):
         CUDAGraphNode.check_invariants(node, [torch.ones(2), a, 3])
@@ -203,7 +228,7 @@ def test_cudagraph_node_recorded_with_one_buffer_rejects_another():
 # --- a new all-to-all library reuses the reference layout: one class, no registration ---------
 class PointToPointBuffer(D.ReferenceElasticBuffer):
     """The reference layout over another transport: point-to-point sends instead of
-    ``all_to_all_single`` (what a new all-to-all library overrides). ``EPBuffer``
+    ``all_to_all_single`` (what a new all-to-all library overrides). ``EPOpsBuffer``
     wraps it with no registration: it is a ``ReferenceElasticBuffer``."""
 
     def all_to_all_async(self, send: torch.Tensor):
@@ -229,7 +254,7 @@ def _third_backend(rank: int, world_size: int) -> int:
 
     H, K, E = 256, 3, 4 * world_size
     inner = PointToPointBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K)
-    buf = D.EPBuffer(inner)
+    buf = D.EPOpsBuffer(inner)
     inp = ref.make_global_inputs(21, [5, 9][:world_size], H, K, E, neg_frac=0.25)[rank]
     experts = ref.Experts(3, E, H, "diag")
     scale = experts.s.to(torch.float32)

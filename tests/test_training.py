@@ -19,10 +19,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import deepep_ops as D
+import deepep_v25_standin
 import dense_reference as ref
 from _dist import assert_scenario_passed
 
@@ -40,7 +43,7 @@ E1 = 4
 
 
 def _buffer1():
-    return D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
+    return D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
 
 
 def _check(op, args):
@@ -107,6 +110,109 @@ def test_prepare_rejects_fp8_training():
         pf.prepare(inp.x.clone().requires_grad_(), inp.topk_weights, inp.topk_idx)
 
 
+# ------------------------------------------------------------------------------ gradient strides (world size 1)
+# torch 2.15's register_autograd: the strides of the gradients a backward receives are undefined,
+# and a backward that calls a layout-sensitive kernel must make them contiguous (DeepEP's combine
+# asserts a contiguous x; the dispatch backward is a combine, the combine backward a cached dispatch).
+E_STRIDES = 4
+
+
+class _TransposedGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient's values in transposed strides
+    ((1, rows) for [rows, H]). An explicit stand-in for what a layout-changing consumer may
+    hand a backward: a matmul's backward matches its input's layout (``(Wᵀ·rowsᵀ)ᵀ`` gives
+    ``rows`` a contiguous gradient), so it cannot be relied on to make one."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.t().contiguous().t()
+
+
+def _expert(rows, W, layout):
+    """The same function of every row. ``transpose``: rows @ W, the gradient reaching ``rows``
+    transposed (:class:`_TransposedGrad`); ``expand``: the row's bf16 sum over H broadcast over
+    H, so the gradient reaching ``rows`` is a stride-0 expand (sum's backward)."""
+    if layout == "transpose":
+        return _TransposedGrad.apply(rows).float() @ W
+    return rows.sum(1, keepdim=True).float().expand(-1, rows.shape[1])
+
+
+def _strided_grads_loss(x, idx, w, W, G, c, buf, decode, layout, hook=None):
+    """dispatch → expert → combine → a loss whose gradients arrive non-contiguous at every op
+    output: ``recv_x`` (the expert), the combined tokens (``out.t()`` or ``out.sum(0)``) and
+    ``recv_topk_weights`` (its sum: stride 0; decode ``transpose``: its transpose)."""
+    if decode:
+        r = D.dispatch(x, idx, w, buf, num_experts=E_STRIDES, num_max_tokens_per_rank=8)
+    else:
+        r = D.dispatch_exact(x, idx, w, buf, num_experts=E_STRIDES, num_max_tokens_per_rank=16, expert_alignment=4)
+    out = D.combine(_expert(r.recv_x, W, layout).bfloat16().contiguous(), r.handle, buf)
+    if hook is not None:
+        for name, t in (("recv_x", r.recv_x), ("recv_topk_weights", r.recv_topk_weights), ("combined", out)):
+            t.register_hook(functools.partial(hook, name))
+    if layout == "transpose":
+        loss = (out.t().float() * G.t().contiguous()).sum()
+    else:
+        loss = (out.sum(0).float() * G[0]).sum()
+    if decode and layout == "transpose":
+        rw = r.recv_topk_weights
+        return loss + (rw.t() * torch.full((rw.shape[1], rw.shape[0]), c)).sum()
+    return loss + c * r.recv_topk_weights.sum()
+
+
+def _dense_strided_grads(inp, W, G, c, decode, layout):
+    """float64 autograd of the same loss on one process: token t's rows (1 if it is routed, in
+    decode; one per valid lane, in prefill) each give f(x[t]), and combine sums them."""
+    x, w, W = (t.double().requires_grad_() for t in (inp.x, inp.topk_weights, W))
+    valid = inp.topk_idx >= 0
+    m = (valid.any(1) if decode else valid.sum(1)).double().unsqueeze(1)
+    f = x @ W if layout == "transpose" else x.sum(1, keepdim=True).expand(-1, x.shape[1])
+    out = m * f
+    loss = (out * G.double()).sum() if layout == "transpose" else (out.sum(0) * G[0].double()).sum()
+    (loss + c * torch.where(valid, w, 0.0).sum()).backward()
+    return x.grad, w.grad, W.grad
+
+
+def _strides_buffer(backend, monkeypatch):
+    if backend == "reference":
+        return _buffer1()
+    deep_ep = deepep_v25_standin.install(monkeypatch, "2.5")
+    return D.EPOpsBuffer(deep_ep.EPBuffer(None, num_max_tokens_per_rank=16, hidden=H, num_topk=K))
+
+
+@pytest.mark.parametrize("layout", ["transpose", "expand"])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("backend,compiled", [("reference", False), ("reference", True), ("deepep_v25", False)],
+                         ids=["reference-eager", "reference-aot_eager", "deepep_v25_standin-eager"])
+def test_non_contiguous_gradients(monkeypatch, layout, decode, backend, compiled):
+    """Gradients that arrive transposed or expanded at dispatch's, dispatch_exact's and combine's
+    outputs give the float64 dense gradients of x, topk_weights and the expert weight (eager: a
+    hook confirms each one arrived non-contiguous)."""
+    buf = _strides_buffer(backend, monkeypatch)
+    inp = ref.make_global_inputs(11, [6], H, K, E_STRIDES, neg_frac=0.3, empty_rows=1)[0]
+    g = torch.Generator().manual_seed(12)
+    W = (torch.randn(H, H, generator=g) / H ** 0.5).requires_grad_(layout == "transpose")
+    G = torch.randn(6, H, generator=g).bfloat16().float()
+    c = 0.75
+    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
+    seen = {}
+    hook = None if compiled else (lambda name, grad: seen.update({name: grad.is_contiguous()}))
+    fn = _strided_grads_loss
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(_strided_grads_loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    fn(x, inp.topk_idx, w, W, G, c, buf, decode, layout, hook).backward()
+    if not compiled:
+        assert seen == {"recv_x": False, "recv_topk_weights": False, "combined": False}
+    want_x, want_w, want_W = _dense_strided_grads(inp, W.detach(), G, c, decode, layout)
+    _assert_rel(x.grad, want_x, "x")
+    _assert_rel(w.grad, want_w, "topk_weights")
+    if layout == "transpose":
+        _assert_rel(W.grad, want_W, "W")
+
 # ------------------------------------------------------------------------------ multi-rank scenarios
 def _dense_grads(inputs, W, G):
     """float64 dense MoE over every rank's tokens: grads of each rank's x and topk_weights, and of W."""
@@ -144,7 +250,7 @@ class _Setup:
         self.EL = 2
         self.W = make_moe_weights(self.E, H, I, seed=seed)
         # S > 1: hybrid mode (S nodes of world / S ranks, 3 simulated channels).
-        buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP,
+        buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=CAP,
                                                   num_scaleout_ranks=S, num_channels=3),
                          num_tokens_source=_max_source)
         assert buf.num_scaleout_ranks == S
@@ -292,7 +398,7 @@ def _hybrid_opcheck(rank, world):
     import torch.distributed as dist
 
     E = 2 * world
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K,
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=H, num_topk=K,
                                               num_scaleout_ranks=2, num_channels=3))
     inp = ref.make_global_inputs(9, [5, 3, 0, 4], H, K, E, neg_frac=0.3)[rank]
     x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()

@@ -65,7 +65,7 @@ def test_kernel_verdict_matches_python(T, K, dtype):
 def test_prefill_dispatch_names_the_bad_entry_on_cuda():
     import deepep_ops as D
 
-    buf = D.EPBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
     x = torch.randn(4, 256, device="cuda").bfloat16()
     w = torch.rand(4, 2, device="cuda")
     ids = torch.tensor([[0, 1], [2, 3], [4, -1], [-1, -1]], device="cuda")

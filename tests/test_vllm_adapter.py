@@ -90,10 +90,11 @@ def test_dp_bucket_from_stub_forward_context(monkeypatch):
     with pytest.raises(ValueError, match="exceed the buffer capacity"):
         vpf.dp_bucket(3, 16)
     # the in-graph op and the eager bucket, through the token source the adapter gives its buffer
-    buf = deepep_ops.EPBuffer(_buffer())
+    buf = deepep_ops.EPOpsBuffer(_buffer())
     pf = vpf.DeepEPV2PrepareAndFinalize(buf, 1, 1, 0, E, K, use_cudagraph=True, sp_size=2)
     assert token_bucket(torch.empty(3, 1), buf) == 16 == pf._bucket(torch.empty(3, 1))  # pow2(cdiv(17, 2) = 9)
-    assert token_bucket(torch.empty(3, 1), deepep_ops.EPBuffer(_buffer())) == 4  # another buffer: its own (local) count
+    # another buffer: its own (local) count
+    assert token_bucket(torch.empty(3, 1), deepep_ops.EPOpsBuffer(_buffer())) == 4
     ctx.dp_metadata = None
     assert token_bucket(torch.empty(3, 1), buf) == 4  # no DP: local T
     ctx.dp_metadata = types.SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor([3, 70]))

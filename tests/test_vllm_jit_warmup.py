@@ -36,7 +36,7 @@ DECODE = [("decode", m) for m in (1, 2, 4, 8)]
 
 def _buffer():
     rec = RecordingBackend(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
-    return rec, D.EPBuffer(rec)
+    return rec, D.EPOpsBuffer(rec)
 
 
 def _config(enable_jit_warmup=True, enable_elastic_ep=False):
@@ -92,7 +92,7 @@ def test_registered_then_run_by_the_registry(registry_module, vllm_log):
     registry = registry_module.JitWarmupRegistry(_config())
     with registry.activate():
         _adapter(buf)
-        _adapter(D.EPBuffer(rec))  # another layer, another wrapper of the same buffer
+        _adapter(D.EPOpsBuffer(rec))  # another layer, another wrapper of the same buffer
         _adapter(buf, decode=False)
     assert rec.calls == [], "nothing runs while the model loads"
     assert len(registry) == 2  # one kernel for the buffer; two distinct specs (decode, prefill)

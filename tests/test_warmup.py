@@ -41,7 +41,7 @@ class RecordingBackend(ReferenceBackend):
 
 def _buffer(group, capacity: int) -> tuple:
     rec = RecordingBackend(D.ReferenceElasticBuffer(group, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K))
-    return rec, D.EPBuffer(rec)
+    return rec, D.EPOpsBuffer(rec)
 
 
 def _steps(calls: list) -> list:

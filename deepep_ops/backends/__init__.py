@@ -1,6 +1,8 @@
 """Backends: one module per all-to-all implementation, behind :class:`Backend`.
 
-- :mod:`deepep_ops.backends.deep_ep`: real DeepEP v2 (``deep_ep.ElasticBuffer``).
+- :mod:`deepep_ops.backends.deep_ep`: real DeepEP v2 (v2.1's ``deep_ep.ElasticBuffer``,
+  v2.5's ``deep_ep.EPBuffer``; :func:`~deepep_ops.backends.deep_ep.new_buffer` builds
+  whichever is installed).
 - :mod:`deepep_ops.backends.reference`: :class:`deepep_ops.ReferenceElasticBuffer`.
 
 :func:`as_backend` turns a user's buffer object into a :class:`Backend`. A new
@@ -31,7 +33,8 @@ def as_backend(obj: object) -> Backend:
         if backend is not None:
             return backend
     raise TypeError(
-        "EPBuffer: buffer must be a deep_ep.ElasticBuffer, a deepep_ops.ReferenceElasticBuffer or a "
+        "EPOpsBuffer: buffer must be a DeepEP buffer (deep_ep.ElasticBuffer, v2.1, or deep_ep.EPBuffer, v2.5), "
+        "a deepep_ops.ReferenceElasticBuffer or a "
         f"deepep_ops.backends.Backend, got {type(obj).__module__}.{type(obj).__qualname__}"
     )
 

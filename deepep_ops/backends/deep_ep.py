@@ -1,11 +1,30 @@
-"""Real DeepEP v2: :class:`DeepEPBackend` over ``deep_ep.ElasticBuffer``.
+"""Real DeepEP v2: :class:`DeepEPBackend` over DeepEP's buffer, v2.1's
+``deep_ep.ElasticBuffer`` or v2.5's ``deep_ep.EPBuffer``.
 
 The only module that knows DeepEP's call keywords (``do_expand``,
 ``do_cpu_sync``, ...: the mode's DeepEP spelling), its 5-tuple returns, the
 16-argument ``EPHandle`` constructor, ``get_theoretical_num_sms``, the logical
 EP domain (``num_scaleout_ranks``) and how DeepEP sizes its hybrid-mode
 channels (:func:`predict_num_channels`). ``deep_ep`` is imported lazily:
-nothing here runs unless a DeepEP buffer is wrapped.
+nothing here runs unless a DeepEP buffer is wrapped or built (:func:`new_buffer`).
+
+DeepEP's API generations (:class:`DeepEPAPI`, told by feature, never by
+version string; :func:`api_of`): v2.1 (``ElasticBuffer`` in
+``deep_ep.buffers.elastic``) and v2.5 (``EPBuffer`` in ``deep_ep.buffers.ep``)
+take the same keywords for what we call, except that v2.5 drops
+``previous_event_before_epilogue`` (we never pass it) and adds
+``defer_epilogue``; v2.5 asserts ``do_handle_copy=False`` (what we always
+pass: the graph keeps ``topk_idx`` alive until combine) and rounds an explicit
+``num_sms`` up to even. Its ``EPHandle`` keeps ``topk_idx`` by reference and
+asserts, whenever it reads it, that the tensor's version counter has not moved
+since the handle was built (inference tensors, which have none, are not
+checked). That assertion cannot fire through deepep-ops: an eager handle keeps
+the caller's ``topk_idx`` and checks its version itself before any call reaches
+DeepEP (:func:`deepep_ops.validation.check_routing_unchanged`: a clear
+ValueError; inside ``torch.inference_mode()`` the eager path keeps a copy of
+the ids, and DeepEP checks nothing), and a handle rebuilt from graph values
+(:meth:`DeepEPBackend._native_handle`) is built right before the one DeepEP
+call that reads it.
 
 Hybrid mode (docs/deepep_contract.md §9, several nodes with DeepEP's
 ``allow_hybrid_mode``): the handle gains two tensors whose shapes depend on the
@@ -14,12 +33,16 @@ the token layout and ``num_sms``. The fake kernels need C at trace time, so
 :meth:`DeepEPBackend.num_channels` predicts it with DeepEP's formula and every
 dispatch's handle confirms it; a mismatch, or a C that cannot be predicted, is
 an error that names the switch turning hybrid mode off (never a wrong shape).
+The ``num_sms`` of a dispatch fixes C, so combine and cached dispatch pass the
+dispatch's own (:meth:`DeepEPBackend.num_sms`).
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
-from typing import Optional
+import sys
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -96,28 +119,146 @@ def logical_domain(buffer: object, num_ranks: int) -> tuple:
     num_scaleup = num_ranks // num_scaleout if num_scaleup is None else int(num_scaleup)
     if num_scaleout < 1 or num_scaleout * num_scaleup != num_ranks:
         raise ValueError(
-            f"EPBuffer: the DeepEP buffer's logical domain {num_scaleout} scale-out x {num_scaleup} scale-up "
+            f"EPOpsBuffer: the DeepEP buffer's logical domain {num_scaleout} scale-out x {num_scaleup} scale-up "
             f"ranks does not make its {num_ranks} ranks"
         )
     return num_scaleout, num_scaleup
 
 
+# ------------------------------------------------------------------ DeepEP's API generations
+class DeepEPAPI(NamedTuple):
+    """What differs, for our calls, between DeepEP's Python API generations:
+    v2.1's ``ElasticBuffer`` and v2.5's ``EPBuffer`` (:func:`api_of` tells them
+    apart by feature). Everything else we call (keywords, 5-tuple and 3-tuple
+    returns, the 16-argument ``EPHandle``) is the same in both.
+
+    Attributes:
+        buffer_name: the buffer class's name, for messages.
+        defer_epilogue: whether ``dispatch`` / ``combine`` take ``defer_epilogue=``
+            (v2.5, ``deep_ep/buffers/ep.py`` at ff924ed8, :573-594 and :781-791):
+            with it and ``async_with_compute_stream=True`` they return only an
+            ``EventOverlap`` whose ``wait()`` returns what the call would have
+            (dispatch: ``(recv_x, recv_topk_idx, recv_topk_weights, handle)``;
+            combine: ``(combined_x, combined_topk_weights)``). The one flag the
+            asynchronous dispatch/combine read; without it (v2.1, the reference)
+            there is only ``async_with_compute_stream=True`` and the returned
+            event (``dispatch_async`` / ``combine_async`` pass it where true).
+        num_sms_alignment: how DeepEP rounds an explicit ``num_sms`` before it
+            runs with it and stores it in the handle: 2 in v2.5 (``align(num_sms,
+            2)``, ep.py:654 and :827), 1 (as given) in v2.1. Not a feature Python
+            can see: it comes with v2.5's API (``defer_epilogue``).
+        handle_copy: whether ``dispatch(do_handle_copy=True)`` is allowed (v2.1,
+            its default) or asserts (v2.5, ep.py:649). We always pass False; only
+            the benchmarks' raw DeepEP calls read this.
+    """
+
+    buffer_name: str
+    defer_epilogue: bool
+    num_sms_alignment: int
+    handle_copy: bool
+
+
+#: DeepEP v2.1's ``ElasticBuffer`` (dd758ca), and the reference buffer, which mimics it.
+ELASTIC_BUFFER_API = DeepEPAPI("ElasticBuffer", defer_epilogue=False, num_sms_alignment=1, handle_copy=True)
+
+
+def api_of(buffer_class: type) -> DeepEPAPI:
+    """The :class:`DeepEPAPI` of a DeepEP buffer class, told by feature: v2.5's
+    ``dispatch`` takes ``defer_epilogue``, v2.1's does not."""
+    try:
+        params = inspect.signature(buffer_class.dispatch).parameters
+    except (AttributeError, TypeError, ValueError):  # no (inspectable) dispatch: v2.1's shape
+        params = {}
+    if "defer_epilogue" in params:
+        return DeepEPAPI(buffer_class.__name__, defer_epilogue=True, num_sms_alignment=2, handle_copy=False)
+    return ELASTIC_BUFFER_API._replace(buffer_name=buffer_class.__name__)
+
+
+def handle_class_of(buffer_class: type) -> type:
+    """The ``EPHandle`` class that goes with a DeepEP buffer class: the one of the
+    module that defines the buffer (v2.1: ``deep_ep.buffers.elastic``, v2.5:
+    ``deep_ep.buffers.ep``), else ``deep_ep.EPHandle``.
+
+    Raises:
+        TypeError: neither has one.
+    """
+    module = sys.modules.get(buffer_class.__module__)
+    handle_class = getattr(module, "EPHandle", None)
+    if handle_class is None:
+        handle_class = getattr(sys.modules.get("deep_ep"), "EPHandle", None)
+    if handle_class is None:
+        raise TypeError(
+            f"EPOpsBuffer: no EPHandle class beside {buffer_class.__module__}.{buffer_class.__qualname__} "
+            "(looked in its module and in deep_ep); deepep-ops drives DeepEP v2.1 (ElasticBuffer) and v2.5 (EPBuffer)"
+        )
+    return handle_class
+
+
+def installed_buffer_class() -> type:
+    """The installed DeepEP's buffer class: ``deep_ep.EPBuffer`` (v2.5) where the
+    package has it, else ``deep_ep.ElasticBuffer`` (v2.1).
+
+    Raises:
+        ImportError: ``deep_ep`` is not installed, or has neither class (DeepEP v1).
+    """
+    import deep_ep  # lazy: only where users built DeepEP v2
+
+    for name in ("EPBuffer", "ElasticBuffer"):
+        buffer_class = getattr(deep_ep, name, None)
+        if buffer_class is not None:
+            return buffer_class
+    raise ImportError(
+        f"deepep_ops needs DeepEP v2 (deep_ep.ElasticBuffer, v2.1, or deep_ep.EPBuffer, v2.5); the installed deep_ep "
+        f"{getattr(deep_ep, '__version__', '(no __version__)')} has neither"
+    )
+
+
+def new_buffer(group: object, **kwargs: object) -> object:
+    """A DeepEP buffer over ``group`` of whichever API the installed DeepEP has
+    (:func:`installed_buffer_class`): ``EPBuffer(group, **kwargs)`` or
+    ``ElasticBuffer(group, **kwargs)``. Give everything but the group by keyword:
+    v2.1's third positional argument (``num_cpu_bytes``) is gone in v2.5.
+
+    Raises:
+        TypeError: a keyword the installed buffer does not take (named, with the
+            DeepEP version), before anything is allocated.
+    """
+    buffer_class = installed_buffer_class()
+    params = inspect.signature(buffer_class).parameters
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        version = getattr(sys.modules.get("deep_ep"), "__version__", "?")
+        raise TypeError(
+            f"new_buffer: deep_ep.{buffer_class.__name__} (DeepEP {version}) takes no {', '.join(unknown)}; "
+            f"it takes {', '.join(n for n in params if n != 'group')}"
+        )
+    return buffer_class(group, **kwargs)
+
+
 class DeepEPBackend(Backend):
-    """Wraps an object with ``deep_ep.ElasticBuffer``'s API.
+    """Wraps an object with the API of DeepEP v2.1's ``ElasticBuffer`` or v2.5's ``EPBuffer``.
 
     Args:
-        buffer: the ``ElasticBuffer``.
+        buffer: the ``ElasticBuffer`` / ``EPBuffer``.
         handle_class: its ``EPHandle`` class.
         topk_idx_dtype: ``deep_ep.topk_idx_t``.
+        api: its :class:`DeepEPAPI` (:func:`api_of`); v2.1's by default.
+
+    Attributes:
+        api: the :class:`DeepEPAPI`; ``api.defer_epilogue`` says whether the
+            buffer's dispatch and combine take ``defer_epilogue=``.
     """
 
     #: DeepEP JIT-compiles its kernels per M, H, K, E, dtype and mode.
     needs_warmup = True
 
-    def __init__(self, buffer: object, handle_class: type, topk_idx_dtype: torch.dtype) -> None:
+    def __init__(
+        self, buffer: object, handle_class: type, topk_idx_dtype: torch.dtype, api: DeepEPAPI = ELASTIC_BUFFER_API
+    ) -> None:
         self.buffer = buffer
         self.handle_class = handle_class
         self.topk_idx_dtype = topk_idx_dtype
+        self.api = api
         self.num_ranks = buffer.num_ranks
         self.rank = buffer.rank_idx
         # DeepEP calls the capacity num_max_tokens_per_rank (its constructor's argument).
@@ -128,8 +269,9 @@ class DeepEPBackend(Backend):
         # The logical domain: hybrid kernels and handles when S > 1 (contract §9).
         self.num_scaleout_ranks, _num_scaleup = logical_domain(buffer, self.num_ranks)
         self.hybrid = self.num_scaleout_ranks > 1
-        # (E, K) -> get_theoretical_num_sms(E, K). DeepEP caches it too, but behind a
-        # weak-reference LRU that costs more than a dict lookup; combine needs it every call.
+        # (E, K) -> the num_sms every dispatch of (E, K) runs with (num_sms()). DeepEP
+        # caches get_theoretical_num_sms too, but behind a weak-reference LRU that costs
+        # more than a dict lookup; combine needs it every call.
         self._num_sms: dict = {}
         # Hybrid mode: (E, H, x element size, P, K) -> C predicted (or confirmed) for it.
         self._num_channels: dict = {}
@@ -141,6 +283,7 @@ class DeepEPBackend(Backend):
     def _dispatch(self, args: DispatchArgs, **extra):
         """``buffer.dispatch`` of validated ``args`` in DeepEP's words (``extra``: the async keywords)."""
         prefill = not args.decode  # DeepEP's do_expand / do_cpu_sync
+        num_sms = self.num_sms(args.num_experts, args.topk_idx.shape[1])
         return self.buffer.dispatch(
             args.x if args.x_scales is None else (args.x, args.x_scales),
             topk_idx=args.topk_idx,
@@ -149,9 +292,10 @@ class DeepEPBackend(Backend):
             num_max_tokens_per_rank=args.num_max_tokens_per_rank,
             expert_alignment=args.expert_alignment,
             # What num_sms=0 would pick, without DeepEP's per-call lookup; combine
-            # passes the same value through the handle.
-            num_sms=self.num_sms(args.num_experts, args.topk_idx.shape[1]),
-            # The graph keeps topk_idx alive until combine, which takes it as an input.
+            # and cached dispatch pass the same value (the handle's, below).
+            num_sms=num_sms,
+            # The graph keeps topk_idx alive until combine, which takes it as an input
+            # (and v2.5 asserts False: its handles keep topk_idx by reference).
             do_handle_copy=False,
             do_cpu_sync=prefill,
             do_expand=prefill,
@@ -162,6 +306,11 @@ class DeepEPBackend(Backend):
 
     def _dispatch_output(self, args: DispatchArgs, recv, recv_topk_idx, recv_topk_weights, handle) -> DispatchOutput:
         recv_x, recv_x_scales = recv if isinstance(recv, tuple) else (recv, None)
+        if handle.num_sms != self.num_sms(args.num_experts, args.topk_idx.shape[1]):
+            # DeepEP ran with another count than we passed (a rounding DeepEPAPI does not
+            # know): graph handles must give combine and cached dispatch the count the
+            # dispatch really used, so from now on pass DeepEP's own.
+            self._num_sms[args.num_experts, args.topk_idx.shape[1]] = handle.num_sms
         hybrid_tensors = self._confirm_hybrid_handle(args, handle) if self.hybrid else _NO_HYBRID_TENSORS
         # tuple.__new__: the NamedTuple without its Python __new__ (eager dispatch's hot path).
         return _new_tuple(DispatchOutput, (
@@ -175,23 +324,15 @@ class DeepEPBackend(Backend):
         ))
 
     # ------------------------------------------------------------------ asynchrony
-    # DeepEP v2.1 (async_with_compute_stream=True): the call launches its kernels on
+    # async_with_compute_stream=True (v2.1 and v2.5): the call launches its kernels on
     # DeepEP's communication stream and returns its (not yet valid) outputs with an
     # EventOverlap; the compute stream carries on, and the wait makes it wait for
-    # the event (a stream join, legal inside one CUDA-graph capture). v2.5 and the
-    # reference buffer also take defer_epilogue=True: the call returns only the
-    # event, whose wait() runs the receiving epilogue and returns the results.
-    def _defers_epilogue(self) -> bool:
-        """Whether this DeepEP's dispatch/combine take ``defer_epilogue`` (v2.5, the reference)."""
-        defers = self.__dict__.get("_defers")
-        if defers is None:
-            import inspect
-
-            defers = self.__dict__["_defers"] = "defer_epilogue" in inspect.signature(self.buffer.dispatch).parameters
-        return defers
-
+    # the event (a stream join, legal inside one CUDA-graph capture) and runs the
+    # hook DeepEP registered on it (the deterministic sort). Where the API has
+    # defer_epilogue (v2.5, DeepEPAPI), the call returns only the event, whose
+    # wait() runs the receiving epilogue and returns the results.
     def dispatch_async(self, args: DispatchArgs) -> "_Pending":
-        if self._defers_epilogue():
+        if self.api.defer_epilogue:
             event = self._dispatch(args, async_with_compute_stream=True, defer_epilogue=True)
             return _Pending(lambda: self._dispatch_output(args, *event.wait()))
         recv, recv_topk_idx, recv_topk_weights, handle, event = self._dispatch(args, async_with_compute_stream=True)
@@ -204,7 +345,7 @@ class DeepEPBackend(Backend):
 
     def combine_async(self, x, handle) -> "_Pending":
         native = self.native_handle(handle)
-        if self._defers_epilogue():
+        if self.api.defer_epilogue:
             event = self.buffer.combine(x, handle=native, async_with_compute_stream=True, defer_epilogue=True)
             return _Pending(lambda: event.wait()[0])
         combined_x, _combined_weights, event = self.buffer.combine(x, handle=native, async_with_compute_stream=True)
@@ -274,12 +415,34 @@ class DeepEPBackend(Backend):
         return hybrid_tensors
 
     def num_sms(self, num_experts: int, num_topk: int) -> int:
-        """``buffer.get_theoretical_num_sms(E, K)``, computed once per (E, K)."""
+        """The SM count every dispatch of (E, K) runs with, and so the ``num_sms``
+        of its handles: ``buffer.get_theoretical_num_sms(E, K)`` (what DeepEP's
+        ``num_sms=0`` picks), rounded as DeepEP rounds an explicit count
+        (:attr:`DeepEPAPI.num_sms_alignment`), computed once per (E, K) (and
+        replaced by the handle's own if a dispatch ever ran with another).
+
+        Combine and cached dispatch of a handle rebuilt from graph values pass
+        this value: DeepEP's combine would otherwise use the rebuilt handle's, and
+        its cached dispatch recomputes ``get_theoretical_num_sms`` before it reads
+        ``num_experts`` from the handle (DeepEP PR #685, open: a TypeError with
+        the default). In hybrid mode it fixes the channel count C, so a
+        different value would not match the dispatch's handle tensors.
+        """
         key = (num_experts, num_topk)
         num_sms = self._num_sms.get(key)
         if num_sms is None:
-            num_sms = self._num_sms[key] = self.buffer.get_theoretical_num_sms(num_experts, num_topk)
+            num_sms = self.buffer.get_theoretical_num_sms(num_experts, num_topk)
+            a = self.api.num_sms_alignment
+            num_sms = self._num_sms[key] = (num_sms + a - 1) // a * a
         return num_sms
+
+    def handle_num_sms(self, handle: DispatchHandle) -> int:
+        """The ``num_sms`` of ``handle``'s dispatch: its native ``EPHandle``'s when it
+        carries one (an eager dispatch's), else :meth:`num_sms` of its (E, K)."""
+        native = getattr(handle, "native", None)
+        if native is not None:
+            return native.num_sms
+        return self.num_sms(handle.num_experts, handle.topk_idx.shape[1])
 
     def _native_handle(self, handle: DispatchHandle, per_expert_list: Optional[list] = None) -> object:
         """DeepEP's ``EPHandle`` with the fields combine reads (and, given
@@ -289,8 +452,10 @@ class DeepEPBackend(Backend):
             handle.num_experts,
             handle.expert_alignment,
             handle.num_max_tokens_per_rank,
-            # The value dispatch ran with; combine must match it.
-            self.num_sms(handle.num_experts, handle.topk_idx.shape[1]),
+            # The value dispatch ran with (what combine's num_sms=0 reads); hybrid mode needs it.
+            self.handle_num_sms(handle),
+            # v2.5's EPHandle records its version here and asserts it at its one read,
+            # in the DeepEP call this handle is built for.
             handle.topk_idx,
             handle.recv_src_metadata.shape[0],
             handle.num_expanded_tokens,
@@ -325,10 +490,12 @@ class DeepEPBackend(Backend):
         recv, _recv_topk_idx, _recv_topk_weights, _handle, _event = self.buffer.dispatch(
             x if x_scales is None else (x, x_scales),
             handle=self._native_handle(handle, per_expert_list),
-            # DeepEP (dd758ca) reads num_experts before it takes it from the handle
-            # (get_theoretical_num_sms(None, K) raises): give both, as the forward had them.
+            # DeepEP (v2.1 dd758ca, v2.5 ff924ed8: PR #685, open) settles num_sms before it
+            # takes num_experts from the handle (get_theoretical_num_sms(None, K) raises):
+            # give both, as the forward had them. The dispatch's num_sms, not a recomputed
+            # one: in hybrid mode it fixes the channel count of the handle's tensors.
             num_experts=handle.num_experts,
-            num_sms=self.num_sms(handle.num_experts, handle.topk_idx.shape[1]),
+            num_sms=self.handle_num_sms(handle),
             do_handle_copy=False,
             do_cpu_sync=False,
             # DeepEP does not check do_expand against the handle's (docs/deepep_contract.md §1): pass the handle's.
@@ -357,10 +524,11 @@ class _Pending:
 
 
 def from_object(obj: object) -> Optional[DeepEPBackend]:
-    """A :class:`DeepEPBackend` for a ``deep_ep.ElasticBuffer``, else None."""
-    if type(obj).__module__.split(".")[0] != "deep_ep":
+    """A :class:`DeepEPBackend` for a DeepEP buffer (v2.1's ``deep_ep.ElasticBuffer``,
+    v2.5's ``deep_ep.EPBuffer``: any object of a ``deep_ep`` class, its API told
+    by :func:`api_of`), else None."""
+    buffer_class = type(obj)
+    if buffer_class.__module__.split(".")[0] != "deep_ep":
         return None
-    import deep_ep
-    from deep_ep.buffers.elastic import EPHandle
-
-    return DeepEPBackend(obj, EPHandle, getattr(deep_ep, "topk_idx_t", torch.int64))
+    topk_idx_dtype = getattr(sys.modules.get("deep_ep"), "topk_idx_t", torch.int64)
+    return DeepEPBackend(obj, handle_class_of(buffer_class), topk_idx_dtype, api_of(buffer_class))

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from deepep_ops import DispatchHandle, EPBuffer, ReferenceElasticBuffer, combine, dispatch_exact
+from deepep_ops import DispatchHandle, EPOpsBuffer, ReferenceElasticBuffer, combine, dispatch_exact
 from deepep_ops.layout import COMBINE_HIDDEN_ALIGNMENT
 from deepep_ops.torchtitan._compat import BaseEPTokenDispatcher, LocalTokenDispatcher
 
@@ -55,19 +55,20 @@ def _resolve_backend(backend: str, device_type: str) -> str:
 
 def _new_native_buffer(backend: str, group, capacity: int, hidden: int, num_topk: int) -> object:
     if backend == "deep_ep":
-        import deep_ep  # lazy: only where users built DeepEP v2
+        from deepep_ops.backends.deep_ep import new_buffer  # imports deep_ep: only where users built DeepEP v2
 
+        # v2.1's ElasticBuffer or v2.5's EPBuffer, whichever is installed;
         # explicitly_destroy, and never destroyed (as torchtitan's own DeepEP
         # buffer): destroy() synchronizes the device and the ranks, which must not
         # happen wherever garbage collection drops the last reference.
-        return deep_ep.ElasticBuffer(
+        return new_buffer(
             group, num_max_tokens_per_rank=capacity, hidden=hidden, num_topk=num_topk, explicitly_destroy=True
         )
     return ReferenceElasticBuffer(group, num_max_tokens_per_rank=capacity, hidden=hidden, num_topk=num_topk)
 
 
-def shared_ep_buffer(ep_mesh, *, backend: str, capacity: int, hidden: int, num_topk: int) -> EPBuffer:
-    """The :class:`~deepep_ops.EPBuffer` of ``ep_mesh``'s process group for these sizes,
+def shared_ep_buffer(ep_mesh, *, backend: str, capacity: int, hidden: int, num_topk: int) -> EPOpsBuffer:
+    """The :class:`~deepep_ops.EPOpsBuffer` of ``ep_mesh``'s process group for these sizes,
     built on first use and kept on the mesh object.
 
     One buffer per (backend, capacity, hidden, top-k) is shared by every MoE
@@ -89,7 +90,7 @@ def shared_ep_buffer(ep_mesh, *, backend: str, capacity: int, hidden: int, num_t
     key = (backend, capacity, hidden, num_topk)
     buffer = buffers.get(key)
     if buffer is None:
-        buffer = EPBuffer(_new_native_buffer(backend, ep_mesh.get_group(), capacity, hidden, num_topk))
+        buffer = EPOpsBuffer(_new_native_buffer(backend, ep_mesh.get_group(), capacity, hidden, num_topk))
         buffers[key] = buffer
     return buffer
 
@@ -139,7 +140,7 @@ class DeepEPOpsTokenDispatcher(BaseEPTokenDispatcher):
         self.hidden_dim = config.hidden_dim
         self.expert_alignment = config.expert_alignment
         self.backend = config.backend
-        self.buffer: Optional[EPBuffer] = None
+        self.buffer: Optional[EPOpsBuffer] = None
         # Read off the buffer in init_buffer: under torch.compile the buffer is an
         # opaque graph input whose attributes Dynamo may not read.
         self.topk_idx_dtype: torch.dtype = torch.int64

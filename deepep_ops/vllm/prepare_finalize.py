@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, Union
 import torch
 
 from deepep_ops._torch_compat import guard_or_false
-from deepep_ops.buffer import EPBuffer, as_ep_buffer
+from deepep_ops.buffer import EPOpsBuffer, as_ep_buffer
 from deepep_ops.bucket import pow2_bucket
 from deepep_ops.handle import DispatchHandle
 from deepep_ops.prepare_finalize import FP8_BLOCK, DeepEPPrepareFinalize, PreparedTokens
@@ -68,7 +68,7 @@ def dp_bucket(local_num_tokens: int, capacity: int, sp_size: int = 1) -> int:
 
 
 class ForwardContextTokens:
-    """An :class:`EPBuffer` token source: :func:`dp_num_tokens` with a fixed ``sp_size``."""
+    """An :class:`EPOpsBuffer` token source: :func:`dp_num_tokens` with a fixed ``sp_size``."""
 
     def __init__(self, sp_size: int = 1) -> None:
         self.sp_size = sp_size
@@ -122,7 +122,7 @@ class _WarmupSpec(NamedTuple):
                         expert_alignment=1, dispatch_dtypes=self.dispatch_dtypes, modes=self.modes)
 
 
-def _run_warmup(buffer: EPBuffer, spec: _WarmupSpec) -> None:
+def _run_warmup(buffer: EPOpsBuffer, spec: _WarmupSpec) -> None:
     """:func:`deepep_ops.warmup` of ``spec`` (collective), unless ``buffer`` is
     warm for it already; each step and the table go to vLLM's log."""
     if spec.warm_key() in warmed_up(buffer):
@@ -143,7 +143,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     """Prepare/finalize for DeepEP v2 through ``torch.ops.deepep_ops``.
 
     Args (as vLLM 0.32's class):
-        buffer: an :class:`deepep_ops.EPBuffer`, or a backend to wrap
+        buffer: an :class:`deepep_ops.EPOpsBuffer`, or a backend to wrap
             (``deep_ep.ElasticBuffer``, :class:`deepep_ops.ReferenceElasticBuffer`).
         num_dispatchers: EP group size, reported by :meth:`num_dispatchers`.
         dp_size: data-parallel size (informational, as in vLLM).
@@ -159,7 +159,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             of its DP rank's tokens.
 
     The adapter sets ``buffer.num_tokens_source`` to :class:`ForwardContextTokens`,
-    so eager calls (``EPBuffer.bucket``) and compiled graphs (the in-graph
+    so eager calls (``EPOpsBuffer.bucket``) and compiled graphs (the in-graph
     ``deepep_ops::token_bucket``) bucket the same DP-global token count; a buffer
     shared by layers with another ``sp_size`` is a ValueError.
 
@@ -214,7 +214,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
 
     def __init__(
         self,
-        buffer: Union[EPBuffer, object],
+        buffer: Union[EPOpsBuffer, object],
         num_dispatchers: int,
         dp_size: int,
         rank_expert_offset: int,
@@ -266,7 +266,7 @@ class DeepEPV2PrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         if self.buffer.num_tokens_source not in (None, source):
             raise ValueError(
                 f"DeepEPV2PrepareAndFinalize: the buffer already buckets {self.buffer.num_tokens_source!r}, "
-                f"this layer needs {source!r}; give layers with different sp_size their own EPBuffer"
+                f"this layer needs {source!r}; give layers with different sp_size their own EPOpsBuffer"
             )
         self.buffer.num_tokens_source = source
         #: vLLM 0.33's modular kernel sets this for experts that globalize ids themselves.

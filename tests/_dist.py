@@ -1,4 +1,4 @@
-"""Multi-process gloo harness for the CPU tests.
+"""Multi-process gloo harness for the CPU tests, and hang detection for subprocesses.
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` ranks (spawn
 start method), each initialises a gloo process group, runs
@@ -10,6 +10,29 @@ Any failing rank raises in the pytest process with every rank's traceback.
 spent starting processes are paid once per world size; a failure in one
 scenario is reported for that scenario only (as long as the ranks stayed in
 step, which a status all-gather after every scenario checks).
+
+Hangs, not slowness: no wall-clock limit here scales with the machine's load,
+so none is used to decide a test failed. :class:`ProgressWatch` reads the CPU
+time the watched processes (ranks, and everything they started) have used; a
+run fails as hung only when none of them used CPU for ``stall_s`` seconds
+(``DEEPEP_OPS_TEST_STALL_S``, default 120): on a machine with load 10 a
+computing rank still gets a fifth of a core, while ranks blocked on each other
+use none. Each rank's stacks are dumped (``faulthandler``) into the error. A
+rank that waits in a collective for a peer that is still computing (one rank
+compiling while the other already dispatched) is slowness, so the gloo
+timeout is a generous bound (``COLLECTIVE_TIMEOUT_S``), not the hang detector;
+tests that check a rank gives up before the collective timeout pass a short
+one themselves. :func:`run_watched` is ``subprocess.run`` with the same rule.
+
+Start-up: ranks are forked from a fork server that imported torch, deepep_ops
+and the dense reference once per pytest process (:data:`PRELOAD`), so a group
+of ranks starts in a fraction of a second instead of every rank importing torch
+(~2 CPU-s) and deepep_ops (~2 CPU-s more) again. Each rank still is a new
+process (fresh Dynamo and Inductor state, its own process group), with the
+environment of the pytest process at the call and a fresh random seed, as a
+spawned one would have. ``env=`` or ``fresh_interpreter=True`` spawns a new
+interpreter instead (for environment variables that must be set before torch
+is imported).
 
 Rendezvous goes through a ``FileStore`` in a fresh temporary directory, not a
 TCP port: picking a port by binding port 0 and closing it races with every
@@ -23,6 +46,8 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +57,124 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
 
-COLLECTIVE_TIMEOUT_S = 60
+#: The process groups' collective timeout: a bound on how long a rank waits for
+#: a peer that is still computing (compiling, on a loaded machine), not a hang
+#: detector (that is :class:`ProgressWatch`).
+COLLECTIVE_TIMEOUT_S = 300
 
 
+#: Imported once in the fork server that ranks are forked from.
+PRELOAD = ("torch", "torch.distributed", "deepep_ops", "dense_reference")
+
+
+def _context(fresh_interpreter: bool):
+    if fresh_interpreter or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))  # read when the server starts (the first call)
+    return ctx
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server (pytest's exit, tests/conftest.py), so that the CPU time
+    of the ranks forked from it is accounted to the pytest process (``time``)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)  # private, Python >= 3.8: closes its pipe and waits for it
+    if stop is not None:
+        stop()
+
+
+def stall_seconds() -> float:
+    """Seconds without CPU progress after which a run counts as hung (``DEEPEP_OPS_TEST_STALL_S``, default 120)."""
+    raw = os.environ.get("DEEPEP_OPS_TEST_STALL_S", "")
+    try:
+        value = float(raw) if raw else 120.0
+    except ValueError:
+        raise ValueError(f"DEEPEP_OPS_TEST_STALL_S must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"DEEPEP_OPS_TEST_STALL_S must be > 0, got {raw!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- progress
+def _proc_table() -> Optional[Dict[int, tuple]]:
+    """``{pid: (ppid, cpu seconds incl. reaped children)}`` from /proc; None without a readable /proc."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    table = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid ...
+        # man proc(5): utime, stime, cutime, cstime are fields 14..17 (here 11..14, 0-based after comm).
+        table[int(name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / tick)
+    return table
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> Optional[float]:
+    """User + system CPU seconds of ``pids`` and all their descendants (reaped children included)."""
+    table = _proc_table()
+    if table is None:
+        return None
+    children: Dict[int, List[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, [p for p in pids if p in table], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += table[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+class ProgressWatch:
+    """Decides when a group of processes is hung: none of them used CPU for ``stall_s`` seconds.
+
+    ``check()`` returns None while the processes make progress, else why they
+    count as hung. ``hard_s`` (optional) is a wall-clock cap on top, for a
+    caller that wants one. Without /proc (not Linux) no progress can be read
+    and only ``hard_s`` applies.
+    """
+
+    #: CPU seconds the group must use to count as progress (gloo's idle threads use ~0).
+    MIN_PROGRESS_CPU_S = 0.2
+
+    def __init__(self, pids: Callable[[], Sequence[int]], stall_s: Optional[float] = None,
+                 hard_s: Optional[float] = None) -> None:
+        self.pids, self.stall_s, self.hard_s = pids, stall_s or stall_seconds(), hard_s
+        self.t0 = self.t_progress = time.monotonic()
+        self.cpu_mark = 0.0
+        self.cpu = 0.0
+
+    def check(self) -> Optional[str]:
+        now = time.monotonic()
+        cpu = tree_cpu_seconds(self.pids())
+        if cpu is not None:
+            self.cpu = max(self.cpu, cpu)
+            if self.cpu - self.cpu_mark >= self.MIN_PROGRESS_CPU_S:
+                self.cpu_mark, self.t_progress = self.cpu, now
+            elif now - self.t_progress > self.stall_s:
+                return (f"hung: no CPU progress for {now - self.t_progress:.0f} s (stall limit {self.stall_s:.0f} s, "
+                        f"DEEPEP_OPS_TEST_STALL_S) after {now - self.t0:.0f} s and {self.cpu:.1f} CPU-s")
+        if self.hard_s is not None and now - self.t0 > self.hard_s:
+            return f"timed out after {self.hard_s:.0f} s (hard limit; {self.cpu:.1f} CPU-s used)"
+        return None
+
+
+# ---------------------------------------------------------------------------- ranks
 def _worker(
     rank: int,
     world_size: int,
@@ -44,8 +184,19 @@ def _worker(
     sys_path: List[str],
     gloo_timeout_s: float,
     env: Dict[str, str],
+    parent_env: Optional[Dict[str, str]],
+    stacks_path: str,
     out_q,
 ) -> None:
+    import faulthandler
+
+    if parent_env is not None:  # forked from the fork server: the caller's environment, not the server's
+        os.environ.clear()
+        os.environ.update(parent_env)
+
+    # The harness sends SIGUSR1 before killing a hung rank: every thread's stack goes here.
+    stacks = open(stacks_path, "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     # Spawned children re-import this module by name; make the repo and tests importable.
     for p in reversed(sys_path):
         if p not in sys.path:
@@ -60,6 +211,7 @@ def _worker(
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # ranks share 2 cores
+    torch.seed()  # as a fresh process would (a forked one inherits the server's state)
     try:
         dist.init_process_group(
             "gloo",
@@ -85,36 +237,47 @@ def run_distributed(
     fn: Callable,
     world_size: int,
     *args,
-    timeout: float = 240.0,
+    timeout: Optional[float] = None,
+    stall_s: Optional[float] = None,
     gloo_timeout_s: float = COLLECTIVE_TIMEOUT_S,
     env: Optional[Dict[str, str]] = None,
+    fresh_interpreter: bool = False,
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results.
 
     Args:
-        timeout: seconds for the whole run.
-        gloo_timeout_s: the process group's collective timeout (compile tests need
-            more: one rank may still be compiling while the other waits).
-        env: environment variables set in each child before torch is imported.
+        timeout: optional wall-clock cap for the whole run (default none: a busy
+            machine makes runs slow, not wrong; hangs are caught by ``stall_s``).
+        stall_s: the run fails as hung when no rank used CPU for this long
+            (default :func:`stall_seconds`); every live rank's stacks go into the error.
+        gloo_timeout_s: the process group's collective timeout.
+        env: environment variables set in each child before torch is imported
+            (implies ``fresh_interpreter``).
+        fresh_interpreter: spawn new interpreters instead of forking from the
+            fork server (slower start: every rank imports torch).
     """
-    ctx = mp.get_context("spawn")
+    fresh = fresh_interpreter or env is not None
+    ctx = _context(fresh)
+    parent_env = None if fresh else dict(os.environ)
     out_q = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="deepep_ops_store_")
     init_method = "file://" + os.path.join(store_dir, "store")
+    stacks = [os.path.join(store_dir, f"rank{r}.stacks") for r in range(world_size)]
     here = os.path.dirname(os.path.abspath(__file__))
     sys_path = [os.path.dirname(here), here]
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, init_method, fn, args, sys_path, gloo_timeout_s, dict(env or {}), out_q),
+            args=(r, world_size, init_method, fn, args, sys_path, gloo_timeout_s, dict(env or {}), parent_env, stacks[r],
+                  out_q),
             daemon=True,
         )
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
+    watch = ProgressWatch(lambda: [p.pid for p in procs if p.pid is not None], stall_s=stall_s, hard_s=timeout)
     results: Dict[int, tuple] = {}
-    deadline = time.monotonic() + timeout
     try:
         while len(results) < world_size:
             try:
@@ -136,9 +299,12 @@ def run_distributed(
                 for r in dead:
                     if r not in results:
                         results[r] = ("error", f"rank {r} died with exit code {procs[r].exitcode} and no result")
-            if time.monotonic() > deadline:
+            why = watch.check()
+            if why is not None:
+                _dump_stacks([p for r, p in enumerate(procs) if r not in results])
                 for r in range(world_size):
-                    results.setdefault(r, ("error", f"rank {r} timed out after {timeout}s"))
+                    if r not in results:
+                        results[r] = ("error", f"rank {r} {why}; its stacks:\n{_read_tail(stacks[r])}")
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -151,6 +317,66 @@ def run_distributed(
     if errors:
         raise DistributedError(f"{fn.__name__} failed on {len(errors)}/{world_size} ranks:\n" + "\n".join(errors))
     return [results[r][1] for r in range(world_size)]
+
+
+def _dump_stacks(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGUSR1)
+            except OSError:
+                pass
+    time.sleep(1.0)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+
+
+def _read_tail(path: str, limit: int = 6000) -> str:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return "(none)"
+    return text[-limit:] or "(none)"
+
+
+# ---------------------------------------------------------------------------- subprocesses
+def run_watched(cmd: Sequence[str], *, stall_s: Optional[float] = None, timeout: Optional[float] = None,
+                **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, ...)`` that fails only on a hang.
+
+    The command runs in its own session; when it and its descendants used no
+    CPU for ``stall_s`` seconds (or ``timeout``, an optional wall-clock cap,
+    passed), the whole session is killed and ``subprocess.TimeoutExpired``
+    raised with the output so far.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True, **popen_kwargs)
+        watch = ProgressWatch(lambda: [proc.pid], stall_s=stall_s, hard_s=timeout)
+        why = None
+        try:
+            while proc.poll() is None:
+                why = watch.check()
+                if why is not None:
+                    break
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if proc.poll() is None or why is not None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if why is not None:
+        raise subprocess.TimeoutExpired(cmd, watch.stall_s, output=stdout, stderr=f"{stderr}\n[{why}]")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def run_scenarios(rank: int, world_size: int, module_name: str, names: Sequence[str]) -> Dict[str, Optional[str]]:
@@ -171,11 +397,15 @@ def run_scenarios(rank: int, world_size: int, module_name: str, names: Sequence[
         if broken is not None:
             out[name] = f"not run: process group unusable after scenario {broken!r}"
             continue
+        t0, c0 = time.monotonic(), time.process_time()
         try:
             module.SCENARIOS[name](rank, world_size)
             out[name] = None
         except BaseException:  # noqa: BLE001
             out[name] = traceback.format_exc()
+        # Where a spawn's time goes (shown with pytest -rP / -s).
+        print(f"SCENARIO {module_name}.{name} rank {rank}/{world_size}: {time.monotonic() - t0:.1f} s, "
+              f"{time.process_time() - c0:.1f} CPU-s", flush=True)
         try:
             statuses = [None] * world_size
             dist.all_gather_object(statuses, out[name] is None)

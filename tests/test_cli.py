@@ -8,12 +8,12 @@ spawning); a few run the real command line in a subprocess.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from _dist import run_watched
 from deepep_ops import demo
 from deepep_ops.__main__ import main as cli_main
 
@@ -83,8 +83,8 @@ def test_top_level_usage_errors(capsys):
 
 def _run(*argv):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "deepep_ops", *argv], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=REPO_ROOT)
+    # Fails on a hang (no CPU progress), not on a slow start on a busy machine.
+    return run_watched([sys.executable, "-m", "deepep_ops", *argv], env=env, cwd=REPO_ROOT)
 
 
 def test_command_line_usage_errors():

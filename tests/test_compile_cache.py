@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
+from _dist import run_watched
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,8 +49,7 @@ def _compile_in_fresh_process(cache_dir: str, capacity: int) -> tuple:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
     env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(capacity)], env=env, capture_output=True, text=True,
-                          timeout=400)
+    proc = run_watched([sys.executable, "-c", _CHILD, str(capacity)], env=env)  # fails on a hang, not when slow
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):]), proc.stderr

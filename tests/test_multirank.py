@@ -376,3 +376,48 @@ def test_harness_reports_child_failures():
     msg = str(info.value)
     assert "failed on 1/2 ranks" in msg and "--- rank 1 ---" in msg and "--- rank 0 ---" not in msg
     assert "deliberate failure on rank 1, sum=3" in msg and "Traceback" in msg
+
+
+def _rank1_hangs(rank, world):
+    import time
+
+    import torch.distributed as dist
+
+    if rank == 1:
+        time.sleep(3600)  # a hang: uses no CPU
+    dist.barrier()  # rank 0 waits here, also without CPU
+
+
+def test_harness_reports_a_hang_with_stacks():
+    """Ranks that all stop using CPU fail after the stall limit (not the collective timeout), with their stacks."""
+    import time
+
+    from _dist import DistributedError, run_distributed
+
+    t0 = time.monotonic()
+    with pytest.raises(DistributedError) as info:
+        run_distributed(_rank1_hangs, 2, stall_s=3, gloo_timeout_s=600)
+    msg = str(info.value)
+    assert time.monotonic() - t0 < 300, "the hang was not caught before the collective timeout"
+    assert "failed on 2/2 ranks" in msg and "hung: no CPU progress" in msg, msg
+    assert "in _rank1_hangs" in msg, msg  # rank 1's stack, dumped before the kill
+
+
+def _busy(rank, world, seconds):
+    import time
+
+    import torch.distributed as dist
+
+    t_end = time.process_time() + seconds  # CPU seconds: as long as it takes on a busy machine
+    n = 0
+    while time.process_time() < t_end:
+        n += 1
+    dist.barrier()
+    return rank
+
+
+def test_harness_lets_slow_ranks_finish():
+    """A rank computing for longer than the stall limit (its peer waiting) is slow, not hung."""
+    from _dist import run_distributed
+
+    assert run_distributed(_busy, 2, 2.0, stall_s=1.0) == [0, 1]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _dist import run_watched
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = (REPO_ROOT / "README.md").read_text()
@@ -35,8 +36,7 @@ def test_readme_block_runs(index, tmp_path):
     script = tmp_path / f"readme_block_{index}.py"
     script.write_text(BLOCKS[index])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=env)
+    proc = run_watched([sys.executable, str(script)], cwd=tmp_path, env=env)  # fails on a hang, not when slow
     assert proc.returncode == 0, f"README block {index} failed:\n{proc.stdout}\n{proc.stderr}"
     lines = proc.stdout.strip().splitlines()
     assert lines and lines[-1].startswith("ok"), proc.stdout

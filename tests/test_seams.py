@@ -11,10 +11,11 @@ import torch
 
 import deepep_ops as D
 import dense_reference as ref
+from _dist import run_watched
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return run_watched([sys.executable, "-c", code])  # fails on a hang, not on a busy machine
 
 
 def test_beside_a_foreign_deepep_library():

@@ -11,6 +11,11 @@ layers, written by the test with a local WordLevel tokenizer) is served by
   vLLM's CUDA-style opaque ``vllm::moe_forward`` forced on CPU, with and without
   ``DEEPEP_OPS_VLLM_UNWRAP_MOE=1``.
 
+Default tier: the reference, the eager engines (prefill layout) and the
+unwrapped compiled engines (decode layout), one engine run per layout. The
+exhaustive tier (``--exhaustive``, ``tests/tiers.py``) adds the opaque
+``vllm::moe_forward`` run (``@pytest.mark.slow``).
+
 Greedy tokens must equal the reference's. Where they differ, the reference
 must have had a near tie there (top-2 logprob gap < ``TIE_NATS``: bf16 rounding
 of the two layouts may pick either) and the rest of that sequence is not
@@ -191,6 +196,7 @@ def test_dp2_ep_compiled_decode_layout_unwrapped(work, reference, compiled_unwra
     assert any(local < dp for local, dp in pairs), pairs
 
 
+@pytest.mark.slow
 def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwrapped):
     name = "dp2_ep_compiled_opaque"
     results, logs = _run(

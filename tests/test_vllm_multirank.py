@@ -124,7 +124,7 @@ def _run_mode(rank, world, mode):
 
 @pytest.fixture(scope="module")
 def results():
-    per_rank = run_distributed(_rank_main, WORLD, timeout=600, gloo_timeout_s=120)  # one spawn for every mode
+    per_rank = run_distributed(_rank_main, WORLD)  # one spawn for every mode
     return {mode: [r[mode] for r in per_rank] for mode in ("decode", "prefill", "compile")}
 
 

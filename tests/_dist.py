@@ -123,47 +123,65 @@ def _proc_table() -> Optional[Dict[int, tuple]]:
 
 def tree_cpu_seconds(pids: Sequence[int]) -> Optional[float]:
     """User + system CPU seconds of ``pids`` and all their descendants (reaped children included)."""
+    per_root = _tree_cpu_by_root(pids)
+    return None if per_root is None else sum(per_root.values())
+
+
+def _tree_cpu_by_root(pids: Sequence[int]) -> Optional[Dict[int, float]]:
+    """``{pid: CPU seconds of pid's process tree}`` for the pids that still exist."""
     table = _proc_table()
     if table is None:
         return None
     children: Dict[int, List[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo, seen = 0.0, [p for p in pids if p in table], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
+    out = {}
+    for root in pids:
+        if root not in table:
             continue
-        seen.add(pid)
-        total += table[pid][1]
-        todo.extend(children.get(pid, ()))
-    return total
+        total, todo, seen = 0.0, [root], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            total += table[pid][1]
+            todo.extend(children.get(pid, ()))
+        out[root] = total
+    return out
 
 
 class ProgressWatch:
     """Decides when a group of processes is hung: none of them used CPU for ``stall_s`` seconds.
 
     ``check()`` returns None while the processes make progress, else why they
-    count as hung. ``hard_s`` (optional) is a wall-clock cap on top, for a
-    caller that wants one. Without /proc (not Linux) no progress can be read
-    and only ``hard_s`` applies.
+    count as hung. Progress is the CPU time each process tree gained since the
+    last check (a process that exits takes its total with it, which is not a
+    loss of progress for the others). ``hard_s`` (optional) is a wall-clock cap
+    on top, for a caller that wants one. Without /proc (not Linux) no progress
+    can be read and only ``hard_s`` applies.
     """
 
     #: CPU seconds the group must use to count as progress (gloo's idle threads use ~0).
     MIN_PROGRESS_CPU_S = 0.2
 
     def __init__(self, pids: Callable[[], Sequence[int]], stall_s: Optional[float] = None,
-                 hard_s: Optional[float] = None) -> None:
+                 hard_s: Optional[float] = None, *, clock: Callable[[], float] = time.monotonic,
+                 cpu_by_root: Callable[[Sequence[int]], Optional[Dict[int, float]]] = None) -> None:
         self.pids, self.stall_s, self.hard_s = pids, stall_s or stall_seconds(), hard_s
-        self.t0 = self.t_progress = time.monotonic()
-        self.cpu_mark = 0.0
-        self.cpu = 0.0
+        self.clock, self.cpu_by_root = clock, cpu_by_root or _tree_cpu_by_root  # (injectable for its test)
+        self.t0 = self.t_progress = clock()
+        self.last: Dict[int, float] = {}  # per root pid: its tree's CPU seconds at the last check
+        self.cpu = 0.0  # CPU seconds gained over all checks
+        self.cpu_mark = 0.0  # self.cpu when progress was last seen
 
     def check(self) -> Optional[str]:
-        now = time.monotonic()
-        cpu = tree_cpu_seconds(self.pids())
-        if cpu is not None:
-            self.cpu = max(self.cpu, cpu)
+        now = self.clock()
+        per_root = self.cpu_by_root(self.pids())
+        if per_root is not None:
+            for root, cpu in per_root.items():
+                self.cpu += max(cpu - self.last.get(root, 0.0), 0.0)
+                self.last[root] = cpu
             if self.cpu - self.cpu_mark >= self.MIN_PROGRESS_CPU_S:
                 self.cpu_mark, self.t_progress = self.cpu, now
             elif now - self.t_progress > self.stall_s:

@@ -16,6 +16,7 @@
   not have to spare; the generated code is the same).
 - The fork server that ``tests/_dist.py`` forks ranks from stops at the end of
   the session, so its CPU time is accounted to pytest (``time``).
+- ``--cpu-report`` (``tests/cpu_report.py``): wall and CPU seconds per file.
 """
 
 import os
@@ -29,6 +30,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 for _p in (REPO_ROOT, TESTS_DIR):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+pytest_plugins = ["cpu_report"]
 
 
 def vllm_required() -> bool:
@@ -48,7 +51,6 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     import tiers
 
-    config.addinivalue_line("markers", "slow: exhaustive tier only (run with --exhaustive); see tests/tiers.py")
     if config.getoption("exhaustive"):
         # Before any test module is imported (parametrisations read it), and
         # inherited by spawned ranks and subprocesses.

@@ -425,9 +425,10 @@ def test_bucket_values_bounded():
 
     World size 1 (group=None), capacity 8192, compiled with aot_eager (which M the
     buffer receives is decided by the ``token_bucket`` op at run time, not by
-    the backend). T: every power of two and its ±1 neighbours, then 100 random T
+    the backend). T: every power of two and its ±1 neighbours, then random T
     drawn log-uniformly from [1, 8192] (every bucket gets hit; uniform draws would
-    mostly land in the top bucket, at ~0.7 s per step).
+    mostly land in the top bucket, at ~0.7 s per step): 100 in the exhaustive
+    tier, 12 by default (seeded: ``tests/tiers.py``).
     """
     import deepep_ops as D
     from deepep_ops.moe import MoELayer, make_moe_weights
@@ -452,7 +453,11 @@ def test_bucket_values_bounded():
     layer.experts = GarbageExperts(layer.experts, decode=True)
     g = torch.Generator().manual_seed(0)
     ts = sorted({2**k + d for k in range(14) for d in (-1, 0, 1) if 1 <= 2**k + d <= cap})
-    ts += torch.exp2(torch.rand(100, generator=g, dtype=torch.float64) * 13).round().long().tolist()
+    if tiers.exhaustive():
+        ts += torch.exp2(torch.rand(100, generator=g, dtype=torch.float64) * 13).round().long().tolist()
+    else:
+        r = torch.Generator().manual_seed(tiers.sample_seed())
+        ts += torch.exp2(torch.rand(12, generator=r, dtype=torch.float64) * 13).round().long().tolist()
 
     torch._dynamo.reset()
     try:

@@ -403,21 +403,31 @@ def test_harness_reports_a_hang_with_stacks():
     assert "in _rank1_hangs" in msg, msg  # rank 1's stack, dumped before the kill
 
 
-def _busy(rank, world, seconds):
-    import time
+def test_progress_watch_tells_slow_from_hung():
+    """Progress is CPU gained by any process tree since the last check: a group that keeps
+    computing is never hung however long it takes; one that stops is, after stall_s; a
+    process that exits (its CPU gone from /proc) costs the others nothing."""
+    from _dist import ProgressWatch
 
-    import torch.distributed as dist
+    now, cpu = [0.0], {}
+    watch = ProgressWatch(lambda: list(cpu), stall_s=10, clock=lambda: now[0], cpu_by_root=lambda pids: dict(cpu))
 
-    t_end = time.process_time() + seconds  # CPU seconds: as long as it takes on a busy machine
-    n = 0
-    while time.process_time() < t_end:
-        n += 1
-    dist.barrier()
-    return rank
+    def at(t, **trees):
+        now[0] = t
+        cpu.clear()
+        cpu.update({int(k[1:]): v for k, v in trees.items()})
+        return watch.check()
 
-
-def test_harness_lets_slow_ranks_finish():
-    """A rank computing for longer than the stall limit (its peer waiting) is slow, not hung."""
-    from _dist import run_distributed
-
-    assert run_distributed(_busy, 2, 2.0, stall_s=1.0) == [0, 1]
+    assert at(0, p1=0.1, p2=0.1) is None
+    for t in range(5, 300, 5):  # rank 1 computes slowly (0.05 core), rank 2 waits: 5 minutes, never hung
+        assert at(t, p1=0.1 + 0.05 * t, p2=0.1) is None, t
+    assert at(300, p2=0.1) is None  # rank 1 exited (its 15 CPU-s left /proc): not a step back
+    assert at(305, p2=0.5) is None  # rank 2 goes on
+    assert at(314, p2=0.5) is None  # idle for 9 s < 10
+    why = at(316, p2=0.55)  # 11 s with 0.05 CPU-s: hung
+    assert why is not None and why.startswith("hung: no CPU progress for 11 s"), why
+    now[0] = 0.0  # a run that keeps computing past an explicit hard limit
+    capped = ProgressWatch(lambda: [1], stall_s=10, hard_s=60, clock=lambda: now[0], cpu_by_root=lambda p: {1: now[0]})
+    assert capped.check() is None
+    now[0] = 61
+    assert "hard limit" in capped.check()

@@ -21,9 +21,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
+# .ci/run (leg a) sets it and checks the sources are there; elsewhere (the README's
+# vLLM step, with DEEPEP_OPS_REQUIRE_VLLM=1 too) these tests skip, saying why.
 SRC = os.environ.get("DEEPEP_OPS_VLLM033_SRC")
-if not SRC and os.environ.get("DEEPEP_OPS_REQUIRE_VLLM") == "1":
-    raise RuntimeError("DEEPEP_OPS_VLLM033_SRC must point at vLLM 0.33's sources in CI (.ci/run leg a sets it)")
 pytestmark = pytest.mark.skipif(not SRC, reason="DEEPEP_OPS_VLLM033_SRC (vLLM 0.33 sources, set by .ci/run) not set")
 
 MK = "vllm/model_executor/layers/fused_moe/modular_kernel.py"

@@ -151,6 +151,12 @@ def _tree_cpu_by_root(pids: Sequence[int]) -> Optional[Dict[int, float]]:
     return out
 
 
+def _own_cpu_seconds() -> float:
+    """This process's CPU seconds, its children's (compilers) included where /proc tells."""
+    value = tree_cpu_seconds([os.getpid()])
+    return time.process_time() if value is None else value
+
+
 class ProgressWatch:
     """Decides when a group of processes is hung: none of them used CPU for ``stall_s`` seconds.
 
@@ -415,7 +421,7 @@ def run_scenarios(rank: int, world_size: int, module_name: str, names: Sequence[
         if broken is not None:
             out[name] = f"not run: process group unusable after scenario {broken!r}"
             continue
-        t0, c0 = time.monotonic(), time.process_time()
+        t0, c0 = time.monotonic(), _own_cpu_seconds()
         try:
             module.SCENARIOS[name](rank, world_size)
             out[name] = None
@@ -423,7 +429,7 @@ def run_scenarios(rank: int, world_size: int, module_name: str, names: Sequence[
             out[name] = traceback.format_exc()
         # Where a spawn's time goes (shown with pytest -rP / -s).
         print(f"SCENARIO {module_name}.{name} rank {rank}/{world_size}: {time.monotonic() - t0:.1f} s, "
-              f"{time.process_time() - c0:.1f} CPU-s", flush=True)
+              f"{_own_cpu_seconds() - c0:.1f} CPU-s", flush=True)
         try:
             statuses = [None] * world_size
             dist.all_gather_object(statuses, out[name] is None)

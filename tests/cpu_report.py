@@ -34,6 +34,7 @@ def _cpu_seconds() -> float:
 class CpuReport:
     def __init__(self) -> None:
         self.files = defaultdict(lambda: [0.0, 0.0, 0])  # file -> [wall, cpu, tests]
+        self.tests = {}  # nodeid -> (wall, cpu)
         self.t0, self.c0 = time.monotonic(), _cpu_seconds()
 
     @pytest.hookimpl(hookwrapper=True)
@@ -44,6 +45,7 @@ class CpuReport:
         row[0] += time.monotonic() - t0
         row[1] += _cpu_seconds() - c0
         row[2] += 1
+        self.tests[item.nodeid] = (time.monotonic() - t0, _cpu_seconds() - c0)
 
     def pytest_terminal_summary(self, terminalreporter):
         tr = terminalreporter
@@ -57,6 +59,9 @@ class CpuReport:
                       f"{sum(r[0] for r in self.files.values()):8.1f} {in_tests:8.1f}")
         tr.write_line(f"{'session (collection included)':48} {'':5} {wall:8.1f} {cpu:8.1f}   "
                       f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+        tr.write_line("most CPU-seconds by test (setup, call and teardown):")
+        for nodeid, (w, c) in sorted(self.tests.items(), key=lambda kv: -kv[1][1])[:15]:
+            tr.write_line(f"  {c:8.1f} CPU-s {w:8.1f} s  {nodeid}")
 
 
 def pytest_addoption(parser):

@@ -5,7 +5,9 @@ layers, written by the test with a local WordLevel tokenizer) is served by
 
 - one DP=1 engine without expert parallel, eager: the reference;
 - two engine processes, DP=2 + expert parallel + ``deepep_v2`` (offline SPMD,
-  ``VLLM_DP_*``), with the plugin's engine hooks (``DEEPEP_OPS_VLLM=1``):
+  ``VLLM_DP_*``; each rank's worker in its engine process, ``uni`` executor, but
+  for the opaque run: vLLM's default ``mp``, a worker process per rank), with
+  the plugin's engine hooks (``DEEPEP_OPS_VLLM=1``):
   eager (``enforce_eager``: vLLM picks our prefill layout) and compiled
   (``VLLM_COMPILE``, Inductor: vLLM picks the decode layout), the latter with
   vLLM's CUDA-style opaque ``vllm::moe_forward`` forced on CPU, with and without
@@ -73,10 +75,14 @@ def _env(work: Path, name: str, **extra) -> dict:
     return env
 
 
-def _start(work: Path, name: str, *, dp_size: int, ep: bool, eager: bool, timeout: float, **env):
+def _start(work: Path, name: str, *, dp_size: int, ep: bool, eager: bool, timeout: float, executor: str = "uni",
+           **env):
+    # executor="uni": each DP rank's worker runs in its engine process (with the engine
+    # core there too, see _env): one vLLM process per rank instead of two, ~20 CPU-s
+    # less per DP=2 run. The exhaustive tier's opaque run keeps vLLM's default ("mp").
     return name, tiny.Engines(
         work / "model", work / name, dp_size=dp_size, ep=ep, eager=eager,
-        env_extra=_env(work, name, **env), timeout=timeout,
+        env_extra=_env(work, name, **env), timeout=timeout, extra_args=("--executor", executor),
     )
 
 
@@ -200,7 +206,7 @@ def test_dp2_ep_compiled_decode_layout_unwrapped(work, reference, compiled_unwra
 def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwrapped):
     name = "dp2_ep_compiled_opaque"
     results, logs = _run(
-        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
+        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S, executor="mp",
         DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", TORCH_LOGS="graph_code",
     )
     ops = _graph_ops(logs)

@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ep", action="store_true", help="enable_expert_parallel with --all2all-backend deepep_v2")
     ap.add_argument("--max-tokens", type=int, default=6)
     ap.add_argument("--max-num-batched-tokens", type=int, default=64)
+    ap.add_argument("--executor", choices=("uni", "mp"), default=None,
+                    help="vLLM's distributed_executor_backend (default: vLLM's choice, mp for DP > 1); uni keeps "
+                         "the worker in the engine process (with VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     args = ap.parse_args(argv)
 
     t0 = time.monotonic()
@@ -164,6 +167,8 @@ def main(argv=None) -> int:
     )
     if args.ep:
         kwargs.update(enable_expert_parallel=True, all2all_backend="deepep_v2")
+    if args.executor:
+        kwargs["distributed_executor_backend"] = args.executor
     if not args.eager:
         kwargs["compilation_config"] = {"mode": 3}  # VLLM_COMPILE
     llm = LLM(**kwargs)

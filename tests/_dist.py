@@ -34,6 +34,13 @@ spawned one would have. ``env=`` or ``fresh_interpreter=True`` spawns a new
 interpreter instead (for environment variables that must be set before torch
 is imported).
 
+What a rank prints (Python and C++) is replayed into the output of the test
+that ran it. :func:`start_early` queues an expensive spawn in a background
+thread once collection is done (``tests/conftest.py`` calls each collected
+module's ``start_early()``), so it runs on the second core while the pytest
+process works through single-process tests; :func:`result_once` (and
+:func:`scenario_results`) takes its result, or runs it then and there.
+
 Rendezvous goes through a ``FileStore`` in a fresh temporary directory, not a
 TCP port: picking a port by binding port 0 and closing it races with every
 other process on the machine (a port taken in between made rank 0 fail with
@@ -50,10 +57,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch.multiprocessing as mp
 
@@ -210,9 +219,26 @@ def _worker(
     env: Dict[str, str],
     parent_env: Optional[Dict[str, str]],
     stacks_path: str,
+    output_path: str,
     out_q,
 ) -> None:
     import faulthandler
+    import threading
+
+    # Everything the rank prints (Python and C++) goes to a file the caller replays
+    # into the test's output (a forked rank would otherwise write to whatever the
+    # fork server's stdout was when it started).
+    out_fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+
+    def _exit_when_orphaned(parent: int) -> None:  # pytest (and with it our parent) went away
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(3)
+
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
     if parent_env is not None:  # forked from the fork server: the caller's environment, not the server's
         os.environ.clear()
@@ -287,13 +313,14 @@ def run_distributed(
     store_dir = tempfile.mkdtemp(prefix="deepep_ops_store_")
     init_method = "file://" + os.path.join(store_dir, "store")
     stacks = [os.path.join(store_dir, f"rank{r}.stacks") for r in range(world_size)]
+    outputs = [os.path.join(store_dir, f"rank{r}.out") for r in range(world_size)]
     here = os.path.dirname(os.path.abspath(__file__))
     sys_path = [os.path.dirname(here), here]
     procs = [
         ctx.Process(
             target=_worker,
             args=(r, world_size, init_method, fn, args, sys_path, gloo_timeout_s, dict(env or {}), parent_env, stacks[r],
-                  out_q),
+                  outputs[r], out_q),
             daemon=True,
         )
         for r in range(world_size)
@@ -323,7 +350,7 @@ def run_distributed(
                 for r in dead:
                     if r not in results:
                         results[r] = ("error", f"rank {r} died with exit code {procs[r].exitcode} and no result")
-            why = watch.check()
+            why = "stopped: the test session ended" if stopping() else watch.check()
             if why is not None:
                 _dump_stacks([p for r, p in enumerate(procs) if r not in results])
                 for r in range(world_size):
@@ -336,6 +363,10 @@ def run_distributed(
             if p.is_alive():
                 p.kill()  # only processes we started
                 p.join()
+        for r, path in enumerate(outputs):
+            text = _read_tail(path, limit=200_000, missing="")
+            if text:
+                emit(f"--- rank {r} of {fn.__name__}: output ---\n{text}")
         shutil.rmtree(store_dir, ignore_errors=True)
     errors = [f"--- rank {r} ---\n{res[1]}" for r, res in sorted(results.items()) if res[0] != "ok"]
     if errors:
@@ -356,13 +387,95 @@ def _dump_stacks(procs) -> None:
             p.kill()
 
 
-def _read_tail(path: str, limit: int = 6000) -> str:
+def _read_tail(path: str, limit: int = 6000, missing: str = "(none)") -> str:
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             text = f.read()
     except OSError:
-        return "(none)"
-    return text[-limit:] or "(none)"
+        return missing
+    return text[-limit:] or missing
+
+
+# ---------------------------------------------------------------------------- early starts
+#: Set when the session ends: running spawns stop, queued ones are dropped.
+_STOPPING = threading.Event()
+_LOCAL = threading.local()  # .output: a list collecting a background job's output
+_JOBS: Dict[Hashable, Future] = {}
+_DONE: Dict[Hashable, tuple] = {}
+_EXECUTOR: Optional[ThreadPoolExecutor] = None
+
+
+def stopping() -> bool:
+    """True once the test session ends: long waits give up (background jobs included)."""
+    return _STOPPING.is_set()
+
+
+def emit(text: str) -> None:
+    """Output of ranks: into the current test's stdout, or kept for the test that consumes a background job."""
+    buffer = getattr(_LOCAL, "output", None)
+    if buffer is not None:
+        buffer.append(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _background(fn: Callable, args: tuple, kwargs: dict) -> tuple:
+    _LOCAL.output = []
+    try:
+        return "ok", fn(*args, **kwargs), "".join(_LOCAL.output)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        return "error", e, "".join(_LOCAL.output)
+    finally:
+        _LOCAL.output = None
+
+
+def start_early(key: Hashable, fn: Callable, *args, **kwargs) -> None:
+    """Queue ``fn(*args, **kwargs)`` to run in a background thread, for :func:`result_once` ``(key, ...)``.
+
+    While the pytest process runs single-process tests on one core, a queued
+    spawn of ranks uses the other (jobs run one at a time, in the order queued).
+    ``tests/conftest.py`` calls each collected test module's ``start_early()``
+    once collection is done (not with ``DEEPEP_OPS_TEST_EARLY=0``).
+    """
+    global _EXECUTOR
+    if key in _JOBS or key in _DONE or _STOPPING.is_set():
+        return
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepep_ops_tests_early")
+    _JOBS[key] = _EXECUTOR.submit(_background, fn, args, kwargs)
+
+
+def result_once(key: Hashable, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, computed once per ``key`` in this pytest process.
+
+    Takes the result of a :func:`start_early` job of that key (waiting for it if
+    it runs; running it here if it has not started), replaying its output into
+    the current test; raises its exception, if any, again on every call.
+    """
+    if key not in _DONE:
+        job = _JOBS.pop(key, None)
+        if job is not None and not job.cancel():
+            status, value, output = job.result()
+            sys.stdout.write(output)
+        else:
+            try:
+                status, value = "ok", fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001
+                status, value = "error", e
+        _DONE[key] = (status, value)
+    status, value = _DONE[key]
+    if status == "error":
+        raise value
+    return value
+
+
+def stop_background() -> None:
+    """End of session: drop queued jobs, stop running spawns, wait for the thread."""
+    _STOPPING.set()
+    for job in _JOBS.values():
+        job.cancel()
+    if _EXECUTOR is not None:
+        _EXECUTOR.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------- subprocesses
@@ -439,18 +552,23 @@ def run_scenarios(rank: int, world_size: int, module_name: str, names: Sequence[
     return out
 
 
-_SCENARIO_CACHE: Dict[tuple, list] = {}
+def _all_scenarios(module_name: str, names: tuple, world_size: int) -> list:
+    try:
+        return run_distributed(run_scenarios, world_size, module_name, names)
+    except DistributedError as e:  # the whole spawn failed: every scenario reports it
+        return [{n: str(e) for n in names}] * world_size
 
 
 def scenario_results(module_name: str, names: Sequence[str], world_size: int) -> list:
     """Run (once per module/world size, cached) all scenarios; per-rank dicts of name -> traceback|None."""
-    key = (module_name, tuple(names), world_size)
-    if key not in _SCENARIO_CACHE:
-        try:
-            _SCENARIO_CACHE[key] = run_distributed(run_scenarios, world_size, module_name, tuple(names))
-        except DistributedError as e:  # the whole spawn failed: every scenario reports it
-            _SCENARIO_CACHE[key] = [{n: str(e) for n in names}] * world_size
-    return _SCENARIO_CACHE[key]
+    key = ("scenarios", module_name, tuple(names), world_size)
+    return result_once(key, _all_scenarios, module_name, tuple(names), world_size)
+
+
+def start_scenarios_early(module_name: str, names: Sequence[str], world_size: int) -> None:
+    """:func:`start_early` for :func:`scenario_results` of the same arguments."""
+    key = ("scenarios", module_name, tuple(names), world_size)
+    start_early(key, _all_scenarios, module_name, tuple(names), world_size)
 
 
 def assert_scenario_passed(module_name: str, names: Sequence[str], world_size: int, name: str) -> None:

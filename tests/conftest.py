@@ -17,6 +17,8 @@
 - The fork server that ``tests/_dist.py`` forks ranks from stops at the end of
   the session, so its CPU time is accounted to pytest (``time``).
 - ``--cpu-report`` (``tests/cpu_report.py``): wall and CPU seconds per file.
+- Once collected, modules with a ``start_early()`` queue their expensive spawns
+  in the background (``tests/_dist.py``), unless ``DEEPEP_OPS_TEST_EARLY=0``.
 """
 
 import os
@@ -64,8 +66,26 @@ def pytest_configure(config):
     _require_vllm()
 
 
+def pytest_collection_finish(session):
+    """Queue the expensive spawns of the collected modules that define ``start_early()``
+    (tests/_dist.py, ``start_early``), in collection order; ``DEEPEP_OPS_TEST_EARLY=0`` turns it off."""
+    if (session.config.option.collectonly or os.environ.get("DEEPEP_OPS_TEST_EARLY", "1") == "0"
+            or session.config.getoption("cpu_report")):  # per-file CPU needs each spawn inside its own file
+        return
+    modules = []
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is None or module in modules or item.get_closest_marker("skip") is not None:
+            continue
+        modules.append(module)
+    for module in modules:
+        if hasattr(module, "start_early"):
+            module.start_early()
+
+
 def pytest_unconfigure(config):
     if "_dist" in sys.modules:
+        sys.modules["_dist"].stop_background()
         sys.modules["_dist"].stop_fork_server()
 
 

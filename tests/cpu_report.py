@@ -4,7 +4,9 @@ Loaded by tests/conftest.py. On a shared machine wall times move with the load;
 CPU-seconds (user + system of the pytest process and everything it started)
 move much less, so this is what to compare before and after a change to a test
 file. A file's module-scoped work (a spawn shared by its tests) counts where it
-runs: in that file's first test.
+runs: in that file's first test. With ``--cpu-report`` no spawn starts early
+(tests/conftest.py), so each file's spawns count in that file; the session's
+wall time is then longer than without it.
 """
 
 from __future__ import annotations

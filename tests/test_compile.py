@@ -9,7 +9,9 @@
   ``decode_graph`` (decode, ``num_max_tokens_per_rank=None``: the in-graph
   ``deepep_ops::token_bucket`` op, an unbacked SymInt; every rank holds the same T),
   ``prefill`` (``dispatch_exact``, always at the buffer capacity);
-- cache: ``cold`` (a fresh ``TORCHINDUCTOR_CACHE_DIR``, in-memory caches cleared,
+- cache: ``cold`` (no FX-graph or AOT-autograd cache entry of this graph in the
+  rank's ``TORCHINDUCTOR_CACHE_DIR``, fresh for the spawn and shared by its phases,
+  so C++ kernels another mode already built are reused; in-memory caches cleared,
   ``torch._dynamo.reset()``) and ``warm`` (the same cache dir after the cold run,
   in-memory caches cleared and ``torch._dynamo.reset()`` again: what a new
   process finds on disk), with the FX graph cache and the AOT autograd cache on.
@@ -60,7 +62,6 @@ receives no rows.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -216,6 +217,22 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
     t_dense = time.perf_counter() - t0
 
     results: Dict[str, Dict[str, Dict[str, dict]]] = {b: {} for b in BACKENDS}
+    # One Inductor cache dir per rank for all its phases: a cold phase finds no FX-graph
+    # or AOT-autograd entry of its own graph (checked: no cache hit), while C++ kernels
+    # that another mode's graph already built (same source) are reused, as on any
+    # developer's machine, instead of being compiled again (~8 CPU-s a phase).
+    cache_dir = tempfile.mkdtemp(prefix=f"deepep_compile_r{rank}_")
+    try:
+        _run_modes(rank, world, buf, W, dense, t_dense, cache_dir, results, recompiles)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return results
+
+
+def _run_modes(rank, world, buf, W, dense, t_dense, cache_dir, results, recompiles) -> None:
+    import torch.distributed as dist
+    import torch._dynamo
+
     broken = False
     eager_decode = None
     for mode in MODES:
@@ -236,7 +253,6 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
             results[backend][mode] = {}
             if broken:
                 continue
-            cache_dir = tempfile.mkdtemp(prefix=f"deepep_compile_{backend}_{mode}_r{rank}_")
             try:
                 for cache in caches_for(backend):
                     res = _phase_in_rank(rank, layer, backend, mode, cache, cache_dir, dense, eager, recompiles)
@@ -249,9 +265,7 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
                         broken = True  # the ranks may be out of step: stop here
                         break
             finally:
-                shutil.rmtree(cache_dir, ignore_errors=True)
                 torch._dynamo.reset()
-    return results
 
 
 def _bucket(mode: str, T: int):
@@ -331,9 +345,17 @@ def _phase_in_rank(rank, layer, backend, mode, cache, cache_dir, dense, eager, r
 
 
 # ---------------------------------------------------------------------------- pytest side
-@functools.lru_cache(maxsize=None)
+def start_early() -> None:
+    """Called by tests/conftest.py once collected: the spawn runs in the background."""
+    _dist.start_early("test_compile", _spawn)
+
+
 def _spawned():
     """Per-rank results of every phase, or the spawn's error text."""
+    return _dist.result_once("test_compile", _spawn)
+
+
+def _spawn():
     try:
         return run_distributed(
             # A rank may wait in a collective while its peer compiles (minutes on a loaded machine).

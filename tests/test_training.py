@@ -27,6 +27,7 @@ import torch
 
 import deepep_ops as D
 import dense_reference as ref
+import _dist
 import tiers
 from _dist import assert_scenario_passed
 
@@ -284,6 +285,11 @@ EAGER_NAMES = ("decode", "decode_T0", "prefill_aligned", "prefill_T0")
 
 #: World size 2 runs the eager and the compiled scenarios in one spawn.
 _WORLD2 = EAGER_NAMES + tuple(COMPILE_SCENARIOS)
+
+
+def start_early() -> None:
+    """Called by tests/conftest.py once collected: the 2-rank spawn runs in the background."""
+    _dist.start_scenarios_early(__name__.split(".")[-1], _WORLD2, 2)
 
 
 @pytest.mark.parametrize("world", [2, 4])

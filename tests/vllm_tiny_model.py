@@ -265,12 +265,12 @@ class Engines:
         took over ``HARD_LIMIT_FACTOR`` × ``timeout`` (a loop that spins without
         finishing). A busy machine makes engines slow, not failed.
         """
-        from _dist import ProgressWatch
+        from _dist import ProgressWatch, stopping
 
         watch = ProgressWatch(lambda: [p.pid for p in self.procs], hard_s=HARD_LIMIT_FACTOR * self.timeout)
         try:
             while any(p.poll() is None for p in self.procs):
-                why = watch.check()
+                why = "stopped: the test session ended" if stopping() else watch.check()
                 if why is not None:
                     self.kill()
                     raise TimeoutError(f"engines {why} (expected within {self.timeout}s on an idle machine); "

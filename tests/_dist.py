@@ -292,6 +292,7 @@ def run_distributed(
     gloo_timeout_s: float = COLLECTIVE_TIMEOUT_S,
     env: Optional[Dict[str, str]] = None,
     fresh_interpreter: bool = False,
+    outputs: Optional[List[str]] = None,
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the per-rank results.
 
@@ -305,6 +306,8 @@ def run_distributed(
             (implies ``fresh_interpreter``).
         fresh_interpreter: spawn new interpreters instead of forking from the
             fork server (slower start: every rank imports torch).
+        outputs: a list to receive each rank's output (stdout and stderr, in
+            rank order) instead of it being written into the test's output.
     """
     fresh = fresh_interpreter or env is not None
     ctx = _context(fresh)
@@ -313,14 +316,14 @@ def run_distributed(
     store_dir = tempfile.mkdtemp(prefix="deepep_ops_store_")
     init_method = "file://" + os.path.join(store_dir, "store")
     stacks = [os.path.join(store_dir, f"rank{r}.stacks") for r in range(world_size)]
-    outputs = [os.path.join(store_dir, f"rank{r}.out") for r in range(world_size)]
+    output_paths = [os.path.join(store_dir, f"rank{r}.out") for r in range(world_size)]
     here = os.path.dirname(os.path.abspath(__file__))
     sys_path = [os.path.dirname(here), here]
     procs = [
         ctx.Process(
             target=_worker,
             args=(r, world_size, init_method, fn, args, sys_path, gloo_timeout_s, dict(env or {}), parent_env, stacks[r],
-                  outputs[r], out_q),
+                  output_paths[r], out_q),
             daemon=True,
         )
         for r in range(world_size)
@@ -363,9 +366,11 @@ def run_distributed(
             if p.is_alive():
                 p.kill()  # only processes we started
                 p.join()
-        for r, path in enumerate(outputs):
+        for r, path in enumerate(output_paths):
             text = _read_tail(path, limit=200_000, missing="")
-            if text:
+            if outputs is not None:
+                outputs.append(text)
+            elif text:
                 emit(f"--- rank {r} of {fn.__name__}: output ---\n{text}")
         shutil.rmtree(store_dir, ignore_errors=True)
     errors = [f"--- rank {r} ---\n{res[1]}" for r, res in sorted(results.items()) if res[0] != "ok"]

@@ -52,7 +52,6 @@ __all__ = [
     "frame_counting_backend",
     "graph_breaks",
     "guard_or_false",
-    "constant_under_compile",
     "install_compile_hooks",
     "install_cudagraph_inputs",
     "install_stable_cache_keys",
@@ -340,20 +339,6 @@ def reset_compiler() -> None:
 
     torch.compiler.reset()
     counters.clear()
-
-
-#: The attribute ``torch.compiler.assume_constant_result`` sets (checked 2.11–2.15).
-_DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
-
-
-def constant_under_compile(fn: _F) -> _F:
-    """``torch.compiler.assume_constant_result(fn)``: Dynamo calls ``fn`` while
-    tracing and bakes its result into the graph. The public decorator imports
-    Dynamo (seconds) only to set one attribute on ``fn``; this sets it without
-    the import, so ``import deepep_ops`` stays light (``tests/test_seams.py``
-    checks that the public decorator still sets the same attribute)."""
-    setattr(fn, _DYNAMO_CONSTANT_MARK, True)
-    return fn
 
 
 def install_compile_hooks() -> None:

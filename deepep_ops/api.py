@@ -13,7 +13,7 @@ import torch
 
 from deepep_ops import eager, ops  # noqa: F401  (ops: defines torch.ops.deepep_ops)
 from deepep_ops._torch_compat import eager_mode_is_plain
-from deepep_ops.buffer import EPOpsBuffer, static_num_ranks, static_num_scaleout_ranks
+from deepep_ops.buffer import EPOpsBuffer
 from deepep_ops.handle import (
     DispatchArgs,
     DispatchHandle,
@@ -64,7 +64,8 @@ def _dispatch(
     topk_idx = _eager_prologue(name, topk_idx, num_experts, expert_alignment)
     outputs = op(x, x_scales, topk_idx, topk_weights, buffer, num_experts, num_max_tokens_per_rank, expert_alignment)
     args = DispatchArgs(x, x_scales, topk_idx, topk_weights, num_experts, num_max_tokens_per_rank, expert_alignment, decode)
-    return unpack_dispatch(args, outputs, static_num_ranks(buffer), static_num_scaleout_ranks(buffer) > 1)
+    num_ranks, num_scaleout_ranks = buffer.rank_layout()
+    return unpack_dispatch(args, outputs, num_ranks, num_scaleout_ranks > 1)
 
 
 def dispatch(
@@ -254,7 +255,8 @@ def dispatch_wait(
     op = torch.ops.deepep_ops.dispatch_wait if args.decode else torch.ops.deepep_ops.dispatch_exact_wait
     outputs = op(ticket, list(overlap), args.x, args.x_scales, args.topk_idx, args.topk_weights, buffer,
                  args.num_experts, args.num_max_tokens_per_rank, args.expert_alignment)
-    return unpack_dispatch(args, outputs, static_num_ranks(buffer), static_num_scaleout_ranks(buffer) > 1)
+    num_ranks, num_scaleout_ranks = buffer.rank_layout()
+    return unpack_dispatch(args, outputs, num_ranks, num_scaleout_ranks > 1)
 
 
 def combine_start(x: torch.Tensor, handle: DispatchHandle, buffer: EPOpsBuffer) -> PendingCombine:

@@ -19,11 +19,10 @@ lookup), so that one user file can hold both without one name meaning two things
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from deepep_ops._torch_compat import (
     CUDAGRAPH_INPUT_MARKER,
-    constant_under_compile,
     STABLE_CACHE_KEY_METHOD,
     OpaqueBase,
     opaque_type_name,
@@ -104,6 +103,16 @@ class EPOpsBuffer(OpaqueBase):
         """Whether the EP domain is in hybrid mode (several scale-out ranks)."""
         return self.num_scaleout_ranks > 1
 
+    def rank_layout(self) -> Tuple[int, int]:
+        """``(R, S)``: the EP group size and the number of scale-out ranks.
+
+        The wrappers read these through this method, not the attributes: under
+        ``torch.compile(dynamic=True)`` Dynamo turns an int attribute of a graph
+        input into a symbolic input (torch 2.13-2.15), while a registered
+        method's result is baked as a constant, as the fake kernels bake R·M and S.
+        """
+        return self.num_ranks, self.num_scaleout_ranks
+
     def num_channels(self, args) -> int:
         """C of a dispatch of ``args`` (a :class:`~deepep_ops.handle.DispatchArgs`)
         in hybrid mode, 0 in direct mode (:meth:`Backend.num_channels
@@ -156,7 +165,8 @@ def _unpickle_ep_buffer(*description: object) -> EPOpsBuffer:
 # Read at trace time and baked: these are the same on every rank and layer.
 register_reference_type(
     EPOpsBuffer,
-    trace_time_members=("num_ranks", "capacity", "topk_idx_dtype", "num_scaleout_ranks", "num_scaleup_ranks"),
+    trace_time_members=("num_ranks", "capacity", "topk_idx_dtype", "num_scaleout_ranks", "num_scaleup_ranks",
+                        "rank_layout"),
 )
 # Compile caches key graphs by cache_description(), the same in every process.
 setattr(EPOpsBuffer, STABLE_CACHE_KEY_METHOD, EPOpsBuffer.cache_description)
@@ -175,25 +185,6 @@ EP_BUFFER_TYPE = opaque_type_name(EPOpsBuffer)
 def as_ep_buffer(buffer: object) -> EPOpsBuffer:
     """Wrap a backend in :class:`EPOpsBuffer` unless it already is one."""
     return buffer if isinstance(buffer, EPOpsBuffer) else EPOpsBuffer(buffer)
-
-
-@constant_under_compile
-def static_num_ranks(buffer: object) -> int:
-    """R of an :class:`EPOpsBuffer` argument, as a constant under ``torch.compile``.
-
-    Dynamo would turn ``buffer.num_ranks`` into a symbolic graph input; the fake
-    kernels bake R into every shape (R·M rows), so the Python wrappers bake it
-    the same way.
-    """
-    return unwrap_ep_buffer(buffer).num_ranks
-
-
-@constant_under_compile
-def static_num_scaleout_ranks(buffer: object) -> int:
-    """S of an :class:`EPOpsBuffer` argument, as a constant under ``torch.compile``
-    (as :func:`static_num_ranks`): the wrappers read the hybrid-only dispatch
-    outputs only when S > 1, so a direct-mode graph has no node for them."""
-    return unwrap_ep_buffer(buffer).num_scaleout_ranks
 
 
 def unwrap_ep_buffer(buffer: object) -> EPOpsBuffer:

@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens generated per prompt")
     parser.add_argument("--max-num-batched-tokens", type=int_at_least(1), default=64, metavar="N",
                         help="vLLM's max_num_batched_tokens (the DeepEP buffer's capacity per rank)")
+    parser.add_argument("--executor", choices=("uni", "mp"), default=None,
+                        help="vLLM's distributed_executor_backend (default: vLLM's choice, mp for DP > 1); uni keeps "
+                             "the worker in the engine process (with VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     return parser
 
 
@@ -252,6 +255,8 @@ def main(argv=None) -> int:
     )
     if args.ep:
         kwargs.update(enable_expert_parallel=True, all2all_backend="deepep_v2")
+    if args.executor:
+        kwargs["distributed_executor_backend"] = args.executor
     if not args.eager:
         kwargs["compilation_config"] = {"mode": 3}  # VLLM_COMPILE
     llm = LLM(**kwargs)

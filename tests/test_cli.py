@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
+from _dist import run_watched
 from deepep_ops import _cli, demo, tiny_model
 from deepep_ops.__main__ import COMMANDS, main as cli_main, parse_command, run_command
 
@@ -214,8 +214,8 @@ def test_tiny_model_writes_and_rewrites(tmp_path, capsys):
 
 def _run(*argv, module="deepep_ops"):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=REPO_ROOT)
+    # Fails on a hang (no CPU progress), not on a slow start on a busy machine.
+    return run_watched([sys.executable, "-m", module, *argv], env=env, cwd=REPO_ROOT)
 
 
 def test_command_line_usage_errors():
@@ -248,13 +248,13 @@ HEAVY = ("torch.multiprocessing", "torch.distributed.run", "vllm", "safetensors"
          "deepep_ops.demo", "deepep_ops.train_demo", "deepep_ops.moe", "deepep_ops.vllm")
 
 
-def test_help_is_fast_and_imports_nothing_heavy():
-    """``--help`` of every command in a fresh process: what it imports beyond ``import deepep_ops``, and
-    how long it takes after that import (loose bound: catches a help that imports or compiles the work).
+def test_help_imports_nothing_heavy():
+    """``--help`` of every command in a fresh process imports nothing beyond ``import deepep_ops`` that
+    does the work (a help that imports vLLM or the demo is slow; timing it here would be a timed test).
 
     ``python -m deepep_ops`` itself first imports the package (``deepep_ops/__init__.py``: torch and
-    the op registration), which this test does not time."""
-    code = f"""
+    the op registration), which this test does not count."""
+    code = """
 import io, json, sys, time, contextlib
 import deepep_ops
 before = set(sys.modules)
@@ -272,12 +272,11 @@ with contextlib.redirect_stdout(io.StringIO()):
         runner.parse_args(["--help"])
     except SystemExit:
         pass
-print(json.dumps({{"seconds": time.perf_counter() - t0, "new": sorted(set(sys.modules) - before)}}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "new": sorted(set(sys.modules) - before)}))
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = run_watched([sys.executable, "-c", code], env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     heavy = [m for m in result["new"] if m.startswith(HEAVY)]
     assert not heavy, f"--help imported {heavy}"
-    assert result["seconds"] < 3.0, result

@@ -9,7 +9,9 @@
   ``decode_graph`` (decode, ``num_max_tokens_per_rank=None``: the in-graph
   ``deepep_ops::token_bucket`` op, an unbacked SymInt; every rank holds the same T),
   ``prefill`` (``dispatch_exact``, always at the buffer capacity);
-- cache: ``cold`` (a fresh ``TORCHINDUCTOR_CACHE_DIR``, in-memory caches cleared,
+- cache: ``cold`` (no FX-graph or AOT-autograd cache entry of this graph in the
+  rank's ``TORCHINDUCTOR_CACHE_DIR``, fresh for the spawn and shared by its phases,
+  so C++ kernels another mode already built are reused; in-memory caches cleared,
   ``torch._dynamo.reset()``) and ``warm`` (the same cache dir after the cold run,
   in-memory caches cleared and ``torch._dynamo.reset()`` again: what a new
   process finds on disk), with the FX graph cache and the AOT autograd cache on.
@@ -35,16 +37,22 @@ are computed once and shared by every phase, the eager ones once per mode and
 shared by both backends, and the processes start once.
 
 Sweeps (T = tokens per rank, both ranks the same T, capacity 1024): every phase
-calls the compiled layer at increasing T starting at 1. The full 1..1024 sweep
-runs for the combinations in ``FULL_SWEEP_COMBOS``: every Inductor phase (cold
-and warm: a warm FX/AOT cache is where a guard on the bucket arithmetic has been
-seen to pin sizes and recompile on every T, and CPU Inductor can add size guards
-of its own) and the cold aot_eager phases. The warm aot_eager phases (no compile
-cache is involved there: they repeat the cold ones after
-``torch._dynamo.reset()``) sweep ``SAMPLE_TS``: all T in 1..64, every 7th T up
-to 1024, and every power of two with its ±1 neighbours. Frame counts, shapes and
+calls the compiled layer at increasing T starting at 1. Frame counts, shapes and
 finiteness are checked at every swept T; values against the dense and eager
 answers at every T of ``SAMPLE_TS``.
+
+- Default tier (``tests/tiers.py``): every phase sweeps ``SAMPLE_TS`` =
+  ``tiers.sample_tokens(1024)``: every power of two with its ±1 neighbours
+  (where a bucket changes) and a seeded random sample. The warm aot_eager
+  phases (see below) run only in the exhaustive tier (``slow``).
+- Exhaustive tier (``--exhaustive``): the full 1..1024 sweep for the
+  combinations in ``FULL_SWEEP_COMBOS``: every Inductor phase (cold and warm: a
+  warm FX/AOT cache is where a guard on the bucket arithmetic has been seen to
+  pin sizes and recompile on every T, and CPU Inductor can add size guards of
+  its own) and the cold aot_eager phases. The warm aot_eager phases (no compile
+  cache is involved there: they repeat the cold ones after
+  ``torch._dynamo.reset()``) and the value checks use ``SAMPLE_TS``: all T in
+  1..64, every 7th T up to 1024, and every power of two with its ±1 neighbours.
 
 ``test_bucket_values_bounded`` (world size 1, in the pytest process) records the
 M every dispatch receives from the in-graph bucket over T up to 8192;
@@ -54,7 +62,6 @@ receives no rows.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -66,6 +73,8 @@ import pytest
 import torch
 
 import dense_reference as ref
+import _dist
+import tiers
 from _dist import run_distributed
 
 # I (the expert MLP width) is small: the experts' matmuls are most of a step's cost,
@@ -78,17 +87,21 @@ CACHES = ("cold", "warm")
 MAX_FRAMES = 2
 
 FULL_TS = tuple(range(1, CAP + 1))
-SAMPLE_TS = tuple(
-    sorted(
-        set(range(1, 65))
-        | set(range(1, CAP + 1, 7))
-        | {2**k + d for k in range(11) for d in (-1, 0, 1) if 1 <= 2**k + d <= CAP}
+if tiers.exhaustive():
+    SAMPLE_TS = tuple(
+        sorted(
+            set(range(1, 65))
+            | set(range(1, CAP + 1, 7))
+            | {2**k + d for k in range(11) for d in (-1, 0, 1) if 1 <= 2**k + d <= CAP}
+        )
     )
-)
-#: (backend, mode, cache) swept over every T in 1..1024; the rest sweep SAMPLE_TS.
-FULL_SWEEP_COMBOS = frozenset(
-    [("inductor", m, c) for m in MODES for c in CACHES] + [("aot_eager", m, "cold") for m in MODES]
-)
+    #: (backend, mode, cache) swept over every T in 1..1024; the rest sweep SAMPLE_TS.
+    FULL_SWEEP_COMBOS = frozenset(
+        [("inductor", m, c) for m in MODES for c in CACHES] + [("aot_eager", m, "cold") for m in MODES]
+    )
+else:
+    SAMPLE_TS = tiers.sample_tokens(CAP, salt="test_compile")
+    FULL_SWEEP_COMBOS = frozenset()
 
 # Tolerances, elementwise: |y - ref| <= ATOL + RTOL * mag, where mag = Σ_k w_k·|expert_k(x)|
 # (from ``dense_moe_layer``), the scale of every intermediate the layer rounds to bf16:
@@ -103,6 +116,13 @@ DENSE_ATOL, DENSE_RTOL = 1e-3, 1e-2
 NEAR_TIE = 1e-5
 #: What GarbageExperts writes where finalize must not look.
 LANE_GARBAGE, PADDING_ROW_GARBAGE = float("nan"), 1e30
+
+
+def caches_for(backend: str) -> Tuple[str, ...]:
+    """The cache phases a backend runs: aot_eager's warm phase (no compile cache
+    involved: the cold phase again after ``torch._dynamo.reset()``) only in the
+    exhaustive tier."""
+    return CACHES if backend == "inductor" or tiers.exhaustive() else ("cold",)
 
 
 def sweep_for(backend: str, mode: str, cache: str) -> Tuple[int, ...]:
@@ -197,6 +217,22 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
     t_dense = time.perf_counter() - t0
 
     results: Dict[str, Dict[str, Dict[str, dict]]] = {b: {} for b in BACKENDS}
+    # One Inductor cache dir per rank for all its phases: a cold phase finds no FX-graph
+    # or AOT-autograd entry of its own graph (checked: no cache hit), while C++ kernels
+    # that another mode's graph already built (same source) are reused, as on any
+    # developer's machine, instead of being compiled again (~8 CPU-s a phase).
+    cache_dir = tempfile.mkdtemp(prefix=f"deepep_compile_r{rank}_")
+    try:
+        _run_modes(rank, world, buf, W, dense, t_dense, cache_dir, results, recompiles)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return results
+
+
+def _run_modes(rank, world, buf, W, dense, t_dense, cache_dir, results, recompiles) -> None:
+    import torch.distributed as dist
+    import torch._dynamo
+
     broken = False
     eager_decode = None
     for mode in MODES:
@@ -217,9 +253,8 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
             results[backend][mode] = {}
             if broken:
                 continue
-            cache_dir = tempfile.mkdtemp(prefix=f"deepep_compile_{backend}_{mode}_r{rank}_")
             try:
-                for cache in CACHES:
+                for cache in caches_for(backend):
                     res = _phase_in_rank(rank, layer, backend, mode, cache, cache_dir, dense, eager, recompiles)
                     res.update(timings)
                     results[backend][mode][cache] = res
@@ -230,9 +265,7 @@ def _run_all(rank: int, world: int) -> Dict[str, Dict[str, Dict[str, dict]]]:
                         broken = True  # the ranks may be out of step: stop here
                         break
             finally:
-                shutil.rmtree(cache_dir, ignore_errors=True)
                 torch._dynamo.reset()
-    return results
 
 
 def _bucket(mode: str, T: int):
@@ -263,7 +296,7 @@ def _phase_in_rank(rank, layer, backend, mode, cache, cache_dir, dense, eager, r
         stats = {"eager_err": 0.0, "eager_bad": [], "dense_err": 0.0, "dense_bad": [], "eager_vs_dense_bad": [],
                  "nonfinite_ts": [], "bad_shape_ts": [], "checked_tokens": 0, "skipped_tokens": 0}
         t_first = None
-        t_start = time.perf_counter()
+        t_start, c_start = time.perf_counter(), _dist.tree_cpu_seconds([os.getpid()]) or 0.0
         for T in sweep:
             before = cnt.frame_count
             y = compiled(make_tokens(T, rank), _bucket(mode, T))
@@ -302,6 +335,7 @@ def _phase_in_rank(rank, layer, backend, mode, cache, cache_dir, dense, eager, r
             recompile_reasons=list(recompiles.messages),
             t_compile_s=t_first,
             t_total_s=time.perf_counter() - t_start,
+            cpu_total_s=(_dist.tree_cpu_seconds([os.getpid()]) or 0.0) - c_start,
         )
     except BaseException:  # noqa: BLE001 - reported per phase
         import traceback
@@ -311,12 +345,21 @@ def _phase_in_rank(rank, layer, backend, mode, cache, cache_dir, dense, eager, r
 
 
 # ---------------------------------------------------------------------------- pytest side
-@functools.lru_cache(maxsize=None)
+def start_early() -> None:
+    """Called by tests/conftest.py once collected: the spawn runs in the background."""
+    _dist.start_early("test_compile", _spawn)
+
+
 def _spawned():
     """Per-rank results of every phase, or the spawn's error text."""
+    return _dist.result_once("test_compile", _spawn)
+
+
+def _spawn():
     try:
         return run_distributed(
-            _run_all, WORLD, timeout=1800, gloo_timeout_s=180, env={"TORCHINDUCTOR_COMPILE_THREADS": "1"},
+            # A rank may wait in a collective while its peer compiles (minutes on a loaded machine).
+            _run_all, WORLD, gloo_timeout_s=900,
         )
     except AssertionError as e:
         return str(e)
@@ -339,7 +382,10 @@ def _phase(backend: str, mode: str, cache: str) -> List[dict]:
     return out
 
 
-COMBOS = [pytest.param(b, m, c, id=f"{b}-{m}-{c}") for b in BACKENDS for m in MODES for c in CACHES]
+COMBOS = [
+    pytest.param(b, m, c, id=f"{b}-{m}-{c}", marks=() if c in caches_for(b) else pytest.mark.slow)
+    for b in BACKENDS for m in MODES for c in CACHES
+]
 
 
 @pytest.mark.parametrize("backend,mode,cache", COMBOS)
@@ -354,8 +400,8 @@ def test_no_recompiles(backend, mode, cache):
     for rank, res in enumerate(_phase(backend, mode, cache)):
         print(  # shown with pytest -rP
             f"SUMMARY {backend}/{mode}/{cache} rank {rank}: {res['frame_count']} frames (new at T={res['frame_ts']}) "
-            f"over {res['num_steps']} T ({'full 1..1024' if res['full_sweep'] else 'sample'}); "
-            f"first 2 calls {res['t_compile_s']:.1f}s, phase {res['t_total_s']:.1f}s, dense answers "
+            f"over {res['num_steps']} T ({'full 1..1024' if res['full_sweep'] else 'sample'}, {tiers.describe()}); "
+            f"first 2 calls {res['t_compile_s']:.1f}s, phase {res['t_total_s']:.1f}s ({res['cpu_total_s']:.1f} CPU-s), dense answers "
             f"{res['t_dense_s']:.1f}s, eager answers {res['t_eager_s']:.1f}s; max err eager {res['eager_err']:.4f} "
             f"dense {res['dense_err']:.4f}; caches {res['inductor']} {res['aot_autograd']}"
         )
@@ -414,9 +460,10 @@ def test_bucket_values_bounded():
 
     World size 1 (group=None), capacity 8192, compiled with aot_eager (which M the
     buffer receives is decided by the ``token_bucket`` op at run time, not by
-    the backend). T: every power of two and its ±1 neighbours, then 100 random T
+    the backend). T: every power of two and its ±1 neighbours, then random T
     drawn log-uniformly from [1, 8192] (every bucket gets hit; uniform draws would
-    mostly land in the top bucket, at ~0.7 s per step).
+    mostly land in the top bucket, at ~0.7 s per step): 100 in the exhaustive
+    tier, 12 by default (seeded: ``tests/tiers.py``).
     """
     import deepep_ops as D
     from deepep_ops.moe import MoELayer, make_moe_weights
@@ -441,7 +488,11 @@ def test_bucket_values_bounded():
     layer.experts = GarbageExperts(layer.experts, decode=True)
     g = torch.Generator().manual_seed(0)
     ts = sorted({2**k + d for k in range(14) for d in (-1, 0, 1) if 1 <= 2**k + d <= cap})
-    ts += torch.exp2(torch.rand(100, generator=g, dtype=torch.float64) * 13).round().long().tolist()
+    if tiers.exhaustive():
+        ts += torch.exp2(torch.rand(100, generator=g, dtype=torch.float64) * 13).round().long().tolist()
+    else:
+        r = torch.Generator().manual_seed(tiers.sample_seed())
+        ts += torch.exp2(torch.rand(12, generator=r, dtype=torch.float64) * 13).round().long().tolist()
 
     torch._dynamo.reset()
     try:

@@ -14,7 +14,6 @@ import os
 import stat
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -21,10 +21,13 @@ import dense_reference as ref
 from _dist import run_distributed
 
 H, K, E, CAP = 256, 2, 12, 16  # E divisible by 2 and 3 ranks
-#: Every rank must end within this many seconds per case (the gloo timeout is 25 s:
-#: a case that hangs fails the time limit, not the whole file).
-LIMIT_S = 15.0
-GLOO_TIMEOUT_S = 25
+#: Every rank must end within this many seconds per case, below the gloo timeout:
+#: a rank that waited for the collective timeout fails the time limit (and a case
+#: that hangs fails that case, not the whole file). Cases take well under a second
+#: on an idle machine; the margin is for a busy one (load 10 on 2 cores: a rank
+#: gets a fifth of a core), so slowness never reads as waiting for the timeout.
+LIMIT_S = 45.0
+GLOO_TIMEOUT_S = 60
 
 
 # ----------------------------------------------------------------------------- rank-side helpers
@@ -352,7 +355,7 @@ _RESULTS = {}
 
 def _results(world):
     if world not in _RESULTS:
-        _RESULTS[world] = run_distributed(_run_cases, world, ORDER, timeout=150, gloo_timeout_s=GLOO_TIMEOUT_S)
+        _RESULTS[world] = run_distributed(_run_cases, world, ORDER, gloo_timeout_s=GLOO_TIMEOUT_S)
     return _RESULTS[world]
 
 

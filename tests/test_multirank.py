@@ -739,3 +739,58 @@ def test_harness_reports_child_failures():
     msg = str(info.value)
     assert "failed on 1/2 ranks" in msg and "--- rank 1 ---" in msg and "--- rank 0 ---" not in msg
     assert "deliberate failure on rank 1, sum=3" in msg and "Traceback" in msg
+
+
+def _rank1_hangs(rank, world):
+    import time
+
+    import torch.distributed as dist
+
+    if rank == 1:
+        time.sleep(3600)  # a hang: uses no CPU
+    dist.barrier()  # rank 0 waits here, also without CPU
+
+
+def test_harness_reports_a_hang_with_stacks():
+    """Ranks that all stop using CPU fail after the stall limit (not the collective timeout), with their stacks."""
+    import time
+
+    from _dist import DistributedError, run_distributed
+
+    t0 = time.monotonic()
+    with pytest.raises(DistributedError) as info:
+        run_distributed(_rank1_hangs, 2, stall_s=3, gloo_timeout_s=600)
+    msg = str(info.value)
+    assert time.monotonic() - t0 < 300, "the hang was not caught before the collective timeout"
+    assert "failed on 2/2 ranks" in msg and "hung: no CPU progress" in msg, msg
+    assert "in _rank1_hangs" in msg, msg  # rank 1's stack, dumped before the kill
+
+
+def test_progress_watch_tells_slow_from_hung():
+    """Progress is CPU gained by any process tree since the last check: a group that keeps
+    computing is never hung however long it takes; one that stops is, after stall_s; a
+    process that exits (its CPU gone from /proc) costs the others nothing."""
+    from _dist import ProgressWatch
+
+    now, cpu = [0.0], {}
+    watch = ProgressWatch(lambda: list(cpu), stall_s=10, clock=lambda: now[0], cpu_by_root=lambda pids: dict(cpu))
+
+    def at(t, **trees):
+        now[0] = t
+        cpu.clear()
+        cpu.update({int(k[1:]): v for k, v in trees.items()})
+        return watch.check()
+
+    assert at(0, p1=0.1, p2=0.1) is None
+    for t in range(5, 300, 5):  # rank 1 computes slowly (0.05 core), rank 2 waits: 5 minutes, never hung
+        assert at(t, p1=0.1 + 0.05 * t, p2=0.1) is None, t
+    assert at(300, p2=0.1) is None  # rank 1 exited (its 15 CPU-s left /proc): not a step back
+    assert at(305, p2=0.5) is None  # rank 2 goes on
+    assert at(314, p2=0.5) is None  # idle for 9 s < 10
+    why = at(316, p2=0.55)  # 11 s with 0.05 CPU-s: hung
+    assert why is not None and why.startswith("hung: no CPU progress for 11 s"), why
+    now[0] = 0.0  # a run that keeps computing past an explicit hard limit
+    capped = ProgressWatch(lambda: [1], stall_s=10, hard_s=60, clock=lambda: now[0], cpu_by_root=lambda p: {1: now[0]})
+    assert capped.check() is None
+    now[0] = 61
+    assert "hard limit" in capped.check()

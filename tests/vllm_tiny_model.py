@@ -39,6 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Engines fail as hung past this many times their ``timeout`` even while using CPU.
+HARD_LIMIT_FACTOR = 5
+
 #: What a rank's log says when the DP master port was taken between picking and binding it.
 _PORT_TAKEN = ("Address already in use", "EADDRINUSE")
 
@@ -93,16 +96,24 @@ class Engines:
             p.wait()
 
     def wait(self):
-        """``(results, wall_s, logs)``; raises on a timeout (after killing every group) or a non-zero exit."""
-        import subprocess
+        """``(results, wall_s, logs)``; raises on a hang (after killing every group) or a non-zero exit.
 
-        deadline = self.t0 + self.timeout
+        A hang: no engine process (or anything it started) used CPU for the
+        stall limit (``tests/_dist.py``, ``DEEPEP_OPS_TEST_STALL_S``), or the run
+        took over ``HARD_LIMIT_FACTOR`` × ``timeout`` (a loop that spins without
+        finishing). A busy machine makes engines slow, not failed.
+        """
+        from _dist import ProgressWatch, stopping
+
+        watch = ProgressWatch(lambda: [p.pid for p in self.procs], hard_s=HARD_LIMIT_FACTOR * self.timeout)
         try:
-            for p in self.procs:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise TimeoutError(f"engines did not exit within {self.timeout}s; logs: {self.logs}")
+            while any(p.poll() is None for p in self.procs):
+                why = "stopped: the test session ended" if stopping() else watch.check()
+                if why is not None:
+                    self.kill()
+                    raise TimeoutError(f"engines {why} (expected within {self.timeout}s on an idle machine); "
+                                       f"logs: {self.logs}")
+                time.sleep(1.0)
         finally:
             # Engine children (workers) of an exited rank must not outlive it.
             self.kill()

@@ -545,15 +545,10 @@ def _deepep_layer(buf, decode: bool, fp8: bool):
     return MoELayer(weights, pf).cuda(), weights
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_deepep_compiled_decode_replays_from_cuda_graph(deepep_buffers, fp8):
-    """The compiled decode MoE step on real DeepEP, captured with torch.cuda.graph, replays
-    correctly on new inputs (against the eager step and the dense MoE)."""
-    buf, _ = deepep_buffers
-    layer, weights = _deepep_layer(buf, decode=True, fp8=fp8)
+def _capture_compiled(layer, T: int, g: torch.Generator):
+    """``layer`` compiled (fullgraph, dynamic), warmed up on a side stream and captured with
+    torch.cuda.graph for [T, H] bf16 inputs: ``(graph, static_x, static_out)``."""
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
-    T = 6
-    g = torch.Generator().manual_seed(0)
     static_x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -564,6 +559,18 @@ def test_deepep_compiled_decode_replays_from_cuda_graph(deepep_buffers, fp8):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = compiled(static_x, DE_M)
+    return graph, static_x, static_out
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_deepep_compiled_decode_replays_from_cuda_graph(deepep_buffers, fp8):
+    """The compiled decode MoE step on real DeepEP, captured with torch.cuda.graph, replays
+    correctly on new inputs (against the eager step and the dense MoE)."""
+    buf, _ = deepep_buffers
+    layer, weights = _deepep_layer(buf, decode=True, fp8=fp8)
+    T = 6
+    g = torch.Generator().manual_seed(0)
+    graph, static_x, static_out = _capture_compiled(layer, T, g)
     tol = dict(atol=6e-2, rtol=6e-2) if fp8 else dict(atol=2e-2, rtol=2e-2)
     for _ in range(3):
         x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
@@ -662,20 +669,10 @@ def test_deepep_overlapped_layer_replays_from_cuda_graph(deepep_buffers):
     shared = type(shared)(*(w.cuda() for w in shared))
     pf = DeepEPPrepareFinalize(buf, DE_E, DE_K, decode=True, device="cuda")
     layer = MoELayer(weights, pf, shared, overlap=True).cuda()
-    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
     T = 6
     g = torch.Generator().manual_seed(0)
-    static_x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                compiled(static_x, DE_M)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = compiled(static_x, DE_M)
+        graph, static_x, static_out = _capture_compiled(layer, T, g)
         for _ in range(3):
             x = torch.randn(T, DE_H, generator=g).cuda().bfloat16()
             static_x.copy_(x)

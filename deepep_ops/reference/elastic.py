@@ -345,7 +345,9 @@ class ReferenceElasticBuffer:
             ``torch.distributed``.
         num_max_tokens_per_rank: default and largest M (the buffer capacity).
         hidden, num_topk, use_fp8_dispatch: kept for API parity with DeepEP
-            (there they size the buffer).
+            (there they size the buffer; a call's H is not compared with
+            ``hidden`` there either: contract §8, "Rows wider than the
+            constructor's hidden").
         allow_hybrid_mode: as DeepEP's flag: with it off the domain is direct
             (S = 1) whatever ``num_scaleout_ranks`` says.
         allow_multiple_reduction: as DeepEP's flag (contract §4, expand combine;

@@ -108,7 +108,7 @@ class EPOpsBuffer(OpaqueBase):
 
         The wrappers read these through this method, not the attributes: under
         ``torch.compile(dynamic=True)`` Dynamo turns an int attribute of a graph
-        input into a symbolic input (torch 2.13-2.15), while a registered
+        input into a symbolic input (torch 2.11-2.15), while a registered
         method's result is baked as a constant, as the fake kernels bake R·M and S.
         """
         return self.num_ranks, self.num_scaleout_ranks

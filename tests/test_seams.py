@@ -297,7 +297,7 @@ def test_rank_layout_is_a_trace_time_constant():
     """The wrappers size the handle with R and pick the hybrid outputs with S, both
     baked into the graph as the fakes bake them: ``buffer.rank_layout()`` under
     ``dynamic=True`` adds no graph input (the attribute ``buffer.num_ranks`` would
-    be a symbolic input on torch 2.13-2.15, and torch 2.11 rejects
+    be a symbolic input on torch 2.11-2.15, and torch 2.11 rejects
     ``assume_constant_result`` on an opaque argument)."""
     buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=8, hidden=256, num_topk=2))
     graphs = []

@@ -221,10 +221,18 @@ class DeepEPPrepareFinalize:
     def _prepare_sync(
         self, a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank, defer_globalize
     ) -> PreparedTokens:
+        out = self._dispatch_with(
+            dispatch if self.decode else dispatch_exact,
+            a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank,
+        )
+        return self._received(out, a1.device, defer_globalize)
+
+    def _dispatch_with(self, op, a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank):
+        """``op`` (a dispatch or its start, in this layout) over the quantized (or weighted) tokens."""
         a1, scales, num_max_tokens_per_rank = self._dispatch_inputs(
             a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank
         )
-        out = (dispatch if self.decode else dispatch_exact)(
+        return op(
             a1,
             topk_ids,
             topk_weights,
@@ -234,7 +242,6 @@ class DeepEPPrepareFinalize:
             expert_alignment=self.expert_alignment,
             x_scales=scales,
         )
-        return self._received(out, a1.device, defer_globalize)
 
     def prepare_start(
         self,
@@ -249,18 +256,9 @@ class DeepEPPrepareFinalize:
         """:meth:`prepare` up to the dispatch's start (:func:`deepep_ops.dispatch_start`):
         the tokens are in flight until :meth:`prepare_wait`, which returns the
         :class:`PreparedTokens`. Same arguments as :meth:`prepare`; no gradient."""
-        a1, scales, num_max_tokens_per_rank = self._dispatch_inputs(
-            a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank
-        )
-        pending = (dispatch_start if self.decode else dispatch_exact_start)(
-            a1,
-            topk_ids,
-            topk_weights,
-            self.buffer,
-            num_experts=self.num_experts,
-            num_max_tokens_per_rank=num_max_tokens_per_rank,
-            expert_alignment=self.expert_alignment,
-            x_scales=scales,
+        pending = self._dispatch_with(
+            dispatch_start if self.decode else dispatch_exact_start,
+            a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank,
         )
         return PendingPrepare(pending, defer_globalize)
 

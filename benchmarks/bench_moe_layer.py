@@ -203,7 +203,7 @@ def _rank_main(rank: int, world: int, args, init_method: str, out_q) -> None:
     if on_gpu:
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     try:
         out_q.put((rank, _run(rank, world, args, init_method, device)))
     except BaseException:  # noqa: BLE001
@@ -299,6 +299,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default=None, help="tokens per rank (default 1,8,64,512 decode, 4096 prefill)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-overlap", action="store_true", help="leave out the overlapped variant")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: compute threads per rank (default: the cores shared out); fewer leave cores to "
+                             "gloo's communication threads")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.hidden = args.hidden or (7168 if gpu else 512)
@@ -328,7 +331,9 @@ def main(argv=None) -> None:
             print(f"--- rank {r} ---\n{tb}")
         sys.exit(1)
     rows = results[0]
-    where = torch.cuda.get_device_name(0) if gpu else f"CPU, {args.world_size} gloo ranks"
+    where = (torch.cuda.get_device_name(0) if gpu else
+             f"CPU ({os.cpu_count()} cores), {args.world_size} gloo ranks"
+             + (f" with {args.threads} compute threads each" if args.threads else ""))
     layout = args.layout if args.mode == "train" else args.mode
     print(f"\nMoE layer, {args.mode} ({layout} layout), {args.backend} backend on {where}, torch {torch.__version__}, "
           f"H={args.hidden} I={args.intermediate} shared I={args.shared_intermediate} E={args.experts} "

@@ -311,6 +311,8 @@ def main(argv=None) -> None:
     args.topk = args.topk or (8 if gpu else 2)
     args.sizes = args.sizes or ("4096" if args.mode == "prefill" else "512,4096" if args.mode == "train"
                                 else "1,8,64,512")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if gpu and args.world_size != 1:
         parser.error("--device cuda runs one rank (the device machines lend one GPU)")
 

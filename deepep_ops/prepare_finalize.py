@@ -228,7 +228,8 @@ class DeepEPPrepareFinalize:
         return self._received(out, a1.device, defer_globalize)
 
     def _dispatch_with(self, op, a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank):
-        """``op`` (a dispatch or its start, in this layout) over the quantized (or weighted) tokens."""
+        """The tokens quantized (or weighted) by :meth:`_dispatch_inputs`, then ``op`` on them:
+        this layout's dispatch or its start. Returns what ``op`` returns."""
         a1, scales, num_max_tokens_per_rank = self._dispatch_inputs(
             a1, topk_weights, topk_ids, apply_router_weight_on_input, num_max_tokens_per_rank
         )

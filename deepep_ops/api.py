@@ -160,7 +160,7 @@ def cached_dispatch(
         prefill mode (padding rows zero); the rows of the original dispatch.
     """
     recv_x, recv_x_scales = torch.ops.deepep_ops.cached_dispatch(x, x_scales, buffer, *handle_args(handle))
-    return recv_x, None if x_scales is None else recv_x_scales
+    return recv_x, recv_x_scales
 
 
 # ---------------------------------------------------------------------------

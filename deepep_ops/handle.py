@@ -241,8 +241,8 @@ def schema_args() -> str:
 
 def schema_returns() -> str:
     """The handle tensors that dispatch returns (the rest comes from its inputs).
-    The hybrid-only ones are empty [0] tensors in direct mode (ops cannot return None)."""
-    return ", ".join(f"Tensor {name}" for name in HANDLE_TENSORS + HYBRID_TENSORS)
+    The hybrid-only ones are None in direct mode."""
+    return ", ".join([f"Tensor {name}" for name in HANDLE_TENSORS] + [f"Tensor? {name}" for name in HYBRID_TENSORS])
 
 
 def handle_args(handle: DispatchHandle) -> tuple:
@@ -293,13 +293,6 @@ def empty_hybrid_tensors(like: torch.Tensor, dims: HandleDims) -> tuple:
     return tuple(like.new_empty(HANDLE_TENSOR_SPECS[name].shape(dims), dtype=torch.int32) for name in HYBRID_TENSORS)
 
 
-def no_hybrid_tensor(like: torch.Tensor) -> torch.Tensor:
-    """What the dispatch ops return for a hybrid-only tensor in direct mode: an
-    empty [0] int32 tensor (custom ops cannot return None; the codec reads it
-    back as None, see :func:`dispatch_handle`)."""
-    return torch.empty((0,), dtype=torch.int32, device=like.device)
-
-
 # ---------------------------------------------------------------------------
 # What the dispatch ops return.
 # ---------------------------------------------------------------------------
@@ -341,13 +334,13 @@ class ExactDispatchResult(NamedTuple):
 
 #: The outputs of ``deepep_ops::dispatch`` (decode) before the handle tensors.
 _DECODE_OUTPUTS = (
-    ("Tensor", "recv_x"), ("Tensor", "recv_x_scales"), ("Tensor", "recv_topk_idx"), ("Tensor", "recv_topk_weights"),
+    ("Tensor", "recv_x"), ("Tensor?", "recv_x_scales"), ("Tensor", "recv_topk_idx"), ("Tensor", "recv_topk_weights"),
 )
 #: The outputs of ``deepep_ops::dispatch_exact`` (prefill) before the handle tensors.
 #: N and X come first, as SymInts: see ``schemas.DISPATCH_EXACT``.
 _PREFILL_OUTPUTS = (
     ("SymInt", "num_recv_tokens"), ("SymInt", "num_expanded_tokens"), ("Tensor", "recv_x"),
-    ("Tensor", "recv_x_scales"), ("Tensor", "recv_topk_weights"), ("Tensor", "num_recv_tokens_per_expert"),
+    ("Tensor?", "recv_x_scales"), ("Tensor", "recv_topk_weights"), ("Tensor", "num_recv_tokens_per_expert"),
 )
 
 
@@ -380,7 +373,7 @@ def prefill_counts(handle_tensors: tuple, expert_alignment: int) -> torch.Tensor
 def pack_dispatch(
     decode: bool,
     recv_x: torch.Tensor,
-    recv_x_scales: torch.Tensor,
+    recv_x_scales: Optional[torch.Tensor],
     recv_topk_idx: Optional[torch.Tensor],
     recv_topk_weights: torch.Tensor,
     handle_tensors: tuple,
@@ -390,14 +383,14 @@ def pack_dispatch(
 ) -> tuple:
     """The flat outputs of the dispatch op of this mode.
 
-    ``recv_x_scales`` is a tensor here (custom ops cannot return None: see
-    :func:`deepep_ops.layout.no_scales`), and so are the ``hybrid_tensors``
-    (:data:`HYBRID_TENSORS`; None in direct mode becomes :func:`no_hybrid_tensor`).
-    Prefill's N and X are read off ``recv_src_metadata`` and ``recv_x``, and its
+    ``recv_x_scales`` is None without scales, and so are the ``hybrid_tensors``
+    (:data:`HYBRID_TENSORS`) in direct mode: the schemas return ``Tensor?``
+    there, so a call allocates no placeholder and a compiled graph checks no
+    size of one. Prefill's N and X are read off ``recv_src_metadata`` and ``recv_x``, and its
     per-expert counts computed from the handle (:func:`prefill_counts`) unless
     given (the fake kernel).
     """
-    hybrid = tuple(no_hybrid_tensor(recv_x) if t is None else t for t in hybrid_tensors)
+    hybrid = tuple(hybrid_tensors)
     if decode:
         return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights) + tuple(handle_tensors) + hybrid
     if num_recv_tokens_per_expert is None:
@@ -460,7 +453,7 @@ def unpack_dispatch(
     args: DispatchArgs, outputs: tuple, num_ranks: int, hybrid: bool = False
 ) -> Union[DispatchResult, ExactDispatchResult]:
     """The dispatch op's flat ``outputs`` as the result of the call ``args``
-    (missing scales back to None; ``hybrid`` as in :func:`dispatch_handle`)."""
+    (``hybrid`` as in :func:`dispatch_handle`)."""
     decode = args.decode
     handle = dispatch_handle(args, outputs, num_ranks, hybrid)
     if decode:
@@ -470,7 +463,7 @@ def unpack_dispatch(
         recv_x, recv_x_scales, recv_topk_weights, counts = outputs[2:6]
         recv_topk_idx = None
     return dispatch_result(
-        decode, recv_x, None if args.x_scales is None else recv_x_scales, recv_topk_idx, recv_topk_weights,
+        decode, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
         counts, handle,
     )
 

@@ -128,12 +128,3 @@ def token_metadata_cols(num_topk: int) -> int:
     """``token_metadata_at_forward`` is [C, S·mtpc+1, 2+2K]: source token id, chunk
     end flag, K scale-up destinations, K scale-up slots."""
     return 2 + 2 * num_topk
-
-
-def no_scales(like: torch.Tensor) -> torch.Tensor:
-    """What ``recv_x_scales`` holds when ``x_scales`` is None: an empty [0] float32 tensor.
-
-    Custom ops cannot return ``Optional[Tensor]``; the Python wrappers turn this
-    back into ``None``.
-    """
-    return torch.empty((0,), dtype=torch.float32, device=like.device)

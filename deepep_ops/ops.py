@@ -22,7 +22,6 @@ from deepep_ops._torch_compat import register_ordered_effect, without_dynamo
 from deepep_ops.buffer import EPOpsBuffer, unwrap_ep_buffer
 from deepep_ops.handle import DispatchArgs, DispatchHandle, pack_dispatch
 from deepep_ops.known_calls import KERNEL, admit_dispatch, admit_handle_call, dispatch_key, known_dispatch
-from deepep_ops.layout import no_scales
 from deepep_ops.pending import begin, outstanding_error, take, ticket_like
 from deepep_ops.validation import (
     check_cached_dispatch,
@@ -100,7 +99,7 @@ def _dispatch_outputs(args: DispatchArgs, out) -> tuple:
     return pack_dispatch(
         args.decode,
         out.recv_x,
-        no_scales(args.x) if out.recv_x_scales is None else out.recv_x_scales,
+        out.recv_x_scales,
         out.recv_topk_idx,
         out.recv_topk_weights,
         out.handle_tensors,
@@ -169,7 +168,7 @@ def _admit_backward(op: str, check, x: torch.Tensor, second, buffer: EPOpsBuffer
 def cached_dispatch_impl(x, x_scales, buffer, *handle):
     buf, handle = _admit_backward("deepep_ops.cached_dispatch", check_cached_dispatch, x, x_scales, buffer, handle)
     recv_x, recv_x_scales = buf.backend.cached_dispatch(x, x_scales, handle)
-    return recv_x, no_scales(x) if recv_x_scales is None else recv_x_scales
+    return recv_x, recv_x_scales
 
 
 @_kernel("combine_with_weights")

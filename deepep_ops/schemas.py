@@ -45,7 +45,7 @@ COMBINE_INTO = f"combine_into(Tensor(a!) out, {_COMBINE_ARGS}) -> ()"
 #: ``combine``.
 CACHED_DISPATCH = (
     f"cached_dispatch(Tensor x, Tensor? x_scales, {EP_BUFFER_TYPE} buffer, {_handle.schema_args()}) "
-    "-> (Tensor recv_x, Tensor recv_x_scales)"
+    "-> (Tensor recv_x, Tensor? recv_x_scales)"
 )
 
 #: Combine that also carries per-lane weights back (DeepEP combine's

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 import sympy
@@ -105,14 +105,15 @@ class _StubGroup:
         return self._size
 
 
-def _meta(t: torch.Tensor):
-    return (tuple(t.shape), str(t.dtype), tuple(t.stride()), t.storage_offset())
+def _meta(t: Optional[torch.Tensor]):
+    """An output's metadata; None for an absent one (no scales, direct mode's hybrid tensors)."""
+    return None if t is None else (tuple(t.shape), str(t.dtype), tuple(t.stride()), t.storage_offset())
 
 
 def _combine_args(x, outputs, topk_idx, buf, c: Config, M, decode, num_expanded):
     # The combine schema: rows, buffer, then the handle's fields (DispatchHandle order):
     # the five handle tensors are outputs[4:9] of both dispatch ops (after their first four
-    # outputs), the two hybrid-only ones outputs[9:11] (empty and left out in direct mode).
+    # outputs), the two hybrid-only ones outputs[9:11] (None and left out in direct mode).
     hybrid = tuple(outputs[9:11]) if c.S > 1 else ()
     return (x, buf, topk_idx, *outputs[4:9], c.E, M, c.A, decode, num_expanded, *hybrid)
 
@@ -263,8 +264,13 @@ def compare(c: Config, rank: int, real: dict) -> None:
             continue
         fake_list = fake[op]
         assert len(fake_list) == len(real_list), (op, len(fake_list), len(real_list))
-        for i, (f, (shape, dtype, stride, offset)) in enumerate(zip(fake_list, real_list)):
+        for i, (f, real_meta) in enumerate(zip(fake_list, real_list)):
             where = f"{op} output[{i}]"
+            # An absent output (no scales, direct mode's hybrid tensors) is None in both.
+            assert (f is None) == (real_meta is None), f"{where}: fake {f!r} vs real {real_meta!r}"
+            if f is None:
+                continue
+            shape, dtype, stride, offset = real_meta
             fshape = tuple(_value(s, subs) for s in f.shape)
             assert fshape == shape, f"{where}: fake shape {fshape} ({tuple(f.shape)}) != real {shape}"
             assert str(f.dtype) == dtype, f"{where}: fake dtype {f.dtype} != real {dtype}"
@@ -337,6 +343,9 @@ def _check_example_values(fake_outs, real_outs, subs):
         fake_outs, real_outs = (fake_outs,), (real_outs,)
     assert len(fake_outs) == len(real_outs)
     for i, (f, r) in enumerate(zip(fake_outs, real_outs)):
+        assert (f is None) == (r is None), (i, f, r)
+        if f is None:
+            continue
         assert tuple(_value(s, subs) for s in f.shape) == tuple(r.shape), (i, f.shape, r.shape)
         assert f.dtype == r.dtype, (i, f.dtype, r.dtype)
         fstride = tuple(_value(s, subs) for s in f.stride())

@@ -11,6 +11,7 @@ the same code runs per rank on several GPUs over NCCL.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import pytest
 import torch
@@ -390,8 +391,8 @@ def _de_inputs(T: int, fp8: bool, seed: int, neg_frac: float = 0.2):
     return cuda(inp.x), cuda(inp.x_scales), cuda(inp.topk_idx), cuda(inp.topk_weights)
 
 
-def _meta(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.dtype, tuple(t.stride()), t.storage_offset()
+def _meta(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if t is None else (tuple(t.shape), t.dtype, tuple(t.stride()), t.storage_offset())
 
 
 def _fake_metas(args, op, subs_sizes):
@@ -424,6 +425,7 @@ def _fake_metas(args, op, subs_sizes):
         return s if isinstance(s, int) else int(sympy.sympify(s.node.expr).xreplace(subs))
 
     return [
+        None if t is None else
         (tuple(value(s) for s in t.shape), t.dtype, tuple(value(s) for s in t.stride()), value(t.storage_offset()))
         for t in out
     ]

@@ -44,12 +44,13 @@ def _category(filename: str, name: str) -> str:
         return "Dynamo frame + guards"
     if "torch/_functorch" in filename or "torch/_inductor" in filename:
         return "AOT / Inductor wrappers"
-    if "torchinductor" in filename or "/tmp/" in filename:
-        return "Inductor call()"
-    if "deepep_ops" in filename or "fake_impls" in filename:
-        return "deepep_ops"
+    # Before the /tmp/ test: DeepEP may be installed under /tmp (the device machines' is).
     if "deep_ep" in filename:
         return "DeepEP"
+    if "deepep_ops" in filename or "fake_impls" in filename:
+        return "deepep_ops"
+    if "torchinductor" in filename or "/tmp/" in filename:
+        return "Inductor call()"
     return "other"
 
 

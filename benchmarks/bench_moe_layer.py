@@ -251,6 +251,7 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
         layers["a2a"] = torch.compile(layer.communication_only, fullgraph=True, dynamic=True)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
+    started = time.perf_counter()
     for T in sizes:
         g = torch.Generator().manual_seed(1000 + T + rank)
         x = torch.randn(T, H, generator=g).to(device, BF16)
@@ -278,6 +279,10 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
                 fns[f"{name} graph"] = _graph(fns[name], device)
         dist.barrier()
         rows.append((T, _time_interleaved(fns, sync, args.reps)))
+        if rank == 0:
+            # Progress, so that a run cut short by a time box still shows what it measured.
+            medians = ", ".join(f"{name} {statistics.median(ts) * 1e3:.3f}" for name, ts in rows[-1][1].items())
+            print(f"[{time.perf_counter() - started:.0f} s] T={T} median ms: {medians}", flush=True)
     if args.backend == "deepep":
         native.destroy()
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from deepep_ops.validation import check_weight_and_reduce, check_weight_and_reduce_layout
+from deepep_ops.validation import check_weight_and_reduce
 
 
 def reduce_lanes(
@@ -65,30 +65,3 @@ def weight_and_reduce_cuda(expert_output, topk_weights, topk_ids, apply_weights)
     from deepep_ops.triton_reduce import weight_and_reduce_triton
 
     return weight_and_reduce_triton(expert_output, topk_weights, topk_ids, apply_weights)
-
-
-def weight_and_reduce_traced(
-    expert_output: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_weights: bool
-) -> torch.Tensor:
-    """The op's CUDA kernel as code for ``torch.compile`` to trace: [rows, k, H] (k >= 1),
-    [rows, k] float32, [rows, k] -> [rows, H].
-
-    The same checks and the same Triton kernel, but the graph holds the kernel
-    itself, not the opaque op: Inductor launches it with its own launcher, which
-    costs a fraction of the op's host time (a dispatcher round trip plus
-    Triton's per-call argument specialization), the difference that matters
-    where a compiled step runs without CUDA graphs (docs/performance.md).
-    """
-    check_weight_and_reduce_layout(expert_output, topk_weights, topk_ids)
-    rows = expert_output.shape[0]
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
-        # Decode rows are R·M, backed: a plain comparison (at most a guard), which
-        # Dynamo traces where torch._check with a message does not (torch 2.11).
-        if t.shape[0] != rows:
-            raise ValueError(f"deepep_ops.weight_and_reduce: {name}.shape[0] must be expert_output.shape[0] = "
-                             f"{rows} (rows), got {t.shape[0]}")
-    from deepep_ops.triton_reduce import launch
-
-    out = expert_output.new_empty((expert_output.shape[0], expert_output.shape[2]))
-    launch(out, expert_output, topk_weights, topk_ids, apply_weights)
-    return out

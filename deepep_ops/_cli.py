@@ -288,10 +288,8 @@ def train_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("decode", "prefill"), default="decode",
                         help="decode: pow2-bucketed rows (CUDA-graph capturable); prefill: exact rows")
     parser.add_argument("--steps", type=int_at_least(1), default=6, metavar="N", help="optimizer steps per phase")
-    # Inductor by default: its step is the one a trainer gets (docs/performance.md);
-    # aot_eager traces the same graphs but runs them op by op, slower than eager.
-    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
-                        help="torch.compile backend (inductor generates C++ kernels; aot_eager starts faster)")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="aot_eager",
+                        help="torch.compile backend (aot_eager starts fastest; inductor generates C++ kernels)")
     parser.add_argument("--capacity", type=int_at_least(1), default=64, metavar="M",
                         help="the buffer's num_max_tokens_per_rank: >= --max-tokens")
     parser.add_argument("--max-tokens", type=int_at_least(1), default=48, metavar="T",

@@ -33,7 +33,7 @@ from deepep_ops.bucket import token_bucket
 from deepep_ops.buffer import EPOpsBuffer, as_ep_buffer
 from deepep_ops.handle import DispatchHandle
 from deepep_ops.layout import IntLike
-from deepep_ops.reduce import reduce_lanes, reduce_lanes_fused
+from deepep_ops.reduce import reduce_lanes, reduce_lanes_fused, weight_and_reduce_traced
 
 
 #: Block-fp8 activation quantization: per-token groups of this many channels.
@@ -453,6 +453,9 @@ def weight_and_reduce(
         # it has no backward, so a step that records gradients takes the torch forms.
         # Prefill's one lane per row leaves it nothing to skip: Inductor's kernel
         # does the same work without an opaque op and its host-side launch.
+        if torch.compiler.is_compiling():
+            # The kernel itself in the graph, launched by Inductor (reduce.weight_and_reduce_traced).
+            return weight_and_reduce_traced(out, topk_weights, topk_ids, apply_weights)
         return torch.ops.deepep_ops.weight_and_reduce(out, topk_weights, topk_ids, apply_weights)
     if torch.compiler.is_compiling():
         return reduce_lanes_fused(out, topk_weights, topk_ids, apply_weights)

@@ -65,3 +65,23 @@ def weight_and_reduce_cuda(expert_output, topk_weights, topk_ids, apply_weights)
     from deepep_ops.triton_reduce import weight_and_reduce_triton
 
     return weight_and_reduce_triton(expert_output, topk_weights, topk_ids, apply_weights)
+
+
+def weight_and_reduce_traced(
+    expert_output: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_weights: bool
+) -> torch.Tensor:
+    """The op's CUDA kernel as code for ``torch.compile`` to trace: [rows, k, H] (k >= 1),
+    [rows, k] float32, [rows, k] -> [rows, H].
+
+    The same checks and the same Triton kernel, but the graph holds the kernel
+    itself, not the opaque op: Inductor launches it with its own launcher, which
+    costs a fraction of the op's host time (a dispatcher round trip plus
+    Triton's per-call argument specialization), the difference that matters
+    where a compiled step runs without CUDA graphs (docs/performance.md).
+    """
+    check_weight_and_reduce(expert_output, topk_weights, topk_ids)
+    from deepep_ops.triton_reduce import launch
+
+    out = expert_output.new_empty((expert_output.shape[0], expert_output.shape[2]))
+    launch(out, expert_output, topk_weights, topk_ids, apply_weights)
+    return out

@@ -54,10 +54,25 @@ def weight_and_reduce_triton(
         return out
     if k == 0:
         return out.zero_()
-    grid = (rows, triton.cdiv(H, _BLOCK_H))
+    launch(out, expert_output, topk_weights, topk_ids, apply_weights)
+    return out
+
+
+def launch(
+    out: torch.Tensor, expert_output: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    apply_weights: bool,
+) -> None:
+    """Write the weighted sum of ``expert_output`` [rows, k, H] into ``out`` [rows, H]
+    (k >= 1, on the current device).
+
+    Traceable: under ``torch.compile`` Dynamo records the kernel itself, and
+    Inductor launches it from its output code with its own launcher, without
+    Triton's per-call argument specialization or a dispatcher round trip.
+    """
+    _rows, k, H = expert_output.shape
+    grid = (expert_output.shape[0], triton.cdiv(H, _BLOCK_H))
     _weight_and_reduce_kernel[grid](
         out, expert_output, topk_weights, topk_ids, H,
         *expert_output.stride(), *topk_weights.stride(), *topk_ids.stride(), out.stride(0),
         K=k, BLOCK_H=_BLOCK_H, APPLY_WEIGHTS=apply_weights, num_warps=_NUM_WARPS,
     )
-    return out

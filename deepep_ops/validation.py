@@ -387,6 +387,20 @@ def check_token_bucket(tokens: object) -> None:
 def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_ids: object) -> None:
     """``weight_and_reduce``'s static checks (ranks, dtypes, devices, k and the
     row count where it is known); the fake kernel runs them at trace time."""
+    check_weight_and_reduce_layout(expert_output, topk_weights, topk_ids)
+    op = "deepep_ops.weight_and_reduce"
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        # rows may be unbacked under torch.compile (prefill): a runtime check there, not a guard.
+        torch._check(
+            t.shape[0] == expert_output.shape[0],
+            lambda t=t, name=name: f"{op}: {name}.shape[0] must be expert_output.shape[0] = "
+            f"{expert_output.shape[0]} (rows), got {t.shape[0]}",
+        )
+
+
+def check_weight_and_reduce_layout(expert_output: object, topk_weights: object, topk_ids: object) -> None:
+    """:func:`check_weight_and_reduce` but the row counts: what Dynamo can trace
+    (torch 2.11's cannot trace ``torch._check`` with a message function)."""
     op = "deepep_ops.weight_and_reduce"
     for name, t, ndim in (("expert_output", expert_output, 3), ("topk_weights", topk_weights, 2),
                           ("topk_ids", topk_ids, 2)):
@@ -406,12 +420,6 @@ def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_id
             _fail(op, f"{name}.device", f"{expert_output.device} (the device of expert_output)", t.device)
         if t.shape[1] != expert_output.shape[1]:
             _fail(op, f"{name}.shape[1]", f"expert_output.shape[1] = {expert_output.shape[1]} (k)", t.shape[1])
-        # rows may be unbacked under torch.compile (prefill): a runtime check there, not a guard.
-        torch._check(
-            t.shape[0] == expert_output.shape[0],
-            lambda t=t, name=name: f"{op}: {name}.shape[0] must be expert_output.shape[0] = "
-            f"{expert_output.shape[0]} (rows), got {t.shape[0]}",
-        )
 
 
 # --- training (issue 14): the ops the backward passes call ---------------------------------------

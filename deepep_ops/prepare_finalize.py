@@ -330,9 +330,11 @@ class DeepEPPrepareFinalize:
         # count (DeepEP leaves those rows stale: they can alias local expert 0).
         rows = out.recv_topk_idx.shape[0]
         num_recv = out.handle.psum_num_recv_tokens_per_scaleup_rank[-1]
-        is_real_row = torch.arange(rows, device=device) < num_recv
-        is_routed = (out.recv_topk_idx >= 0) & is_real_row.unsqueeze(1)
-        global_ids = torch.where(is_routed, out.recv_topk_idx + self.rank_expert_offset, -1)
+        is_padding_row = torch.arange(rows, device=device) >= num_recv
+        is_unrouted = (out.recv_topk_idx < 0) | is_padding_row.unsqueeze(1)
+        # masked_fill_ takes -1 as a kernel argument; torch.where would first
+        # make it a device tensor, one more launch on every eager step.
+        global_ids = (out.recv_topk_idx + self.rank_expert_offset).masked_fill_(is_unrouted, -1)
         return PreparedTokens(out.recv_x, out.recv_x_scales, None, global_ids, out.recv_topk_weights, out.handle)
 
     def finalize(

@@ -128,6 +128,21 @@ class LocalExperts(torch.nn.Module):
         return out.to(torch.bfloat16)
 
 
+class SharedExpert(torch.nn.Module):
+    """A shared expert as a module (frozen copies of ``weights``): [T, H] → [T, H] float32.
+
+    Named parameters, not a ParameterList: torch 2.11's Dynamo cannot unpack
+    ``*parameter_list`` (an internal NotImplementedError under fullgraph=True)."""
+
+    def __init__(self, weights: SharedWeights) -> None:
+        super().__init__()
+        for name, w in zip(SharedWeights._fields, weights):
+            self.register_parameter(name, torch.nn.Parameter(w.clone(), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return expert_mlp(x.float(), self.w_gate, self.w_up, self.w_down)
+
+
 class MoELayer(torch.nn.Module):
     """router → prepare (dispatch) → local experts → finalize (combine), plus an
     optional shared expert on the layer's own tokens.
@@ -153,15 +168,11 @@ class MoELayer(torch.nn.Module):
         if overlap and shared is None:
             raise ValueError("MoELayer: overlap=True needs a shared expert (shared=...) to overlap")
         self.overlap = overlap
-        self.shared = None
-        if shared is not None:
-            self.shared = torch.nn.ParameterList(
-                [torch.nn.Parameter(w.clone(), requires_grad=False) for w in shared]
-            )
+        self.shared = None if shared is None else SharedExpert(shared)
 
     def _shared_expert(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] bf16 → [T, H] float32."""
-        return expert_mlp(x.float(), *self.shared)
+        return self.shared(x)
 
     def forward(self, x: torch.Tensor, num_max_tokens_per_rank: Optional[IntLike] = None) -> torch.Tensor:
         """x [T, H] bf16 → [T, H] bf16. ``num_max_tokens_per_rank``: see ``prepare``."""

@@ -287,7 +287,7 @@ def train_demo_parser() -> argparse.ArgumentParser:
     _shape_options(parser, hidden=256, intermediate=64, experts=4, topk=2, world_size=2)
     parser.add_argument("--mode", choices=("decode", "prefill"), default="decode",
                         help="decode: pow2-bucketed rows (CUDA-graph capturable); prefill: exact rows")
-    parser.add_argument("--steps", type=int_at_least(1), default=6, metavar="N", help="optimizer steps per phase")
+    parser.add_argument("--steps", type=int_at_least(1), default=6, metavar="N", help="optimizer steps of each, eager and compiled (they take turns)")
     parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="aot_eager",
                         help="torch.compile backend (aot_eager starts fastest; inductor generates C++ kernels)")
     parser.add_argument("--capacity", type=int_at_least(1), default=64, metavar="M",

@@ -6,8 +6,8 @@ trains its local experts (and the shared router, all-reduced) of a small MoE
 layer: router → prepare (dispatch) → experts → finalize (combine) → loss →
 ``backward`` → SGD. The same steps run eagerly and under
 ``torch.compile(fullgraph=True, dynamic=True)`` from the same initial weights;
-the script prints the losses of both, their difference, and a table of step
-times.
+the two take turns step by step, and the script prints the losses of both,
+their difference, and a table of step times with their median ratio.
 """
 
 from __future__ import annotations
@@ -87,34 +87,49 @@ def _batch(step: int, rank: int, args) -> tuple:
     return x, target
 
 
-def _train(model: TrainableMoE, fn, rank: int, args, group, first_step: Optional[str] = None) -> tuple:
-    """``args.steps`` SGD steps; ``first_step``: what rank 0 prints while step 0 runs (a compile)."""
+def _step(model: TrainableMoE, fn, opt: torch.optim.Optimizer, step: int, rank: int, args, group,
+          progress=None) -> tuple:
+    """One SGD step of ``fn`` on step ``step``'s batch: ``(mean loss over ranks, seconds)``;
+    ``progress``: a context rank 0 reports under while the step runs (a compile)."""
     import contextlib
 
     import torch.distributed as dist
 
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-    losses, times = [], []
+    x, target = _batch(step, rank, args)
+    dist.barrier(group)
+    t0 = time.perf_counter()
+    with progress or contextlib.nullcontext():
+        out = fn(x)
+        loss = ((out.float() - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    # The router is replicated: average its gradient (experts are rank-local).
+    dist.all_reduce(model.router.grad, group=group)
+    model.router.grad /= dist.get_world_size(group)
+    opt.step()
+    seconds = time.perf_counter() - t0
+    t = torch.tensor([loss.item()], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return float(t) / dist.get_world_size(group), seconds
+
+
+def _train(models: dict, rank: int, args, group, first_step: dict) -> dict:
+    """``args.steps`` SGD steps of each ``name: (model, fn)``, taking turns step by
+    step (the first to go alternates), so that the machine's drift and noise fall
+    on every variant alike. ``first_step``: what rank 0 prints while a variant's
+    step 0 runs (a compile). Returns ``name: (losses, seconds)``."""
+    opts = {name: torch.optim.SGD(model.parameters(), lr=args.lr) for name, (model, _fn) in models.items()}
+    out = {name: ([], []) for name in models}
+    names = list(models)
     for step in range(args.steps):
-        x, target = _batch(step, rank, args)
-        dist.barrier(group)
-        t0 = time.perf_counter()
-        progress = (_cli.Progress(_say if rank == 0 else None, first_step) if first_step and step == 0
-                    else contextlib.nullcontext())
-        with progress:
-            out = fn(x)
-            loss = ((out.float() - target) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        # The router is replicated: average its gradient (experts are rank-local).
-        dist.all_reduce(model.router.grad, group=group)
-        model.router.grad /= dist.get_world_size(group)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        t = torch.tensor([loss.item()], dtype=torch.float64)
-        dist.all_reduce(t, group=group)
-        losses.append(float(t) / dist.get_world_size(group))
-    return losses, times
+        for name in (names if step % 2 == 0 else names[::-1]):
+            model, fn = models[name]
+            progress = (_cli.Progress(_say if rank == 0 else None, first_step[name])
+                        if step == 0 and name in first_step else None)
+            loss, seconds = _step(model, fn, opts[name], step, rank, args, group, progress)
+            out[name][0].append(loss)
+            out[name][1].append(seconds)
+    return out
 
 
 def _say(msg: str) -> None:
@@ -131,17 +146,16 @@ def _worker(rank: int, world: int, port: int, args, out_q) -> None:
     try:
         group = dist.group.WORLD
         eager_model = _build(rank, group, args)
-        if rank == 0:
-            _say(f"eager: {args.steps} steps")
-        eager_losses, eager_times = _train(eager_model, eager_model, rank, args, group)
         model = _build(rank, group, args)
         cnt = frame_counting_backend(args.compile_backend)
         compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
-        comp_losses, comp_times = _train(
-            model, compiled, rank, args, group,
-            first_step=f"compiled: {args.steps} steps; compiling forward + backward with {args.compile_backend} "
-                       "(first step; may take a minute or more on a CPU)")
-        out_q.put((rank, dict(eager=(eager_losses, eager_times), compiled=(comp_losses, comp_times),
+        if rank == 0:
+            _say(f"{args.steps} steps each, eager and compiled taking turns")
+        runs = _train(
+            {"eager": (eager_model, eager_model), "compiled": (model, compiled)}, rank, args, group,
+            first_step={"compiled": f"compiling forward + backward with {args.compile_backend} "
+                                    "(compiled step 0; may take a minute or more on a CPU)"})
+        out_q.put((rank, dict(eager=runs["eager"], compiled=runs["compiled"],
                               frames=cnt.frame_count, breaks=graph_breaks())))
     except BaseException:  # noqa: BLE001
         import traceback
@@ -170,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch.multiprocessing as mp
 
-    _say(f"spawning {args.world_size} gloo ranks: {args.steps} steps eager, then {args.steps} compiled")
+    _say(f"spawning {args.world_size} gloo ranks")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -206,8 +220,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{i:>4} | {a:>12.6f} | {b:>13.6f} | {rel:>9.2e} | {ta * 1e3:>9.1f} | {tb * 1e3:>11.1f}")
     steady = slice(1, None) if len(et) > 1 else slice(None)
     print("-" * 74)
+    ratios = [b / a for a, b in zip(et[steady], ct[steady])]
     print(f"median step time after step 0: eager {statistics.median(et[steady]) * 1e3:.1f} ms, "
-          f"compiled {statistics.median(ct[steady]) * 1e3:.1f} ms (step 0 of compiled includes compilation)")
+          f"compiled {statistics.median(ct[steady]) * 1e3:.1f} ms; compiled / eager, the median of the "
+          f"steps' ratios: {statistics.median(ratios):.2f} (step 0 of compiled includes compilation; "
+          "the phases take turns step by step)")
     # Batches differ per step, so a loss decrease is reported, not required.
     ok = worst <= args.rtol
     print(f"losses {'agree' if worst <= args.rtol else 'DIFFER'} (worst rel diff {worst:.2e}, rtol {args.rtol}); "

@@ -253,3 +253,34 @@ def test_shared_expert_with_gradients_runs_after_the_dispatch():
     expected.sum().backward()
     torch.testing.assert_close(total.double(), expected.detach(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_moe_layer_with_a_shared_expert_compiles_and_matches_dense(overlap):
+    """``deepep_ops.moe.MoELayer`` with a shared expert (the MoE-layer benchmark's layer),
+    compiled ``fullgraph=True``, the shared expert after the combine or between dispatch
+    start and wait: the dense MoE plus the shared expert, with no deepep_ops code.
+    (torch 2.11's Dynamo could not unpack the ParameterList the shared expert once was.)"""
+    from deepep_ops.moe import MoELayer, make_moe_weights, make_shared_weights
+
+    torch._dynamo.reset()
+    E, I = 8, 32
+    buf = D.EPOpsBuffer(D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H, num_topk=K))
+    weights = make_moe_weights(E, H, I, seed=3)
+    shared = make_shared_weights(H, INNER)
+    layer = MoELayer(weights, D.DeepEPPrepareFinalize(buf, E, K, decode=True), shared, overlap=overlap)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for T in (3, 9):
+        x = torch.randn(T, H, generator=g).bfloat16()
+        with torch.no_grad():
+            got = compiled(x)
+        y, mag, near_tie = ref.dense_moe_layer(x, *weights, K)
+        xs = x.double()
+        w_gate, w_up, w_down = (w.double() for w in shared)
+        want = y + (torch.nn.functional.silu(xs @ w_gate) * (xs @ w_up)) @ w_down
+        keep = ~near_tie
+        # bf16 output of an fp32 sum: 1 % of the routed magnitude plus the shared term's rounding.
+        tol = 1e-3 + 1e-2 * (mag + want.abs())
+        assert ((got.double() - want).abs() <= tol)[keep].all(), (got.double() - want).abs().max()
+        assert keep.any()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from deepep_ops.validation import check_weight_and_reduce, check_weight_and_reduce_layout
+from deepep_ops.validation import check_weight_and_reduce
 
 
 def reduce_lanes(
@@ -79,14 +79,7 @@ def weight_and_reduce_traced(
     Triton's per-call argument specialization), the difference that matters
     where a compiled step runs without CUDA graphs (docs/performance.md).
     """
-    check_weight_and_reduce_layout(expert_output, topk_weights, topk_ids)
-    rows = expert_output.shape[0]
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
-        # Decode rows are R·M, backed: a plain comparison (at most a guard), which
-        # Dynamo traces where torch._check with a message does not (torch 2.11).
-        if t.shape[0] != rows:
-            raise ValueError(f"deepep_ops.weight_and_reduce: {name}.shape[0] must be expert_output.shape[0] = "
-                             f"{rows} (rows), got {t.shape[0]}")
+    check_weight_and_reduce(expert_output, topk_weights, topk_ids, traced=True)
     from deepep_ops.triton_reduce import launch
 
     out = expert_output.new_empty((expert_output.shape[0], expert_output.shape[2]))

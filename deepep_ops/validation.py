@@ -384,23 +384,17 @@ def check_token_bucket(tokens: object) -> None:
         _fail(op, "tokens", "a tensor of >= 1 dimension (its shape[0] is the token count)", "a 0-D tensor")
 
 
-def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_ids: object) -> None:
+def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_ids: object, *,
+                            traced: bool = False) -> None:
     """``weight_and_reduce``'s static checks (ranks, dtypes, devices, k and the
-    row count where it is known); the fake kernel runs them at trace time."""
-    check_weight_and_reduce_layout(expert_output, topk_weights, topk_ids)
-    op = "deepep_ops.weight_and_reduce"
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
-        # rows may be unbacked under torch.compile (prefill): a runtime check there, not a guard.
-        torch._check(
-            t.shape[0] == expert_output.shape[0],
-            lambda t=t, name=name: f"{op}: {name}.shape[0] must be expert_output.shape[0] = "
-            f"{expert_output.shape[0]} (rows), got {t.shape[0]}",
-        )
+    row count where it is known); the fake kernel runs them at trace time.
 
-
-def check_weight_and_reduce_layout(expert_output: object, topk_weights: object, topk_ids: object) -> None:
-    """:func:`check_weight_and_reduce` but the row counts: what Dynamo can trace
-    (torch 2.11's cannot trace ``torch._check`` with a message function)."""
+    ``traced``: the caller is code Dynamo traces with backed row counts
+    (:func:`deepep_ops.reduce.weight_and_reduce_traced`, decode): the rows are
+    compared with a plain ``if`` (at most a guard), since torch 2.11's Dynamo
+    cannot trace ``torch._check`` with a message function. Otherwise rows may
+    be unbacked (prefill under torch.compile): a run-time check, not a guard.
+    """
     op = "deepep_ops.weight_and_reduce"
     for name, t, ndim in (("expert_output", expert_output, 3), ("topk_weights", topk_weights, 2),
                           ("topk_ids", topk_ids, 2)):
@@ -415,11 +409,21 @@ def check_weight_and_reduce_layout(expert_output: object, topk_weights: object, 
         _fail(op, "topk_weights.dtype", "torch.float32", topk_weights.dtype, TypeError)
     if topk_ids.dtype not in (torch.int64, torch.int32):
         _fail(op, "topk_ids.dtype", "torch.int64 or torch.int32", topk_ids.dtype, TypeError)
+    rows = expert_output.shape[0]
     for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         if t.device != expert_output.device:
             _fail(op, f"{name}.device", f"{expert_output.device} (the device of expert_output)", t.device)
         if t.shape[1] != expert_output.shape[1]:
             _fail(op, f"{name}.shape[1]", f"expert_output.shape[1] = {expert_output.shape[1]} (k)", t.shape[1])
+        if traced:
+            if t.shape[0] != rows:
+                _fail(op, f"{name}.shape[0]", f"expert_output.shape[0] = {rows} (rows)", t.shape[0])
+        else:
+            torch._check(
+                t.shape[0] == rows,
+                lambda t=t, name=name: f"{op}: {name}.shape[0] must be expert_output.shape[0] = "
+                f"{rows} (rows), got {t.shape[0]}",
+            )
 
 
 # --- training (issue 14): the ops the backward passes call ---------------------------------------

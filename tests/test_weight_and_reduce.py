@@ -8,8 +8,12 @@ expert output, whatever the shared row holds) so that reading one shows up.
   and errors that name the argument.
 - CUDA (skipped without a GPU): the Triton kernel over row counts 0..512, k 1
   and 8, H 256 and 7168, bf16 and fp32, per-lane and broadcast (stride 0 over k)
-  expert outputs, transposed ids; and the compiled decode step's graph calling
-  the op, replayed from a CUDA graph.
+  expert outputs, transposed ids; and the compiled decode step's graph holding
+  the Triton kernel itself (not the op), replayed from a CUDA graph.
+- CPU, the traced form (``reduce.weight_and_reduce_traced``, what compiled CUDA
+  graphs hold) with a stand-in for the Triton launch: it compiles
+  ``fullgraph=True``, wires the kernel's arguments, and bad row counts are the
+  same clear error.
 """
 
 from __future__ import annotations
@@ -106,6 +110,57 @@ def test_cpu_finalize_keeps_the_torch_forms():
     assert "weight_and_reduce" not in backend.graphs[0].code
 
 
+@pytest.fixture
+def stand_in_launch(monkeypatch):
+    """``deepep_ops.triton_reduce`` replaced by a module whose ``launch`` writes the
+    weighted sum in torch (CPU has no Triton): the traced form's own code is what
+    runs."""
+    import sys
+    import types
+
+    def launch(out, expert_output, topk_weights, topk_ids, apply_weights):
+        w = topk_weights if apply_weights else torch.ones_like(topk_weights)
+        terms = expert_output.float() * w.unsqueeze(-1)
+        out.copy_(torch.where((topk_ids >= 0).unsqueeze(-1), terms, 0.0).sum(dim=1))
+
+    module = types.ModuleType("deepep_ops.triton_reduce")
+    module.launch = launch
+    monkeypatch.setitem(sys.modules, "deepep_ops.triton_reduce", module)
+
+
+@pytest.mark.parametrize("apply_weights", [True, False])
+def test_traced_form_compiles_fullgraph_with_the_kernel_arguments(stand_in_launch, apply_weights):
+    from deepep_ops.reduce import weight_and_reduce_traced
+
+    torch._dynamo.reset()
+    fn = torch.compile(weight_and_reduce_traced, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (5, 9):
+        y, w, ids = _inputs(rows, 4, 256, seed=rows)
+        _assert_close(fn(y, w, ids, apply_weights), y, w, ids, apply_weights)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda y, w, ids: (y, w[:3], ids), r"topk_weights.shape\[0\] must be expert_output.shape\[0\] = 4 \(rows\), got 3"),
+    (lambda y, w, ids: (y, w, ids[:3]), r"topk_ids.shape\[0\] must be expert_output.shape\[0\] = 4 \(rows\), got 3"),
+    (lambda y, w, ids: (y, w[:, :1], ids), r"topk_weights.shape\[1\] must be expert_output.shape\[1\] = 2"),
+])
+def test_traced_form_names_the_bad_argument(stand_in_launch, bad, match):
+    """As the op's checks word it: eagerly a ValueError; compiled fullgraph, the
+    error Dynamo raises at trace time carries the same text."""
+    import re
+
+    from deepep_ops.reduce import weight_and_reduce_traced
+
+    y, w, ids = _inputs(4, 2, 256)
+    with pytest.raises(ValueError, match=match):
+        weight_and_reduce_traced(*bad(y, w, ids), True)
+    torch._dynamo.reset()
+    compiled = torch.compile(weight_and_reduce_traced, backend="aot_eager", fullgraph=True, dynamic=True)
+    with pytest.raises(Exception) as info:
+        compiled(*bad(y, w, ids), True)
+    assert re.search(match, str(info.value)), str(info.value)
+
+
 # ------------------------------------------------------------------------------------ CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -136,8 +191,9 @@ def test_opcheck_cuda():
 
 
 @cuda
-def test_compiled_finalize_calls_the_op_and_replays():
-    """Compiled (Inductor) on CUDA: the graph holds the op; a CUDA-graph replay on new values is right."""
+def test_compiled_finalize_launches_the_kernel_and_replays():
+    """Compiled (Inductor) on CUDA: the graph holds the Triton kernel itself, not the op
+    (Inductor launches it); a CUDA-graph replay on new values is right."""
     from deepep_ops.prepare_finalize import weight_and_reduce
 
     y, w, ids = _inputs(64, 8, 7168, device="cuda")
@@ -161,7 +217,8 @@ def test_compiled_finalize_calls_the_op_and_replays():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn(*static, False)
-    assert any("torch.ops.deepep_ops.weight_and_reduce" in code for code in seen), seen
+    assert any("triton_kernel_wrapper_mutation" in code for code in seen), seen
+    assert not any("deepep_ops.weight_and_reduce" in code for code in seen), seen
     y2, w2, ids2 = _inputs(64, 8, 7168, device="cuda", seed=5)
     for t, v in zip(static, (y2, w2, ids2)):
         t.copy_(v)

@@ -16,14 +16,28 @@ sums each function's own time by where its code lives:
 cProfile slows Python down, so the table gives shares of the profiled time,
 scaled to the unprofiled compiled step's median.
 
+``--torch-profiler`` adds, for eager and compiled alike, what ``torch.profiler``
+counts per step: CUDA kernel launches, host syncs (stream, device and event
+synchronizations, blocking copies, ``item()``-style host reads) and
+allocations, and the events with the most self CPU time. A step whose host
+time is far above its Python and launches waits somewhere: this says where.
+``--gc-freeze`` times both again after ``gc.freeze()``, as vLLM does after
+start-up, to show what Python's cyclic collector costs each step, and the
+compiled step with Dynamo's guards skipped
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), close to how
+vLLM calls its compiled graphs.
+
     python benchmarks/profile_compiled_step.py --backend deepep --sizes 1,64,512
+    python benchmarks/profile_compiled_step.py --backend deepep --sizes 64 --torch-profiler --gc-freeze
     python benchmarks/profile_compiled_step.py --backend reference --device cpu --hidden 512 --topk 2 --experts 8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import gc
 import os
 import pstats
 import statistics
@@ -68,6 +82,47 @@ def _breakdown(fn, calls: int) -> dict:
     return {k: v / total for k, v in per.items()}
 
 
+#: torch.profiler's names for the CUDA runtime and driver calls counted per step.
+_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+             "cudaLaunchCooperativeKernel")
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+          "aten::_local_scalar_dense")
+_ALLOCS = ("cudaMalloc", "cudaFree", "cudaHostAlloc")
+
+
+def _torch_profile(fn, sync, calls: int, top: int) -> tuple:
+    """``(counts per step, [(event, self CPU µs per step)] of the ``top`` events)``
+    over ``calls`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    events = prof.key_averages()
+    counts = {"launches": 0, "syncs": 0, "allocs": 0}
+    for e in events:
+        for kind, names in (("launches", _LAUNCHES), ("syncs", _SYNCS), ("allocs", _ALLOCS)):
+            if e.key in names:
+                counts[kind] += e.count
+    counts = {k: v / calls for k, v in counts.items()}
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return counts, [(e.key, e.self_cpu_time_total / calls) for e in ranked]
+
+
+@contextlib.contextmanager
+def _gc_frozen():
+    """Every object alive now moved out of the cyclic collector's reach (``gc.freeze``)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _median(fn, sync, reps: int) -> float:
     ts = []
     for _ in range(reps):
@@ -90,6 +145,11 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="1,64,512")
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--profile-calls", type=int, default=200)
+    parser.add_argument("--torch-profiler", action="store_true",
+                        help="also count launches, host syncs and allocations per step, eager and compiled")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="also time both steps after gc.freeze(), and the compiled one without guard checks")
+    parser.add_argument("--top", type=int, default=8, help="events listed per step with --torch-profiler")
     args = parser.parse_args(argv)
 
     import deepep_ops
@@ -128,6 +188,7 @@ def main(argv=None) -> None:
           f"H={H} K={K} E={E}; deepep_ops from {os.path.dirname(deepep_ops.__file__)}")
     print("| T | eager µs | compiled µs | compiled / eager | " + " | ".join(f"{c} µs" for c in CATEGORIES) + " |")
     print("|---|---|---|---|" + "---|" * len(CATEGORIES))
+    extra = []  # (T, {variant: (counts, top)}), (T, frozen medians)
     for T in sorted(sizes, reverse=True):  # the largest first: one dynamic graph for all
         g = torch.Generator().manual_seed(T)
         x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
@@ -147,8 +208,42 @@ def main(argv=None) -> None:
         sync()
         print(f"| {T} | {eager_s * 1e6:.0f} | {comp_s * 1e6:.0f} | {comp_s / eager_s:.2f} | "
               + " | ".join(f"{shares[c] * comp_s * 1e6:.0f}" for c in CATEGORIES) + " |")
+        if args.torch_profiler:
+            extra.append(("profiler", T, {name: _torch_profile(fn, sync, args.profile_calls, args.top)
+                                          for name, fn in (("eager", eager_fn), ("compiled", comp_fn))}))
+        if args.gc_freeze:
+            def unguarded():
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return compiled(x, w, ids, m)
+
+            times = {k: [] for k in ("eager", "compiled", "compiled, guards skipped", "eager, gc frozen",
+                                     "compiled, gc frozen")}
+            for _ in range(5):  # taking turns, the frozen pair inside one freeze
+                times["eager"].append(_median(eager_fn, sync, args.reps // 5))
+                times["compiled"].append(_median(comp_fn, sync, args.reps // 5))
+                times["compiled, guards skipped"].append(_median(unguarded, sync, args.reps // 5))
+                with _gc_frozen():
+                    times["eager, gc frozen"].append(_median(eager_fn, sync, args.reps // 5))
+                    times["compiled, gc frozen"].append(_median(comp_fn, sync, args.reps // 5))
+            extra.append(("gc", T, {k: statistics.median(v) for k, v in times.items()}))
     print("category µs: cProfile's own-time shares of the compiled step, scaled to its unprofiled median "
           "(host time; on a GPU the step is host-bound at these sizes)")
+    for kind, T, data in extra:
+        if kind == "profiler":
+            print(f"\ntorch.profiler, T={T}, per step over {args.profile_calls} steps "
+                  "(syncs: stream/device/event synchronizations, blocking cudaMemcpy, host reads of tensor values)")
+            print("| step | kernel launches | host syncs | cudaMalloc/Free | top self-CPU events (µs per step) |")
+            print("|---|---|---|---|---|")
+            for name, (counts, top) in data.items():
+                events = "; ".join(f"{key} {us:.1f}" for key, us in top)
+                print(f"| {name} | {counts['launches']:.1f} | {counts['syncs']:.1f} | {counts['allocs']:.1f} | {events} |")
+        else:
+            print(f"\nPython's cyclic GC and Dynamo's guards, T={T}: median µs, taking turns ({args.reps} steps each)")
+            print("| " + " | ".join(data) + " | compiled / eager | frozen: compiled / eager |")
+            print("|" + "---|" * (len(data) + 2))
+            print("| " + " | ".join(f"{v * 1e6:.0f}" for v in data.values())
+                  + f" | {data['compiled'] / data['eager']:.2f} | "
+                  f"{data['compiled, gc frozen'] / data['eager, gc frozen']:.2f} |")
     if args.backend == "deepep":
         native.destroy()
         dist.destroy_process_group()

@@ -34,7 +34,7 @@ from deepep_ops.layout import (
     TURN_HYBRID_MODE_OFF,
     decode_num_recv_tokens,
 )
-from deepep_ops._torch_compat import version_counter
+from deepep_ops._torch_compat import guard_or_false, version_counter
 from deepep_ops.handle import (
     HANDLE_TENSOR_SPECS,
     DispatchArgs,
@@ -389,11 +389,13 @@ def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_id
     """``weight_and_reduce``'s static checks (ranks, dtypes, devices, k and the
     row count where it is known); the fake kernel runs them at trace time.
 
-    ``traced``: the caller is code Dynamo traces with backed row counts
-    (:func:`deepep_ops.reduce.weight_and_reduce_traced`, decode): the rows are
-    compared with a plain ``if`` (at most a guard), since torch 2.11's Dynamo
-    cannot trace ``torch._check`` with a message function. Otherwise rows may
-    be unbacked (prefill under torch.compile): a run-time check, not a guard.
+    ``traced``: the caller is code Dynamo traces
+    (:func:`deepep_ops.reduce.weight_and_reduce_traced`, decode), and torch
+    2.11's Dynamo cannot trace ``torch._check`` with a message function: rows a
+    guard can compare are compared in Python (the op's message, at trace time);
+    rows none can (unbacked, not provably equal) get a message-less run-time
+    assert. Otherwise rows may be unbacked (prefill under torch.compile): a
+    run-time check with the message, not a guard.
     """
     op = "deepep_ops.weight_and_reduce"
     for name, t, ndim in (("expert_output", expert_output, 3), ("topk_weights", topk_weights, 2),
@@ -416,8 +418,13 @@ def check_weight_and_reduce(expert_output: object, topk_weights: object, topk_id
         if t.shape[1] != expert_output.shape[1]:
             _fail(op, f"{name}.shape[1]", f"expert_output.shape[1] = {expert_output.shape[1]} (k)", t.shape[1])
         if traced:
-            if t.shape[0] != rows:
+            # Backed rows: compared (at most a guard), with the op's message. Rows
+            # no guard can decide (unbacked, not provably equal): a run-time
+            # assert, message-less since 2.11's Dynamo traces no message function.
+            if guard_or_false(t.shape[0] != rows):
                 _fail(op, f"{name}.shape[0]", f"expert_output.shape[0] = {rows} (rows)", t.shape[0])
+            if not guard_or_false(t.shape[0] == rows):
+                torch._check(t.shape[0] == rows)
         else:
             torch._check(
                 t.shape[0] == rows,

@@ -161,6 +161,25 @@ def test_traced_form_names_the_bad_argument(stand_in_launch, bad, match):
     assert re.search(match, str(info.value)), str(info.value)
 
 
+def test_traced_form_checks_unbacked_rows_when_the_graph_runs(stand_in_launch):
+    """Rows from two data-dependent sizes (u0, u1) that no guard can compare: the
+    compile succeeds and a mismatch fails when the graph runs, not at trace time."""
+    from deepep_ops.reduce import weight_and_reduce_traced
+
+    def f(y, w, ids, rows_of_y, rows_of_w):
+        i, j = rows_of_y.nonzero().squeeze(1), rows_of_w.nonzero().squeeze(1)
+        return weight_and_reduce_traced(y[i], w[j], ids[j], True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    y, w, ids = _inputs(6, 2, 256)
+    rows = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    kept = rows.nonzero().squeeze(1)
+    _assert_close(compiled(y, w, ids, rows, rows.clone()), y[kept], w[kept], ids[kept], True)
+    with pytest.raises(RuntimeError, match="Eq"):
+        compiled(y, w, ids, rows, torch.tensor([1, 0, 0, 1, 0, 1], dtype=torch.bool))
+
+
 # ------------------------------------------------------------------------------------ CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

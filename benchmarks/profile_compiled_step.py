@@ -188,7 +188,7 @@ def main(argv=None) -> None:
           f"H={H} K={K} E={E}; deepep_ops from {os.path.dirname(deepep_ops.__file__)}")
     print("| T | eager µs | compiled µs | compiled / eager | " + " | ".join(f"{c} µs" for c in CATEGORIES) + " |")
     print("|---|---|---|---|" + "---|" * len(CATEGORIES))
-    extra = []  # (T, {variant: (counts, top)}), (T, frozen medians)
+    extra = []  # ("profiler" | "gc", T, what that table prints), printed after the main table
     for T in sorted(sizes, reverse=True):  # the largest first: one dynamic graph for all
         g = torch.Generator().manual_seed(T)
         x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)

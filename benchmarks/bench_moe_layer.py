@@ -28,10 +28,13 @@ Variants, the same weights and inputs, taking turns call by call:
   table prints ``saved`` = compiled − overlapped beside half of it.
 
 On a GPU: ``--backend deepep`` (real DeepEP v2, world size 1 over NCCL) or
-``reference``. On CPU: the reference buffer over ``--world-size`` gloo ranks.
+``reference``. On CPU: the reference buffer over ``--world-size`` gloo ranks,
+in check mode unless ``--check off`` (CPU tensors' default: every call also
+exchanges its metadata, an extra gloo round that no overlap can hide; a GPU
+runs with it off).
 
     python benchmarks/bench_moe_layer.py --backend deepep --mode train --layout prefill --sizes 512,4096
-    python benchmarks/bench_moe_layer.py --device cpu --world-size 2 --mode decode --sizes 1,8,64
+    python benchmarks/bench_moe_layer.py --device cpu --world-size 2 --mode decode --sizes 1,8,64 --check off
 """
 
 from __future__ import annotations
@@ -232,7 +235,7 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
     else:
         native = deepep_ops.ReferenceElasticBuffer(dist.group.WORLD if world > 1 else None,
                                                    num_max_tokens_per_rank=capacity, hidden=H, num_topk=K)
-    buffer = deepep_ops.EPOpsBuffer(native)
+    buffer = deepep_ops.EPOpsBuffer(native, check=_CHECK_MODES[args.check])
     decode = (args.mode == "decode") or (args.mode == "train" and args.layout == "decode")
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
     grouped_mm = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -286,7 +289,11 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
     if args.backend == "deepep":
         native.destroy()
     dist.destroy_process_group()
-    return rows
+    return rows, buffer.agreement.check_mode(device)
+
+
+#: --check: the EPOpsBuffer's ``check`` (deepep_ops.agreement).
+_CHECK_MODES = {"default": None, "on": True, "off": False}
 
 
 def main(argv=None) -> None:
@@ -304,6 +311,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default=None, help="tokens per rank (default 1,8,64,512 decode, 4096 prefill)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-overlap", action="store_true", help="leave out the overlapped variant")
+    parser.add_argument("--check", choices=tuple(_CHECK_MODES), default="default",
+                        help="cross-rank check mode (deepep_ops.agreement): the buffer's default (on for CPU "
+                             "tensors unless DEEPEP_OPS_CHECK=0, off on a GPU), or on / off; off is the steady "
+                             "state a GPU runs in")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU: compute threads per rank (default: the cores shared out); fewer leave cores to "
                              "gloo's communication threads")
@@ -337,14 +348,15 @@ def main(argv=None) -> None:
         for r, tb in sorted(errors.items()):
             print(f"--- rank {r} ---\n{tb}")
         sys.exit(1)
-    rows = results[0]
+    rows, checked = results[0]
     where = (torch.cuda.get_device_name(0) if gpu else
              f"CPU ({os.cpu_count()} cores), {args.world_size} gloo ranks"
              + (f" with {args.threads} compute threads each" if args.threads else ""))
     layout = args.layout if args.mode == "train" else args.mode
     print(f"\nMoE layer, {args.mode} ({layout} layout), {args.backend} backend on {where}, torch {torch.__version__}, "
           f"H={args.hidden} I={args.intermediate} shared I={args.shared_intermediate} E={args.experts} "
-          f"K={args.topk}; median ms of {args.reps} synchronized steps (rank 0), variants taking turns")
+          f"K={args.topk}, check mode {'on' if checked else 'off'}; median ms of {args.reps} synchronized steps "
+          "(rank 0), variants taking turns")
     names = list(rows[0][1])
     ratios = [n for n in ("compiled", "overlapped", "compiled graph", "overlapped graph") if n in names]
     # The overlap target: overlapped <= compiled - 0.5 * min(shared, a2a), per column kind.

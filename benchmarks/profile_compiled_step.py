@@ -16,8 +16,8 @@ sums each function's own time by where its code lives:
 cProfile slows Python down, so the table gives shares of the profiled time,
 scaled to the unprofiled compiled step's median.
 
-``--torch-profiler`` adds, for eager and compiled alike, what ``torch.profiler``
-counts per step: CUDA kernel launches, host syncs (stream, device and event
+``--torch-profiler`` adds, for eager and compiled alike (and, in decode, the
+dispatch + combine pair alone), what ``torch.profiler`` counts per step: CUDA kernel launches, host syncs (stream, device and event
 synchronizations, blocking copies, ``item()``-style host reads) and
 allocations, and the events with the most self CPU time. A step whose host
 time is far above its Python and launches waits somewhere: this says where.
@@ -209,8 +209,16 @@ def main(argv=None) -> None:
         print(f"| {T} | {eager_s * 1e6:.0f} | {comp_s * 1e6:.0f} | {comp_s / eager_s:.2f} | "
               + " | ".join(f"{shares[c] * comp_s * 1e6:.0f}" for c in CATEGORIES) + " |")
         if args.torch_profiler:
+            variants = {"eager": eager_fn, "compiled": comp_fn}
+            if decode:
+                # The ops alone, without the step's glue: what both steps spend beyond this pair is theirs.
+                def ops_pair():
+                    d = deepep_ops.dispatch(x, ids, w, buffer, num_experts=E, num_max_tokens_per_rank=m)
+                    return deepep_ops.combine(d.recv_x, d.handle, buffer)
+
+                variants["ops pair (eager)"] = ops_pair
             extra.append(("profiler", T, {name: _torch_profile(fn, sync, args.profile_calls, args.top)
-                                          for name, fn in (("eager", eager_fn), ("compiled", comp_fn))}))
+                                          for name, fn in variants.items()}))
         if args.gc_freeze:
             def unguarded():
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):

@@ -200,6 +200,10 @@ def _graph(fn, device):
     return graph.replay
 
 
+#: --check: the EPOpsBuffer's ``check`` (deepep_ops.agreement).
+_CHECK_MODES = {"default": None, "on": True, "off": False}
+
+
 def _rank_main(rank: int, world: int, args, init_method: str, out_q) -> None:
     on_gpu = args.device == "cuda"
     device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
@@ -215,7 +219,8 @@ def _rank_main(rank: int, world: int, args, init_method: str, out_q) -> None:
         out_q.put((rank, traceback.format_exc()))
 
 
-def _run(rank: int, world: int, args, init_method: str, device: torch.device) -> list:
+def _run(rank: int, world: int, args, init_method: str, device: torch.device) -> tuple:
+    """``(rows, whether check mode was on)``; rows: ``(T, {variant: step seconds})`` per T."""
     import deepep_ops
     from deepep_ops.prepare_finalize import DeepEPPrepareFinalize
 
@@ -290,10 +295,6 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
         native.destroy()
     dist.destroy_process_group()
     return rows, buffer.agreement.check_mode(device)
-
-
-#: --check: the EPOpsBuffer's ``check`` (deepep_ops.agreement).
-_CHECK_MODES = {"default": None, "on": True, "off": False}
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,7 @@ vLLM calls its compiled graphs.
     python benchmarks/profile_compiled_step.py --backend deepep --sizes 1,64,512
     python benchmarks/profile_compiled_step.py --backend deepep --sizes 64 --torch-profiler --gc-freeze
     python benchmarks/profile_compiled_step.py --backend reference --device cpu --hidden 512 --topk 2 --experts 8
+    python benchmarks/profile_compiled_step.py --backend null --device cpu --hidden 256 --sizes 1,64 --gc-freeze
 """
 
 from __future__ import annotations
@@ -136,7 +137,10 @@ def _median(fn, sync, reps: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("deepep", "reference"), default="deepep")
+    parser.add_argument("--backend", choices=("deepep", "reference", "null"), default="deepep",
+                        help="null: bench_op_overhead's DeepEP-API buffer that moves nothing (decode only; "
+                             "check mode and value checks off, as GPU decode runs): the host cost of our "
+                             "code and torch's alone")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mode", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--hidden", type=int, default=7168)
@@ -151,6 +155,8 @@ def main(argv=None) -> None:
                         help="also time both steps after gc.freeze(), and the compiled one without guard checks")
     parser.add_argument("--top", type=int, default=8, help="events listed per step with --torch-profiler")
     args = parser.parse_args(argv)
+    if args.backend == "null" and args.mode != "decode":
+        parser.error("--backend null has decode outputs only: use --mode decode")
 
     import deepep_ops
     from deepep_ops import DeepEPPrepareFinalize
@@ -168,9 +174,17 @@ def main(argv=None) -> None:
         # v2.1's ElasticBuffer or v2.5's EPBuffer, whichever is installed.
         native = new_buffer(dist.group.WORLD, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K,
                             explicitly_destroy=True)
+    elif args.backend == "null":
+        import deepep_ops.validation as validation
+        from bench_op_overhead import NullElasticBuffer, NullEPHandle
+        from deepep_ops.backends.deep_ep import DeepEPBackend
+
+        validation.value_checks_enabled = lambda device, decode: False  # as for GPU decode
+        native = DeepEPBackend(NullElasticBuffer(capacity, H, K, device), NullEPHandle, torch.int64)
     else:
         native = deepep_ops.ReferenceElasticBuffer(None, num_max_tokens_per_rank=capacity, hidden=H, num_topk=K)
-    buffer = deepep_ops.EPOpsBuffer(native)
+    # The null buffer runs as GPU decode does (agree-once); the others keep their device's default.
+    buffer = deepep_ops.EPOpsBuffer(native, check=False if args.backend == "null" else None)
     decode = args.mode == "decode"
     pf = DeepEPPrepareFinalize(buffer, E, K, decode=decode, device=device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)

@@ -19,7 +19,8 @@ scaled to the unprofiled compiled step's median.
 ``--torch-profiler`` adds, for eager and compiled alike (and, in decode, the
 dispatch + combine pair alone), what ``torch.profiler`` counts per step: CUDA kernel launches, host syncs (stream, device and event
 synchronizations, blocking copies, ``item()``-style host reads) and
-allocations, and the events with the most self CPU time. A step whose host
+allocations, how long the GPU was busy (kernels and copies), and the events
+with the most self CPU time. A step whose host
 time is far above its Python and launches waits somewhere: this says where.
 ``--gc-freeze`` times both again after ``gc.freeze()``, as vLLM does after
 start-up, to show what Python's cyclic collector costs each step, and the
@@ -103,8 +104,10 @@ def _torch_profile(fn, sync, calls: int, top: int) -> tuple:
             fn()
         sync()
     events = prof.key_averages()
-    counts = {"launches": 0, "syncs": 0, "allocs": 0}
+    counts = {"launches": 0, "syncs": 0, "allocs": 0, "gpu_us": 0.0}
     for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels and copies, not the CPU ops above them
+            counts["gpu_us"] += e.self_device_time_total
         for kind, names in (("launches", _LAUNCHES), ("syncs", _SYNCS), ("allocs", _ALLOCS)):
             if e.key in names:
                 counts[kind] += e.count
@@ -254,11 +257,13 @@ def main(argv=None) -> None:
         if kind == "profiler":
             print(f"\ntorch.profiler, T={T}, per step over {args.profile_calls} steps "
                   "(syncs: stream/device/event synchronizations, blocking cudaMemcpy, host reads of tensor values)")
-            print("| step | kernel launches | host syncs | cudaMalloc/Free | top self-CPU events (µs per step) |")
-            print("|---|---|---|---|---|")
+            print("| step | kernel launches | host syncs | cudaMalloc/Free | GPU busy µs | "
+                  "top self-CPU events (µs per step) |")
+            print("|---|---|---|---|---|---|")
             for name, (counts, top) in data.items():
                 events = "; ".join(f"{key} {us:.1f}" for key, us in top)
-                print(f"| {name} | {counts['launches']:.1f} | {counts['syncs']:.1f} | {counts['allocs']:.1f} | {events} |")
+                print(f"| {name} | {counts['launches']:.1f} | {counts['syncs']:.1f} | {counts['allocs']:.1f} | "
+                      f"{counts['gpu_us']:.0f} | {events} |")
         else:
             print(f"\nPython's cyclic GC and Dynamo's guards, T={T}: median µs, taking turns ({args.reps} steps each)")
             print("| " + " | ".join(data) + " | compiled / eager | frozen: compiled / eager |")

@@ -23,9 +23,14 @@ Variants, the same weights and inputs, taking turns call by call:
 - ``overlapped`` (where the installed deepep_ops has the async ops; not in
   ``train``: they have no gradient): the shared expert runs between dispatch's
   start and wait, compiled;
+- ``overlapped N SMs`` (``--overlap-sms N[,N...]``): the overlapped layer on an
+  ``EPOpsBuffer(num_sms=N)`` over the same DeepEP buffer. DeepEP's own choice at
+  R = 1 is every SM of the GPU, so the shared expert's kernels cannot run beside
+  dispatch's; fewer SMs for communication leave it room;
 - ``shared`` and ``a2a``: the shared expert alone, and router + dispatch +
   combine alone (compiled): what overlap can hide is min(shared, a2a); the
-  table prints ``saved`` = compiled − overlapped beside half of it.
+  table prints ``saved`` = compiled − overlapped (each overlapped variant)
+  beside half of it.
 
 On a GPU: ``--backend deepep`` (real DeepEP v2, world size 1 over NCCL) or
 ``reference``. On CPU: the reference buffer over ``--world-size`` gloo ranks,
@@ -35,6 +40,7 @@ runs with it off).
 
     python benchmarks/bench_moe_layer.py --backend deepep --mode train --layout prefill --sizes 512,4096
     python benchmarks/bench_moe_layer.py --device cpu --world-size 2 --mode decode --sizes 1,8,64 --check off
+    python benchmarks/bench_moe_layer.py --backend deepep --mode decode --sizes 64,512 --overlap-sms 16,32
 """
 
 from __future__ import annotations
@@ -254,6 +260,13 @@ def _run(rank: int, world: int, args, init_method: str, device: torch.device) ->
         ov = make(True)
         ov.load_state_dict(layer.state_dict())
         layers["overlapped"] = torch.compile(ov, fullgraph=True, dynamic=True)
+        for n in args.overlap_sms:
+            # Another EPOpsBuffer over the same DeepEP buffer: only the SM count differs.
+            pinned = deepep_ops.EPOpsBuffer(native, check=_CHECK_MODES[args.check], num_sms=n)
+            ov_n = MoELayer(DeepEPPrepareFinalize(pinned, E, K, decode=decode, device=device), H,
+                            args.intermediate, args.shared_intermediate, grouped_mm, device=device, overlap=True)
+            ov_n.load_state_dict(layer.state_dict())
+            layers[f"overlapped {n} SMs"] = torch.compile(ov_n, fullgraph=True, dynamic=True)
         # What overlap can save: min(shared expert, dispatch + combine), each compiled alone.
         layers["shared"] = torch.compile(layer.shared_only, fullgraph=True, dynamic=True)
         layers["a2a"] = torch.compile(layer.communication_only, fullgraph=True, dynamic=True)
@@ -319,8 +332,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU: compute threads per rank (default: the cores shared out); fewer leave cores to "
                              "gloo's communication threads")
+    parser.add_argument("--overlap-sms", default="",
+                        help="comma-separated SM counts: for each N, also the overlapped layer with DeepEP's "
+                             "dispatch and combine on N SMs (EPOpsBuffer(num_sms=N))")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
+    try:
+        args.overlap_sms = [int(n) for n in args.overlap_sms.split(",") if n]
+    except ValueError:
+        parser.error(f"--overlap-sms must be comma-separated ints, got {args.overlap_sms!r}")
+    if any(n < 1 for n in args.overlap_sms):
+        parser.error(f"--overlap-sms must be >= 1 each, got {args.overlap_sms}")
     args.hidden = args.hidden or (7168 if gpu else 512)
     args.intermediate = args.intermediate or (2048 if gpu else 128)
     args.shared_intermediate = args.shared_intermediate or (2048 if gpu else 256)
@@ -359,21 +381,25 @@ def main(argv=None) -> None:
           f"K={args.topk}, check mode {'on' if checked else 'off'}; median ms of {args.reps} synchronized steps "
           "(rank 0), variants taking turns")
     names = list(rows[0][1])
-    ratios = [n for n in ("compiled", "overlapped", "compiled graph", "overlapped graph") if n in names]
+    overlapped = [n for n in names if n.startswith("overlapped") and not n.endswith(" graph")]
+    ratios = [n for n in ["compiled", *overlapped, "compiled graph", *(f"{o} graph" for o in overlapped)]
+              if n in names]
     # The overlap target: overlapped <= compiled - 0.5 * min(shared, a2a), per column kind.
-    saved = [s for s in ("", " graph") if f"overlapped{s}" in names]
+    suffixes = [s for s in ("", " graph") if f"overlapped{s}" in names]
+    saved = [(o, s) for s in suffixes for o in overlapped]
     head = ([f"{n} / eager" for n in ratios]
-            + [f"saved{s} (ms) [95 % CI]" for s in saved] + [f"0.5 min(shared, a2a){s} (ms)" for s in saved])
+            + [f"saved{'' if o == 'overlapped' else ' (' + o[11:] + ')'}{s} (ms) [95 % CI]" for o, s in saved]
+            + [f"0.5 min(shared, a2a){s} (ms)" for s in suffixes])
     print("| T | " + " | ".join(names) + " | " + " | ".join(head) + " |")
     print("|---|" + "---|" * (len(names) + len(head)))
     for T, samples in rows:
         t = {n: statistics.median(ts) for n, ts in samples.items()}
         base = {n: t["eager graph" if n.endswith("graph") else "eager"] for n in ratios}
         cells = [f"{t[n] / base[n]:.2f}" for n in ratios]
-        for s in saved:
-            mid, lo, hi = _paired_median_ci(samples[f"compiled{s}"], samples[f"overlapped{s}"])
+        for o, s in saved:
+            mid, lo, hi = _paired_median_ci(samples[f"compiled{s}"], samples[f"{o}{s}"])
             cells.append(f"{mid * 1e3:.3f} [{lo * 1e3:.3f}, {hi * 1e3:.3f}]")
-        cells += [f"{0.5 * min(t[f'shared{s}'], t[f'a2a{s}']) * 1e3:.3f}" for s in saved]
+        cells += [f"{0.5 * min(t[f'shared{s}'], t[f'a2a{s}']) * 1e3:.3f}" for s in suffixes]
         print(f"| {T} | " + " | ".join(f"{t[n] * 1e3:.3f}" for n in names) + " | " + " | ".join(cells) + " |")
     if saved:
         print("saved = compiled - overlapped, the paired median over steps taken back to back [95 % CI]; shared and "

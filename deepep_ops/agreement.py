@@ -56,6 +56,7 @@ DISPATCH_FIELDS = (
     "num_scaleout_ranks (EP domain)",
     "num_scaleup_ranks (EP domain)",
     "num_channels (hybrid mode)",
+    "EPOpsBuffer num_sms (None: DeepEP's choice)",
 )
 
 #: The values of a combine that must be the same on every EP rank.
@@ -100,7 +101,8 @@ def _domain(buf, num_channels) -> tuple:
 def dispatch_signature(args, buf=None) -> tuple:
     """The :data:`DISPATCH_FIELDS` of one dispatch call (a :class:`~deepep_ops.handle.DispatchArgs`)
     on the :class:`~deepep_ops.EPOpsBuffer` ``buf``."""
-    return _dispatch_args_signature(args) + _domain(buf, lambda: buf.num_channels(args))
+    return (_dispatch_args_signature(args) + _domain(buf, lambda: buf.num_channels(args))
+            + (None if buf is None else buf.backend.fixed_num_sms,))
 
 
 def _dispatch_args_signature(args) -> tuple:

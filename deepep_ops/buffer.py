@@ -52,6 +52,12 @@ class EPOpsBuffer(OpaqueBase):
             gloo; on GPU give a source, e.g. vLLM's DP metadata).
         check: cross-rank check mode (:mod:`deepep_ops.agreement`): ``None``
             reads ``DEEPEP_OPS_CHECK``, else on for CPU tensors only.
+        num_sms: the SMs DeepEP's dispatch and combine kernels run on, the same
+            on every rank (the ranks agree on it). ``None``: DeepEP's
+            ``get_theoretical_num_sms``, which is every SM of the GPU at R = 1
+            (nothing else can run beside them). Give fewer to leave SMs to the
+            compute overlapped with the async ops (docs/overlap.md). Not with a
+            :class:`~deepep_ops.backends.Backend` (it has its own).
 
     Attributes:
         backend: the :class:`~deepep_ops.backends.Backend`.
@@ -68,9 +74,14 @@ class EPOpsBuffer(OpaqueBase):
     """
 
     def __init__(
-        self, buffer: object, *, num_tokens_source: Optional[TokenSource] = None, check: Optional[bool] = None
+        self,
+        buffer: object,
+        *,
+        num_tokens_source: Optional[TokenSource] = None,
+        check: Optional[bool] = None,
+        num_sms: Optional[int] = None,
     ) -> None:
-        self.backend: Backend = as_backend(buffer)
+        self.backend: Backend = as_backend(buffer, num_sms)
         self.num_ranks: int = self.backend.num_ranks
         self.rank: int = self.backend.rank
         self.capacity: int = self.backend.capacity

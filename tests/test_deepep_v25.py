@@ -242,6 +242,60 @@ def test_a_rounding_deepep_did_not_announce_is_adopted(monkeypatch):
     assert native.runtime.calls[1:] == [("cached_dispatch", 24), ("combine", 24)]
 
 
+@pytest.mark.parametrize("version,num_sms,expected", [("2.1", 7, 7), ("2.5", 7, 8), ("2.5", 16, 16)])
+def test_num_sms_pins_every_call(monkeypatch, version, num_sms, expected):
+    """``EPOpsBuffer(num_sms=)``: eager, compiled (forward + backward) and async calls all run on
+    that many SMs (v2.5 rounds up to even), not get_theoretical_num_sms's 23, and the results
+    equal the reference buffer's."""
+    deep_ep = standin.install(monkeypatch, version)
+    monkeypatch.setattr(standin.StandInBuffer, "THEORETICAL_NUM_SMS", 23)
+    native = _native(deep_ep, version)
+    buf = D.EPOpsBuffer(native, num_sms=num_sms)
+    assert buf.backend.fixed_num_sms == expected
+    inp = _inputs(7)
+    r = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
+    D.combine(r.recv_x, r.handle, buf)
+    assert r.handle.native.num_sms == expected
+    torch._dynamo.reset()
+    step = torch.compile(_train_step, fullgraph=True, dynamic=True, backend="aot_eager")
+    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
+    step(x, inp.topk_idx, w, buf, True).backward()
+    with torch.no_grad():
+        got = _async_ops(inp.x, inp.topk_idx, inp.topk_weights, buf, True)
+        want = _async_ops(inp.x, inp.topk_idx, inp.topk_weights, _reference_buffer(), True)
+    for i, (g, w_) in enumerate(zip(got, want)):
+        assert torch.equal(g, w_), f"output {i}"
+    ops = [op for op, _ in native.runtime.calls]
+    assert ops == ["dispatch", "combine"] * 2 + ["cached_dispatch", "combine"] + ["dispatch", "combine"], ops
+    assert {n for _, n in native.runtime.calls} == {expected}
+
+
+@pytest.mark.parametrize("num_sms,error", [
+    (0, "ValueError: EPOpsBuffer: num_sms must be >= 1, got 0"),
+    (-4, "ValueError: EPOpsBuffer: num_sms must be >= 1, got -4"),
+    (True, "TypeError: EPOpsBuffer: num_sms must be an int >= 1 or None, got True"),
+    (8.0, "TypeError: EPOpsBuffer: num_sms must be an int >= 1 or None, got 8.0"),
+    ("8", "TypeError: EPOpsBuffer: num_sms must be an int >= 1 or None, got '8'"),
+])
+def test_bad_num_sms(monkeypatch, num_sms, error):
+    deep_ep = standin.install(monkeypatch, "2.1")
+    for native in (_native(deep_ep, "2.1"), D.ReferenceElasticBuffer(None, num_max_tokens_per_rank=CAP, hidden=H,
+                                                                     num_topk=K)):
+        with pytest.raises((TypeError, ValueError)) as e:
+            D.EPOpsBuffer(native, num_sms=num_sms)
+        assert f"{e.type.__name__}: {e.value}" == error
+
+
+def test_num_sms_with_a_backend_is_an_error(monkeypatch):
+    """A Backend carries its own num_sms: a second one given beside it would be ignored, so it is refused."""
+    deep_ep = standin.install(monkeypatch, "2.5")
+    backend = DeepEPBackend(_native(deep_ep, "2.5"), deep_ep.EPHandle, torch.int64, num_sms=12)
+    assert D.EPOpsBuffer(backend).backend.fixed_num_sms == 12
+    with pytest.raises(TypeError, match=r"num_sms=8 applies to a DeepEP or reference buffer; a DeepEPBackend "
+                                        r"\(a Backend\) was built with its own \(fixed_num_sms=12\)"):
+        D.EPOpsBuffer(backend, num_sms=8)
+
+
 # ----------------------------------------------------------------------------- asynchrony (issue 33)
 def _async_ops(x, idx, w, buf, decode: bool):
     """dispatch start/wait and combine start/wait: the received rows and the combine (real rows)."""

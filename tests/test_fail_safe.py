@@ -136,6 +136,15 @@ def case_disagree_domain(rank, world):
     D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
 
 
+def case_disagree_num_sms(rank, world):
+    """Rank 0 pins DeepEP's kernels to 8 SMs, its peers leave the count to DeepEP."""
+    import deepep_ops as D
+
+    inp = _inputs(17, [4] * world, rank)
+    buf = _buffer(world, num_sms=8 if rank == 0 else None)
+    D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
+
+
 def case_disagree_channels(rank, world):
     """Hybrid mode everywhere, but rank 1 sizes its channels differently (DeepEP: another num_sms)."""
     import deepep_ops as D
@@ -367,6 +376,8 @@ EXPECT_ERROR = {
     "disagree_dtype": r"x.dtype must be the same on every EP rank, got rank 0: 'torch.bfloat16', rank 1: 'torch.float8_e4m3fn'",
     "disagree_E": r"num_experts must be the same on every EP rank, got rank 0: 12, rank 1: 24",
     "disagree_domain": r"num_scaleout_ranks \(EP domain\) must be the same on every EP rank, got rank 0: 2, rank 1: 1",
+    "disagree_num_sms": r"EPOpsBuffer num_sms \(None: DeepEP's choice\) must be the same on every EP rank, "
+                        r"got rank 0: 8, rank 1: None",
     "disagree_channels": r"num_channels \(hybrid mode\) must be the same on every EP rank, got rank 0: 2, rank 1: 3",
     "direct_handle_on_hybrid_buffer_one_rank": r"handle.token_metadata_at_forward must be a tensor: the buffer is "
                                                r"in hybrid mode \(2 scale-out ranks\); is this a handle of a "

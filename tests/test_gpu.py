@@ -655,6 +655,28 @@ def test_deepep_async_pairs_equal_the_synchronous_ops(deepep_buffers, exact):
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_deepep_pinned_num_sms(deepep_buffers):
+    """EPOpsBuffer(num_sms=16) over the same DeepEP buffer: DeepEP runs dispatch and combine on 16 SMs
+    (its handle says so), the async pair too, and the combine equals x * [routed]; more SMs than
+    the GPU has is a clear error."""
+    import deepep_ops
+
+    buf, _ = deepep_buffers
+    native = buf.backend.buffer
+    pinned = deepep_ops.EPOpsBuffer(native, num_sms=16)
+    x, _s, idx, w = _de_inputs(8, False, seed=11)
+    expected = (x.float() * (idx >= 0).any(dim=1, keepdim=True)).bfloat16()
+    kw = dict(num_experts=DE_E, num_max_tokens_per_rank=DE_M)
+    got = deepep_ops.dispatch(x, idx, w, pinned, **kw)
+    assert got.handle.native.num_sms == 16
+    assert torch.equal(deepep_ops.combine(got.recv_x, got.handle, pinned), expected)
+    got = deepep_ops.dispatch_wait(deepep_ops.dispatch_start(x, idx, w, pinned, **kw))
+    assert torch.equal(deepep_ops.combine_wait(deepep_ops.combine_start(got.recv_x, got.handle, pinned)), expected)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with pytest.raises(ValueError, match=rf"num_sms must be >= 1 and <= {sms} \(this GPU's SMs\), got {sms + 2}"):
+        deepep_ops.EPOpsBuffer(native, num_sms=sms + 2)
+
+
 def test_deepep_overlapped_layer_replays_from_cuda_graph(deepep_buffers):
     """The compiled decode layer with its shared expert between dispatch start and wait,
     captured in one CUDA graph (DeepEP's stream fork and join inside the capture), replays

@@ -12,6 +12,8 @@ with a :class:`Backend` subclass and a ``from_object`` hook listed here.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from deepep_ops.backends import deep_ep as _deep_ep
 from deepep_ops.backends import reference as _reference
 from deepep_ops.backends.base import Backend, DispatchOutput
@@ -20,16 +22,23 @@ from deepep_ops.backends.base import Backend, DispatchOutput
 _FROM_OBJECT = (_reference.from_object, _deep_ep.from_object)
 
 
-def as_backend(obj: object) -> Backend:
-    """``obj`` if it is a :class:`Backend`, else the backend that wraps it.
+def as_backend(obj: object, num_sms: Optional[int] = None) -> Backend:
+    """``obj`` if it is a :class:`Backend`, else the backend that wraps it, its
+    dispatch and combine running on ``num_sms`` SMs (None: the backend's choice).
 
     Raises:
-        TypeError: no backend accepts ``obj``.
+        TypeError: no backend accepts ``obj``; ``num_sms`` given with a
+            :class:`Backend` (it was built with its own).
     """
     if isinstance(obj, Backend):
+        if num_sms is not None:
+            raise TypeError(
+                f"EPOpsBuffer: num_sms={num_sms!r} applies to a DeepEP or reference buffer; a "
+                f"{type(obj).__qualname__} (a Backend) was built with its own (fixed_num_sms={obj.fixed_num_sms})"
+            )
         return obj
     for from_object in _FROM_OBJECT:
-        backend = from_object(obj)
+        backend = from_object(obj, num_sms)
         if backend is not None:
             return backend
     raise TypeError(

@@ -79,6 +79,10 @@ class Backend(abc.ABC):
     group: Optional[object] = None
     needs_warmup: bool = False
     num_scaleout_ranks: int = 1
+    #: The SMs every dispatch and combine of this backend runs on, as the user
+    #: pinned them (``EPOpsBuffer(num_sms=)``), or None: the library's own choice.
+    #: The ranks agree on it (:data:`deepep_ops.agreement.DISPATCH_FIELDS`).
+    fixed_num_sms: Optional[int] = None
 
     @property
     def num_scaleup_ranks(self) -> int:

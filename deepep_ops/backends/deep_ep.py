@@ -243,6 +243,11 @@ class DeepEPBackend(Backend):
         handle_class: its ``EPHandle`` class.
         topk_idx_dtype: ``deep_ep.topk_idx_t``.
         api: its :class:`DeepEPAPI` (:func:`api_of`); v2.1's by default.
+        num_sms: the SMs every dispatch and combine runs on (DeepEP's
+            ``num_sms``; rounded as ``api`` says), or None: DeepEP's
+            ``get_theoretical_num_sms`` per (E, K), which is every SM of the GPU
+            when R = 1 or NVLink is idle. Fewer leave SMs to compute that runs
+            beside the communication (the async ops' overlap, docs/overlap.md).
 
     Attributes:
         api: the :class:`DeepEPAPI`; ``api.defer_epilogue`` says whether the
@@ -253,7 +258,8 @@ class DeepEPBackend(Backend):
     needs_warmup = True
 
     def __init__(
-        self, buffer: object, handle_class: type, topk_idx_dtype: torch.dtype, api: DeepEPAPI = ELASTIC_BUFFER_API
+        self, buffer: object, handle_class: type, topk_idx_dtype: torch.dtype, api: DeepEPAPI = ELASTIC_BUFFER_API,
+        num_sms: Optional[int] = None,
     ) -> None:
         self.buffer = buffer
         self.handle_class = handle_class
@@ -275,6 +281,10 @@ class DeepEPBackend(Backend):
         self._num_sms: dict = {}
         # Hybrid mode: (E, H, x element size, P, K) -> C predicted (or confirmed) for it.
         self._num_channels: dict = {}
+        if num_sms is not None:
+            check_num_sms(num_sms, _device_sm_count(buffer))
+            a = api.num_sms_alignment
+            self.fixed_num_sms = (num_sms + a - 1) // a * a
 
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
         recv, recv_topk_idx, recv_topk_weights, handle, _event = self._dispatch(args)
@@ -431,7 +441,7 @@ class DeepEPBackend(Backend):
         key = (num_experts, num_topk)
         num_sms = self._num_sms.get(key)
         if num_sms is None:
-            num_sms = self.buffer.get_theoretical_num_sms(num_experts, num_topk)
+            num_sms = self.fixed_num_sms or self.buffer.get_theoretical_num_sms(num_experts, num_topk)
             a = self.api.num_sms_alignment
             num_sms = self._num_sms[key] = (num_sms + a - 1) // a * a
         return num_sms
@@ -523,12 +533,33 @@ class _Pending:
         return self._receive()
 
 
-def from_object(obj: object) -> Optional[DeepEPBackend]:
+def check_num_sms(num_sms: object, device_sms: Optional[int]) -> None:
+    """``num_sms`` must be an int in 1..``device_sms`` (None: no upper bound).
+
+    Raises:
+        TypeError / ValueError: naming ``num_sms``, the range and the value.
+    """
+    bound = "" if device_sms is None else f" and <= {device_sms} (this GPU's SMs)"
+    if isinstance(num_sms, bool) or not isinstance(num_sms, int):
+        raise TypeError(f"EPOpsBuffer: num_sms must be an int >= 1{bound} or None, got {num_sms!r}")
+    if num_sms < 1 or (device_sms is not None and num_sms > device_sms):
+        raise ValueError(f"EPOpsBuffer: num_sms must be >= 1{bound}, got {num_sms}")
+
+
+def _device_sm_count(buffer: object) -> Optional[int]:
+    """The SMs of the GPU a DeepEP buffer runs on (the current device, as DeepEP's
+    own ``get_theoretical_num_sms`` reads it); None off CUDA (the reference buffer)."""
+    if type(buffer).__module__.split(".")[0] != "deep_ep" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def from_object(obj: object, num_sms: Optional[int] = None) -> Optional[DeepEPBackend]:
     """A :class:`DeepEPBackend` for a DeepEP buffer (v2.1's ``deep_ep.ElasticBuffer``,
     v2.5's ``deep_ep.EPBuffer``: any object of a ``deep_ep`` class, its API told
-    by :func:`api_of`), else None."""
+    by :func:`api_of`), running on ``num_sms`` SMs (None: DeepEP's choice), else None."""
     buffer_class = type(obj)
     if buffer_class.__module__.split(".")[0] != "deep_ep":
         return None
     topk_idx_dtype = getattr(sys.modules.get("deep_ep"), "topk_idx_t", torch.int64)
-    return DeepEPBackend(obj, handle_class_of(buffer_class), topk_idx_dtype, api_of(buffer_class))
+    return DeepEPBackend(obj, handle_class_of(buffer_class), topk_idx_dtype, api_of(buffer_class), num_sms)

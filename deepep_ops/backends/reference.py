@@ -27,8 +27,9 @@ class ReferenceBackend(DeepEPBackend):
     #: Plain PyTorch: nothing is compiled per shape.
     needs_warmup = False
 
-    def __init__(self, buffer: ReferenceElasticBuffer) -> None:
-        super().__init__(buffer, EPHandle, torch.int64)
+    def __init__(self, buffer: ReferenceElasticBuffer, num_sms: Optional[int] = None) -> None:
+        # num_sms only reaches the handles (as DeepEP's would record it): the reference runs on no SMs.
+        super().__init__(buffer, EPHandle, torch.int64, num_sms=num_sms)
 
     def combine(self, x, handle, out=None):
         combined_x, _combined_weights, _event = self.buffer.combine(x, handle=self.native_handle(handle), out=out)
@@ -41,6 +42,6 @@ class ReferenceBackend(DeepEPBackend):
         return self.buffer.num_channels
 
 
-def from_object(obj: object) -> Optional[ReferenceBackend]:
+def from_object(obj: object, num_sms: Optional[int] = None) -> Optional[ReferenceBackend]:
     """A :class:`ReferenceBackend` for a :class:`ReferenceElasticBuffer`, else None."""
-    return ReferenceBackend(obj) if isinstance(obj, ReferenceElasticBuffer) else None
+    return ReferenceBackend(obj, num_sms) if isinstance(obj, ReferenceElasticBuffer) else None

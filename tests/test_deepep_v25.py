@@ -201,6 +201,19 @@ def _train_step(x, idx, w, buf, decode):
     return D.combine(r.recv_x, r.handle, buf).float().sum() + r.recv_topk_weights.sum()
 
 
+def _eager_then_compiled_train_step(buf, inp, decode: bool, num_sms: int) -> None:
+    """An eager dispatch → combine (its handle from a dispatch on ``num_sms`` SMs), then a compiled
+    training step (handles rebuilt from graph values) whose gradients reach x and the weights."""
+    r = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
+    D.combine(r.recv_x, r.handle, buf)
+    assert r.handle.native.num_sms == num_sms
+    torch._dynamo.reset()
+    step = torch.compile(_train_step, fullgraph=True, dynamic=True, backend="aot_eager")
+    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
+    step(x, inp.topk_idx, w, buf, decode).backward()
+    assert x.grad is not None and w.grad is not None
+
+
 @pytest.mark.parametrize("version,theoretical,expected", [("2.1", 23, 23), ("2.5", 23, 24), ("2.5", 20, 20)])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 def test_every_call_runs_with_the_dispatchs_num_sms(monkeypatch, version, theoretical, expected, decode):
@@ -211,16 +224,7 @@ def test_every_call_runs_with_the_dispatchs_num_sms(monkeypatch, version, theore
     deep_ep = standin.install(monkeypatch, version)
     monkeypatch.setattr(standin.StandInBuffer, "THEORETICAL_NUM_SMS", theoretical)
     native = _native(deep_ep, version)
-    buf = D.EPOpsBuffer(native)
-    inp = _inputs(5)
-    r = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
-    D.combine(r.recv_x, r.handle, buf)
-    assert r.handle.native.num_sms == expected
-    torch._dynamo.reset()
-    step = torch.compile(_train_step, fullgraph=True, dynamic=True, backend="aot_eager")
-    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
-    step(x, inp.topk_idx, w, buf, decode).backward()
-    assert x.grad is not None and w.grad is not None
+    _eager_then_compiled_train_step(D.EPOpsBuffer(native), _inputs(5), decode, expected)
     ops = [op for op, _ in native.runtime.calls]
     assert ops == ["dispatch", "combine", "dispatch", "combine", "cached_dispatch", "combine"], ops
     assert {n for _, n in native.runtime.calls} == {expected}
@@ -253,13 +257,7 @@ def test_num_sms_pins_every_call(monkeypatch, version, num_sms, expected):
     buf = D.EPOpsBuffer(native, num_sms=num_sms)
     assert buf.backend.fixed_num_sms == expected
     inp = _inputs(7)
-    r = D.dispatch(inp.x, inp.topk_idx, inp.topk_weights, buf, num_experts=E, num_max_tokens_per_rank=8)
-    D.combine(r.recv_x, r.handle, buf)
-    assert r.handle.native.num_sms == expected
-    torch._dynamo.reset()
-    step = torch.compile(_train_step, fullgraph=True, dynamic=True, backend="aot_eager")
-    x, w = inp.x.clone().requires_grad_(), inp.topk_weights.clone().requires_grad_()
-    step(x, inp.topk_idx, w, buf, True).backward()
+    _eager_then_compiled_train_step(buf, inp, True, expected)
     with torch.no_grad():
         got = _async_ops(inp.x, inp.topk_idx, inp.topk_weights, buf, True)
         want = _async_ops(inp.x, inp.topk_idx, inp.topk_weights, _reference_buffer(), True)

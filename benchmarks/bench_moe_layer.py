@@ -25,8 +25,8 @@ Variants, the same weights and inputs, taking turns call by call:
   start and wait, compiled;
 - ``overlapped N SMs`` (``--overlap-sms N[,N...]``): the overlapped layer on an
   ``EPOpsBuffer(num_sms=N)`` over the same DeepEP buffer. DeepEP's own choice at
-  R = 1 is every SM of the GPU, so the shared expert's kernels cannot run beside
-  dispatch's; fewer SMs for communication leave it room;
+  R = 1 is every SM of the GPU, which leaves the shared expert's kernels little
+  room beside dispatch's; fewer SMs for communication leave it some;
 - ``shared`` and ``a2a``: the shared expert alone, and router + dispatch +
   combine alone (compiled): what overlap can hide is min(shared, a2a); the
   table prints ``saved`` = compiled − overlapped (each overlapped variant)

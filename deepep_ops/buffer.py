@@ -54,9 +54,9 @@ class EPOpsBuffer(OpaqueBase):
             reads ``DEEPEP_OPS_CHECK``, else on for CPU tensors only.
         num_sms: the SMs DeepEP's dispatch and combine kernels run on, the same
             on every rank (the ranks agree on it). ``None``: DeepEP's
-            ``get_theoretical_num_sms``, which is every SM of the GPU at R = 1
-            (nothing else can run beside them). Give fewer to leave SMs to the
-            compute overlapped with the async ops (docs/overlap.md). Not with a
+            ``get_theoretical_num_sms``, which is every SM of the GPU at R = 1.
+            Give fewer to leave SMs to the compute overlapped with the async
+            ops (docs/overlap.md). Not with a
             :class:`~deepep_ops.backends.Backend` (it has its own).
 
     Attributes:

@@ -246,7 +246,7 @@ class DeepEPBackend(Backend):
         num_sms: the SMs every dispatch and combine runs on (DeepEP's
             ``num_sms``; rounded as ``api`` says), or None: DeepEP's
             ``get_theoretical_num_sms`` per (E, K), which is every SM of the GPU
-            when R = 1 or NVLink is idle. Fewer leave SMs to compute that runs
+            at R = 1 (no traffic to model). Fewer leave SMs to compute that runs
             beside the communication (the async ops' overlap, docs/overlap.md).
 
     Attributes:

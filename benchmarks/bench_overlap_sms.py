@@ -31,27 +31,8 @@ import time
 import torch
 import torch.distributed as dist
 
-
-def _graph(fn):
-    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); returns replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _paired(a: list, b: list) -> tuple:
-    """Median of a[i] - b[i] and its 95 % CI (sign test order statistics)."""
-    d = sorted(x - y for x, y in zip(a, b))
-    n = len(d)
-    k = max(0, int((n - 1.96 * n**0.5) / 2))
-    return statistics.median(d), d[k], d[n - 1 - k]
+# One CUDA-graph helper and one paired-difference CI for the layer benchmark and this one.
+from bench_moe_layer import _graph, _paired_median_ci
 
 
 def main(argv=None) -> None:
@@ -113,8 +94,9 @@ def main(argv=None) -> None:
                 return buf.combine(recv, handle=handle)[0] + s
 
             try:
-                fns = {name: _graph(fn) for name, fn in (("a2a", a2a), ("shared", lambda: shared(x)),
-                                                          ("sequential", sequential), ("overlapped", overlapped))}
+                variants = (("a2a", a2a), ("shared", lambda: shared(x)), ("sequential", sequential),
+                            ("overlapped", overlapped))
+                fns = {name: _graph(fn, torch.device("cuda", 0)) for name, fn in variants}
                 times = {name: [] for name in fns}
                 for _ in range(args.reps):
                     for name, replay in fns.items():
@@ -127,7 +109,7 @@ def main(argv=None) -> None:
                 print(f"| {T} | {n} | failed: {type(e).__name__}: {str(e)[:200]} |||||||", flush=True)
                 continue
             t = {k: statistics.median(v) for k, v in times.items()}
-            mid, lo, hi = _paired(times["sequential"], times["overlapped"])
+            mid, lo, hi = _paired_median_ci(times["sequential"], times["overlapped"])
             print(f"| {T} | {n} | {t['a2a']:.1f} | {t['shared']:.1f} | {t['sequential']:.1f} | {t['overlapped']:.1f} "
                   f"| {mid:+.1f} [{lo:+.1f}, {hi:+.1f}] | {0.5 * min(t['shared'], t['a2a']):.1f} |", flush=True)
     buf.destroy()
